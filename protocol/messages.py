@@ -1,0 +1,187 @@
+"""MQTT message bodies (DESIGN §4): encode and strictly decode each shape."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol import b64, canonical, jws
+from protocol.errors import BadFormat
+from protocol.identity import DEV_RE, SigningKey, VerifyKey, device_id
+
+MAX_BATCH_RECORDS = 500
+MAX_BATCH_BYTES = 256 * 1024
+REASONS = (
+    "bad_format", "bad_signature", "unknown_device", "revoked_device", "dev_mismatch",
+    "chain_break", "fork", "odometer_rollback", "implausible_distance", "vin_mismatch",
+)
+#: Reasons that do not take the record's seq (DESIGN §4).
+UNSEQUENCED = frozenset(
+    {"bad_format", "bad_signature", "unknown_device", "revoked_device", "dev_mismatch", "vin_mismatch"}
+)
+ENROLL_STATUSES = ("approved", "pending", "rejected")
+_VIN = re.compile(r"^[A-Za-z0-9]{1,32}$")
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _int(obj: dict[str, Any], name: str, what: str, *, nullable: bool = False) -> int | None:
+    value = obj.get(name)
+    if value is None and nullable:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise BadFormat(f"{what}: {name} must be a non-negative integer")
+    return value
+
+
+# -- records batch -----------------------------------------------------------
+
+def encode_batch(records: list[str]) -> bytes:
+    if len(records) > MAX_BATCH_RECORDS:
+        raise ValueError(f"a batch holds at most {MAX_BATCH_RECORDS} records")
+    body = _dumps({"records": records})
+    if len(body) > MAX_BATCH_BYTES:
+        raise ValueError(f"a batch is at most {MAX_BATCH_BYTES} bytes")
+    return body
+
+
+def batch_fits(records: list[str]) -> bool:
+    """Whether ``records`` fit in one batch (count and encoded size)."""
+    size = len('{"records":[]}') + sum(len(r) + 3 for r in records)
+    return len(records) <= MAX_BATCH_RECORDS and size <= MAX_BATCH_BYTES
+
+
+def decode_batch(body: bytes) -> list[str]:
+    if len(body) > MAX_BATCH_BYTES:
+        raise BadFormat(f"records batch: larger than {MAX_BATCH_BYTES} bytes")
+    obj = canonical.loads_object(body, "records batch")
+    items = obj.get("records")
+    if not isinstance(items, list):
+        raise BadFormat("records batch: 'records' must be a list")
+    if len(items) > MAX_BATCH_RECORDS:
+        raise BadFormat(f"records batch: more than {MAX_BATCH_RECORDS} records")
+    if not all(isinstance(r, str) for r in items):
+        raise BadFormat("records batch: every record must be a string")
+    return items
+
+
+# -- ack ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rejection:
+    seq: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ack:
+    through: int
+    rejected: tuple[Rejection, ...] = ()
+    balance: int | None = None
+
+
+def encode_ack(ack: Ack) -> bytes:
+    rejected = [
+        {"seq": r.seq, "reason": r.reason} if r.seq is not None else {"reason": r.reason}
+        for r in ack.rejected
+    ]
+    return _dumps({"through": ack.through, "rejected": rejected, "balance": ack.balance})
+
+
+def decode_ack(body: bytes) -> Ack:
+    obj = canonical.loads_object(body, "ack")
+    through = _int(obj, "through", "ack")
+    assert through is not None
+    balance = _int(obj, "balance", "ack", nullable=True) if "balance" in obj else None
+    raw = obj.get("rejected", [])
+    if not isinstance(raw, list):
+        raise BadFormat("ack: rejected must be a list")
+    rejected = []
+    for item in raw:
+        if not isinstance(item, dict) or not isinstance(item.get("reason"), str):
+            raise BadFormat("ack: each rejection needs a reason")
+        rejected.append(Rejection(_int(item, "seq", "ack rejection", nullable=True), item["reason"]))
+    return Ack(through, tuple(rejected), balance)
+
+
+# -- status ------------------------------------------------------------------
+
+OFFLINE = _dumps({"online": False})
+
+
+def encode_status(**fields: Any) -> bytes:
+    return _dumps({"online": True, **fields})
+
+
+def decode_status(body: bytes) -> dict[str, Any]:
+    obj = canonical.loads_object(body, "status") if body else {"online": False}
+    if not isinstance(obj.get("online"), bool):
+        raise BadFormat("status: online must be true or false")
+    return obj
+
+
+# -- enrolment ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Enrollment:
+    jws: str = field(repr=False)
+    dev: str
+    pub: VerifyKey
+    vin: str | None
+    fleet_token: str | None = field(repr=False)
+    t: int
+
+
+def sign_enrollment(key: SigningKey, vin: str | None, fleet_token: str | None, t: int) -> str:
+    pub = key.public
+    payload = {"v": 1, "dev": pub.id, "pub": b64.encode(pub.raw), "vin": vin,
+               "fleet_token": fleet_token, "t": t}
+    return jws.sign(canonical.dumps(payload), key, pub.id)
+
+
+def verify_enrollment(body: bytes | str) -> Enrollment:
+    """Verify a self-signed enrolment: the key in the payload signed it, and
+    the device id is derived from that key. Raises BadFormat / BadSignature."""
+    parts = jws.split(body)
+    # The key travels inside the payload, so it is read before the signature
+    # can be checked; nothing else is trusted until it is.
+    unverified = canonical.loads_object(parts.payload, "enroll")
+    pub_text = unverified.get("pub")
+    if not isinstance(pub_text, str):
+        raise BadFormat("enroll: pub missing")
+    pub = VerifyKey(b64.decode(pub_text, "enroll pub"))
+    if parts.kid != pub.id:
+        raise BadFormat("enroll: kid is not the id of pub")
+    payload = canonical.loads_object(jws.verify(parts, pub), "enroll")
+    if payload.get("v") != 1:
+        raise BadFormat("enroll: v must be 1")
+    if payload.get("dev") != device_id(pub.raw) or not DEV_RE.match(str(payload.get("dev"))):
+        raise BadFormat("enroll: dev is not the id of pub")
+    vin = payload.get("vin")
+    if vin is not None and (not isinstance(vin, str) or not _VIN.match(vin)):
+        raise BadFormat("enroll: vin malformed")
+    token = payload.get("fleet_token")
+    if token is not None and not isinstance(token, str):
+        raise BadFormat("enroll: fleet_token must be a string or null")
+    t = _int(payload, "t", "enroll")
+    assert t is not None
+    return Enrollment(parts.text, pub.id, pub, vin, token, t)
+
+
+def encode_enrolled(status: str, reason: str | None = None) -> bytes:
+    if status not in ENROLL_STATUSES:
+        raise ValueError(status)
+    return _dumps({"status": status, "reason": reason})
+
+
+def decode_enrolled(body: bytes) -> tuple[str, str | None]:
+    obj = canonical.loads_object(body, "enrolled")
+    status = obj.get("status")
+    if status not in ENROLL_STATUSES:
+        raise BadFormat(f"enrolled: unknown status {status!r}")
+    reason = obj.get("reason")
+    return status, reason if isinstance(reason, str) else None

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocol import BadFormat, BadSignature, merkle, messages, topics
+from protocol.identity import SigningKey
+
+
+def test_topics_roundtrip() -> None:
+    dev = SigningKey.generate().public.id
+    assert topics.records(dev) == f"odo/v1/{dev}/records"
+    assert topics.parse(topics.ack(dev)) == (dev, "ack")
+    assert topics.shared("records") == "$share/odo-backend/odo/v1/+/records"
+    with pytest.raises(BadFormat, match="device id"):
+        topics.parse("odo/v1/XYZ/records")
+
+
+def test_ack_roundtrip() -> None:
+    ack = messages.Ack(7, (messages.Rejection(8, "chain_break"), messages.Rejection(None, "bad_format")), 1500)
+    assert messages.decode_ack(messages.encode_ack(ack)) == ack
+
+
+def test_batch_limits() -> None:
+    with pytest.raises(BadFormat, match="records"):
+        messages.decode_batch(b'{"records": 3}')
+    with pytest.raises(BadFormat, match="JSON"):
+        messages.decode_batch(b"{not json")
+    assert messages.decode_batch(messages.encode_batch(["a.b.c"])) == ["a.b.c"]
+
+
+def test_enrollment_self_signed() -> None:
+    key = SigningKey.generate()
+    body = messages.sign_enrollment(key, "WBA12345678901234", "tok", 1)
+    e = messages.verify_enrollment(body)
+    assert e.dev == key.public.id and e.vin == "WBA12345678901234" and e.fleet_token == "tok"
+    # another key cannot enrol under this id
+    other = SigningKey.generate()
+    forged = messages.sign_enrollment(other, None, "tok", 1)
+    head, body_b64, sig = forged.split(".")
+    with pytest.raises((BadFormat, BadSignature)):
+        messages.verify_enrollment(".".join([body.split(".")[0], body_b64, sig]))
+
+
+@given(st.integers(1, 70))
+def test_merkle_inclusion_and_consistency(n: int) -> None:
+    leaves = [merkle.leaf_hash(i.to_bytes(4, "big")) for i in range(n)]
+    root = merkle.root(leaves)
+    for i in range(n):
+        assert merkle.root_from_inclusion(i, n, leaves[i], merkle.inclusion_proof(i, leaves)) == root
+    for m in range(1, n + 1):
+        proof = merkle.consistency_proof(m, leaves)
+        assert merkle.verify_consistency(m, n, merkle.root(leaves[:m]), root, proof)
+    if n > 1:
+        bad = merkle.leaf_hash(b"x")
+        assert merkle.root_from_inclusion(0, n, bad, merkle.inclusion_proof(0, leaves)) != root
+
+
+def test_merkle_known_vector() -> None:
+    # RFC 6962 test vector: the empty tree and a one-leaf tree of the empty string
+    assert merkle.root([]).hex() == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    assert merkle.leaf_hash(b"").hex() == "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d"
