@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.mqtt_broker import Broker, start_broker
+
+#: The PostgreSQL server the suite uses; each test gets a fresh schema in it.
+PG_URL = os.environ.get("ODO_TEST_PG", "postgresql://127.0.0.1:5432/test")
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +19,24 @@ def broker() -> Iterator[Broker]:
     b = start_broker()
     yield b
     b.stop()
+
+
+def _drop_schema(schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty backend database: a SQLite file, or a new PostgreSQL schema.
+
+    PostgreSQL is required, never skipped: a missing server is a failure."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/backend.db"
+        return
+    schema = f"odo_test_{uuid.uuid4().hex[:12]}"
+    sep = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{sep}schema={schema}"
+    _drop_schema(schema)

@@ -1,0 +1,243 @@
+"""The one place that knows SQLite from PostgreSQL.
+
+Everything else writes portable SQL with ``?`` placeholders and gets rows as
+dicts. Write transactions are serialised per database (one writer per SQLite
+file; on PostgreSQL the lock only orders this process's writers), and both
+dialects see the same schema through named, ordered migrations.
+
+    db = Database.open("sqlite:///var/lib/odo/backend.db")
+    db.migrate()
+    with db.write() as tx:
+        tx.execute("INSERT INTO drivers (id, created_at) VALUES (?, ?)", ("alice", now))
+    rows = db.query("SELECT * FROM drivers")
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+Params = Sequence[Any]
+
+
+class DatabaseError(Exception):
+    """A database URL or schema problem, named for the operator."""
+
+
+class IntegrityError(DatabaseError):
+    """A unique or foreign key constraint refused a write."""
+
+
+_TOKENS = {
+    "sqlite": {"{id}": "INTEGER PRIMARY KEY AUTOINCREMENT", "{blob}": "BLOB", "{bigint}": "INTEGER",
+               "{bool}": "INTEGER"},
+    "postgresql": {"{id}": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "{blob}": "BYTEA",
+                   "{bigint}": "BIGINT", "{bool}": "INTEGER"},
+}
+
+
+class Tx:
+    """A transaction: ``execute`` and ``query`` with ``?`` placeholders."""
+
+    def __init__(self, db: Database, conn: Any) -> None:
+        self._db = db
+        self._conn = conn
+
+    def execute(self, sql: str, params: Params = ()) -> int:
+        """Run one statement; return the number of rows it changed."""
+        cur = self._db._run(self._conn, sql, params)
+        return int(cur.rowcount or 0)
+
+    def query(self, sql: str, params: Params = ()) -> list[Row]:
+        cur = self._db._run(self._conn, sql, params)
+        return self._db._rows(cur)
+
+    def one(self, sql: str, params: Params = ()) -> Row | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    def scalar(self, sql: str, params: Params = ()) -> Any:
+        row = self.one(sql, params)
+        return next(iter(row.values())) if row else None
+
+    def insert_ignore(self, table: str, values: dict[str, Any], conflict: Sequence[str]) -> bool:
+        """INSERT … ON CONFLICT DO NOTHING; True when a row was inserted."""
+        cols = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        sql = (f"INSERT INTO {table} ({cols}) VALUES ({marks}) "
+               f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING")
+        return self.execute(sql, tuple(values.values())) == 1
+
+
+class Database:
+    """A SQLite file or a PostgreSQL database, opened from a URL."""
+
+    def __init__(self, url: str, dialect: str, target: str, schema: str | None) -> None:
+        self.url = url
+        self.dialect = dialect
+        self._target = target
+        self._schema = schema
+        self._local = threading.local()
+        self._write_lock = threading.RLock()
+
+    # -- opening --------------------------------------------------------------
+
+    @classmethod
+    def open(cls, url: str) -> Database:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme == "sqlite":
+            path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+            if not path:
+                raise DatabaseError(f"--db {url!r}: use sqlite:///path/to/file.db")
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return cls(url, "sqlite", path, None)
+        if parsed.scheme in ("postgresql", "postgres"):
+            query = urllib.parse.parse_qs(parsed.query)
+            schema = query.pop("schema", [None])[0]
+            if schema is not None and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+                raise DatabaseError(f"--db: schema {schema!r} must be a plain lowercase identifier")
+            rest = urllib.parse.urlencode({k: v[0] for k, v in query.items()})
+            target = urllib.parse.urlunsplit(parsed._replace(query=rest))
+            return cls(url, "postgresql", target, schema)
+        raise DatabaseError(
+            f"--db {url!r}: unsupported scheme {parsed.scheme!r} (use sqlite:/// or postgresql://)"
+        )
+
+    def _connect(self) -> Any:
+        if self.dialect == "sqlite":
+            conn = sqlite3.connect(self._target, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a record acknowledged to a device must survive a power cut of the server.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.row_factory = sqlite3.Row
+            return conn
+        import psycopg
+        from psycopg.rows import dict_row
+
+        try:
+            conn = psycopg.connect(self._target, autocommit=True, row_factory=dict_row)
+        except psycopg.OperationalError as exc:
+            raise DatabaseError(f"--db: cannot connect to PostgreSQL: {exc}".strip()) from None
+        if self._schema:
+            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
+            conn.execute(f'SET search_path TO "{self._schema}"')
+        return conn
+
+    def _conn(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- statements -----------------------------------------------------------
+
+    def _sql(self, sql: str) -> str:
+        if self.dialect == "postgresql":
+            return sql.replace("%", "%%").replace("?", "%s")
+        return sql
+
+    def _run(self, conn: Any, sql: str, params: Params) -> Any:
+        try:
+            if self.dialect == "sqlite":
+                return conn.execute(sql, tuple(params))
+            return conn.execute(self._sql(sql), tuple(params))
+        except sqlite3.IntegrityError as exc:
+            raise IntegrityError(str(exc)) from exc
+        except Exception as exc:
+            if type(exc).__name__ in ("UniqueViolation", "ForeignKeyViolation", "IntegrityError"):
+                raise IntegrityError(str(exc)) from exc
+            raise
+
+    def _rows(self, cur: Any) -> list[Row]:
+        if cur.description is None:
+            return []
+        return [dict(r) for r in cur.fetchall()]
+
+    @contextmanager
+    def write(self) -> Iterator[Tx]:
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite); commits on success."""
+        with self._write_lock:
+            conn = self._conn()
+            if self.dialect == "sqlite":
+                conn.execute("BEGIN IMMEDIATE")
+            else:
+                conn.execute("BEGIN")
+            try:
+                yield Tx(self, conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @contextmanager
+    def read(self) -> Iterator[Tx]:
+        """A consistent read snapshot."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield Tx(self, conn)
+        finally:
+            conn.execute("ROLLBACK")
+
+    def query(self, sql: str, params: Params = ()) -> list[Row]:
+        with self.read() as tx:
+            return tx.query(sql, params)
+
+    def one(self, sql: str, params: Params = ()) -> Row | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    def lock_key(self, tx: Tx, key: int) -> None:
+        """Serialise writers across processes on one key (PostgreSQL advisory lock;
+        SQLite's BEGIN IMMEDIATE already serialises every writer)."""
+        if self.dialect == "postgresql":
+            tx.execute("SELECT pg_advisory_xact_lock(?)", (key,))
+
+    # -- schema ---------------------------------------------------------------
+
+    def ddl(self, sql: str) -> str:
+        for token, value in _TOKENS[self.dialect].items():
+            sql = sql.replace(token, value)
+        return sql
+
+    def migrate(self, migrations: Sequence[tuple[str, str]] | None = None) -> list[str]:
+        """Apply the named migrations not yet recorded; return their names."""
+        if migrations is None:
+            from backend.schema import MIGRATIONS
+
+            migrations = MIGRATIONS
+        applied: list[str] = []
+        with self.write() as tx:
+            self.lock_key(tx, 0x0D0_0001)
+            tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                       "(name TEXT PRIMARY KEY, applied_at {bigint} NOT NULL)".replace(
+                           "{bigint}", _TOKENS[self.dialect]["{bigint}"]))
+            done = {r["name"] for r in tx.query("SELECT name FROM schema_migrations")}
+            for name, sql in migrations:
+                if name in done:
+                    continue
+                for statement in (s.strip() for s in self.ddl(sql).split(";")):
+                    if statement:
+                        tx.execute(statement)
+                tx.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
+                           (name, int(time.time() * 1000)))
+                applied.append(name)
+        return applied

@@ -1,0 +1,141 @@
+"""The backend's schema, as named and ordered migrations for SQLite and PostgreSQL.
+
+Tokens ``{id}``, ``{blob}``, ``{bigint}`` and ``{bool}`` are filled in per dialect by
+:mod:`backend.db`. Times are Unix milliseconds, amounts milli-tokens, distances metres.
+Append new migrations; never edit one that has shipped.
+"""
+
+MIGRATIONS: list[tuple[str, str]] = [
+    ("001_devices", """
+CREATE TABLE devices (
+    dev            TEXT PRIMARY KEY,          -- 32 hex chars
+    pub            {blob} NOT NULL,           -- raw 32-byte Ed25519 key
+    vin            TEXT,                      -- the VIN it is approved for
+    status         TEXT NOT NULL,             -- pending | approved | revoked | rejected
+    enrollment     TEXT NOT NULL,             -- the signed enrolment JWS, verbatim
+    fleet_token_id {bigint},
+    enrolled_at    {bigint} NOT NULL,
+    decided_at     {bigint},
+    decided_by     TEXT,
+    flagged_vin    TEXT,                      -- a vin_mismatch waiting for an operator
+    through        {bigint} NOT NULL DEFAULT 0,   -- highest seq with every seq <= it stored
+    head_id        TEXT,                      -- record id at seq = through (the chain tip)
+    last_seen      {bigint},                  -- arrival time of the last message
+    status_json    TEXT,                      -- the last retained status message
+    online         {bool} NOT NULL DEFAULT 0
+);
+CREATE TABLE fleet_tokens (
+    id          {id},
+    token_hash  TEXT NOT NULL UNIQUE,          -- SHA-256 hex, never the token itself
+    label       TEXT NOT NULL,
+    expires_at  {bigint},
+    max_uses    {bigint},
+    uses        {bigint} NOT NULL DEFAULT 0,
+    created_at  {bigint} NOT NULL
+)
+"""),
+    ("002_records", """
+CREATE TABLE records (
+    dev          TEXT NOT NULL REFERENCES devices(dev),
+    seq          {bigint} NOT NULL,
+    id           TEXT NOT NULL UNIQUE,         -- SHA-256 of the JWS
+    jws          TEXT NOT NULL,                -- verbatim, as signed
+    kind         TEXT NOT NULL,
+    t            {bigint} NOT NULL,            -- as signed by the device
+    t_est        {bigint} NOT NULL,            -- best estimate of wall time (unsynced clocks)
+    clock        TEXT NOT NULL,
+    boot         TEXT NOT NULL,
+    mono_ms      {bigint} NOT NULL,
+    vin          TEXT,
+    odo_m        {bigint},
+    src          TEXT,
+    status       TEXT NOT NULL,                -- accepted | rejected
+    reason       TEXT,
+    received_at  {bigint} NOT NULL,
+    PRIMARY KEY (dev, seq)
+);
+CREATE INDEX records_vin ON records (vin, seq);
+CREATE TABLE forks (
+    id           {id},
+    dev          TEXT NOT NULL REFERENCES devices(dev),
+    seq          {bigint} NOT NULL,
+    record_id    TEXT NOT NULL UNIQUE,
+    jws          TEXT NOT NULL,
+    received_at  {bigint} NOT NULL
+);
+CREATE TABLE rejections (                    -- records that did not take a seq
+    id           {id},
+    dev          TEXT NOT NULL,                -- as named by the topic
+    seq          {bigint},
+    reason       TEXT NOT NULL,
+    detail       TEXT NOT NULL,
+    body         TEXT NOT NULL,
+    received_at  {bigint} NOT NULL
+);
+CREATE INDEX rejections_dev ON rejections (dev, id)
+"""),
+    ("003_ledger", """
+CREATE TABLE drivers (
+    id          TEXT PRIMARY KEY,
+    name        TEXT,
+    created_at  {bigint} NOT NULL
+);
+CREATE TABLE assignments (
+    id          {id},
+    driver_id   TEXT NOT NULL REFERENCES drivers(id),
+    vin         TEXT NOT NULL,
+    valid_from  {bigint} NOT NULL,
+    valid_to    {bigint},
+    created_at  {bigint} NOT NULL
+);
+CREATE INDEX assignments_vin ON assignments (vin, valid_from);
+CREATE TABLE transfers (
+    id             {id},
+    key            TEXT NOT NULL UNIQUE,       -- idempotency key
+    from_account   TEXT NOT NULL,
+    to_account     TEXT NOT NULL,
+    amount         {bigint} NOT NULL CHECK (amount > 0),
+    rule_id        TEXT,
+    rules_version  TEXT,
+    dev            TEXT,
+    record_id      TEXT,
+    week           TEXT,
+    memo           TEXT,
+    created_at     {bigint} NOT NULL
+);
+CREATE INDEX transfers_from ON transfers (from_account, id);
+CREATE INDEX transfers_to ON transfers (to_account, id)
+"""),
+    ("004_translog", """
+CREATE TABLE translog (
+    idx         {bigint} PRIMARY KEY,          -- 0-based leaf index
+    entry_kind  TEXT NOT NULL,                 -- record | transfer
+    ref         TEXT NOT NULL UNIQUE,          -- record id, or transfer key
+    entry       {blob} NOT NULL,               -- the leaf's data
+    leaf_hash   {blob} NOT NULL,
+    created_at  {bigint} NOT NULL
+);
+CREATE TABLE checkpoints (
+    size        {bigint} PRIMARY KEY,
+    root        {blob} NOT NULL,
+    signed      TEXT NOT NULL,                 -- the signed checkpoint (JWS by the log key)
+    created_at  {bigint} NOT NULL
+);
+CREATE TABLE settings (
+    name   TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+)
+"""),
+    ("005_operators", """
+CREATE TABLE operators (
+    username       TEXT PRIMARY KEY,
+    password_hash  TEXT NOT NULL,
+    created_at     {bigint} NOT NULL
+);
+CREATE TABLE sessions (
+    token_hash  TEXT PRIMARY KEY,
+    username    TEXT NOT NULL REFERENCES operators(username),
+    expires_at  {bigint} NOT NULL
+)
+"""),
+]
