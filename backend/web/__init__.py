@@ -1,0 +1,1 @@
+"""HTTP: the JSON API, the operator dashboard, metrics and health."""
