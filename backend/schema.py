@@ -138,4 +138,14 @@ CREATE TABLE sessions (
     expires_at  {bigint} NOT NULL
 )
 """),
+    ("101_translog_nodes", """
+CREATE TABLE translog_nodes (                -- complete subtrees of the log, for O(log n) roots and proofs
+    level  {bigint} NOT NULL,                  -- a node at level L covers 2**L leaves (L >= 1)
+    idx    {bigint} NOT NULL,                  -- its position among the nodes of that level
+    hash   {blob} NOT NULL,
+    PRIMARY KEY (level, idx)
+);
+CREATE INDEX transfers_dev_week ON transfers (dev, week);
+CREATE INDEX transfers_record ON transfers (record_id)
+"""),
 ]
