@@ -1,0 +1,146 @@
+"""``odo-backend operators``: the dashboard's operator accounts.
+
+    odo-backend operators add USERNAME --db URL      # password from stdin, or asked twice on a terminal
+    odo-backend operators passwd USERNAME --db URL   # new password; ends the operator's sessions
+    odo-backend operators list --db URL [--json]
+
+A password is never taken from a flag (it would show in ``ps`` and shell history).
+Exit status: 0 done, 2 bad input (unusable name or password, operator exists or
+missing, bad ``--db``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from backend.db import Database, DatabaseError
+from backend.web import auth
+
+log = logging.getLogger(__name__)
+
+
+class UsageError(Exception):
+    """Bad input on the command line or stdin; exit status 2."""
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def read_password(stdin: TextIO, prompt: Callable[[str], str] = getpass.getpass) -> str:
+    """From a terminal: asked twice and compared. Otherwise: the first line of stdin."""
+    if stdin.isatty():
+        first = prompt("Password: ")
+        if first != prompt("Password again: "):
+            raise UsageError("passwords did not match")
+        return first
+    line = stdin.readline()
+    if not line:
+        raise UsageError("no password on stdin (pipe it in, or run on a terminal to be asked)")
+    return line.rstrip("\r\n")
+
+
+def _open(url: str | None) -> Database:
+    url = url or os.environ.get("ODO_DB")
+    if not url:
+        raise UsageError("--db is required (or set ODO_DB)")
+    try:
+        db = Database.open(url)
+        db.migrate()
+    except DatabaseError as exc:
+        raise UsageError(str(exc)) from None
+    return db
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    password = read_password(sys.stdin)
+    db = _open(args.db)
+    try:
+        auth.add_operator(db, args.username, password, _now_ms())
+    except auth.AuthError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        db.close()
+    print(f"operator {args.username} added")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    password = read_password(sys.stdin)
+    db = _open(args.db)
+    try:
+        auth.set_password(db, args.username, password)
+    except auth.AuthError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        db.close()
+    print(f"password of {args.username} changed; their sessions have ended")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    db = _open(args.db)
+    try:
+        operators = auth.list_operators(db, _now_ms())
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps([{"username": o.username, "created_at": o.created_at, "sessions": o.sessions}
+                          for o in operators]))
+        return 0
+    if not operators:
+        print("no operators yet: odo-backend operators add USERNAME --db URL")
+    for o in operators:
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(o.created_at // 1000))
+        print(f"{o.username}\tcreated {created}\t{o.sessions} active session(s)")
+    return 0
+
+
+def _run(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except UsageError as exc:
+            print(f"odo-backend operators: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(subparsers: Any) -> None:
+    """Add ``operators`` to the ``odo-backend`` sub-commands; each sets ``func(args) -> int``."""
+    parser = subparsers.add_parser("operators", help="dashboard operator accounts",
+                                   description="Dashboard operator accounts.")
+    sub = parser.add_subparsers(dest="operators_command", required=True, metavar="add|passwd|list")
+    for name, func, text in (("add", cmd_add, "add an operator (password from stdin or a prompt)"),
+                             ("passwd", cmd_passwd, "set an operator's password (from stdin or a prompt)")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("username")
+        p.add_argument("--db", help="sqlite:///path or postgresql://… (default: $ODO_DB)")
+        p.set_defaults(func=_run(func))
+    p = sub.add_parser("list", help="list operators", description="List operators.")
+    p.add_argument("--db", help="sqlite:///path or postgresql://… (default: $ODO_DB)")
+    p.add_argument("--json", action="store_true", help="one JSON array")
+    p.set_defaults(func=_run(cmd_list))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``operators …`` on its own (``python -m backend.cli_operators operators add …``)."""
+    parser = argparse.ArgumentParser(prog="odo-backend")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(main())

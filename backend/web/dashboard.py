@@ -1,0 +1,157 @@
+"""The operator dashboard: server-rendered pages under ``/`` (the JSON API is under ``/api``).
+
+Every page needs an operator login (:mod:`backend.web.auth`); every POST carries the
+session's CSRF token. Pages only read, except approve and revoke.
+
+    /                     fleet overview, problems first
+    /devices/{dev}        one device: chart, records, rejections, forks, events, enrolment
+    /enrolments           pending enrolments and changed VINs
+    /drivers              drivers, their assignments and balances
+    /wallets/{account}    one account's balance and transfers
+    /ledger               the latest transfers
+    /static/…             the stylesheet (served locally, no CDN)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from backend.db import Database
+from backend.web import auth, dashboard_data
+from backend.web.auth import Session, db_call, login_required, safe_next
+from backend.web.chart import odometer_chart
+from backend.web.context import AppContext
+from backend.web.render import STATIC_DIR, render
+
+log = logging.getLogger(__name__)
+
+NOTICES = {
+    "approved": "Device approved.",
+    "revoked": "Device revoked.",
+}
+
+
+def _page_number(request: Request) -> int:
+    text = request.query_params.get("page", "1")
+    return int(text) if text.isdigit() and 0 < len(text) < 10 else 1
+
+
+def _notice(request: Request) -> str | None:
+    return NOTICES.get(request.query_params.get("done", ""))
+
+
+def decide(db: Database, dev: str, decision: str, by: str, now_ms: int) -> bool:
+    """Approve or revoke a device; False when there is no such device.
+
+    Approving a device whose VIN changed approves it for the new VIN."""
+    with db.write() as tx:
+        row = tx.one("SELECT status, flagged_vin FROM devices WHERE dev = ?", (dev,))
+        if row is None:
+            return False
+        if decision == "approve" and row["flagged_vin"]:
+            tx.execute("UPDATE devices SET status = 'approved', vin = flagged_vin, flagged_vin = NULL, "
+                       "decided_at = ?, decided_by = ? WHERE dev = ?", (now_ms, by, dev))
+        else:
+            status = "approved" if decision == "approve" else "revoked"
+            tx.execute("UPDATE devices SET status = ?, decided_at = ?, decided_by = ? WHERE dev = ?",
+                       (status, now_ms, by, dev))
+    return True
+
+
+def routes(ctx: AppContext) -> list[BaseRoute]:
+    """Every dashboard page, the login and logout, and the static files."""
+    page = login_required(ctx)
+
+    def now() -> int:
+        return ctx.clock()
+
+    @page
+    async def fleet(request: Request, session: Session) -> Response:
+        rows = await db_call(ctx.db, dashboard_data.fleet, now())
+        return render(request, "fleet.html", {
+            "session": session, "title": "Fleet", "nav": "fleet", "rows": rows,
+            "problems": sum(1 for r in rows if r.problems), "online": sum(1 for r in rows if r.online),
+        })
+
+    @page
+    async def device(request: Request, session: Session) -> Response:
+        dev = request.path_params["dev"]
+        view = await db_call(ctx.db, dashboard_data.device_view, dev, _page_number(request), now())
+        if view is None:
+            return _not_found(request, session, f"No device {dev!r}.")
+        return render(request, "device.html", {
+            "session": session, "title": f"Device {view.device.get('vin') or dev}", "nav": "fleet",
+            "v": view, "d": view.device, "chart": odometer_chart(view.chart), "notice": _notice(request),
+        })
+
+    def decision(kind: str) -> Any:
+        @page
+        async def handler(request: Request, session: Session) -> Response:
+            dev = request.path_params["dev"]
+            found = await db_call(ctx.db, decide, dev, kind, session.username, now())
+            if not found:
+                return _not_found(request, session, f"No device {dev!r}.")
+            log.info("operator %s: %s device %s", session.username, kind, dev)
+            back = request.state.form.get("back")
+            target = safe_next(back if isinstance(back, str) else f"/devices/{dev}")
+            sep = "&" if "?" in target else "?"
+            done = "approved" if kind == "approve" else "revoked"
+            return RedirectResponse(f"{target}{sep}done={done}", status_code=303)
+
+        return handler
+
+    @page
+    async def enrolments(request: Request, session: Session) -> Response:
+        rows = await db_call(ctx.db, dashboard_data.enrolment_queue)
+        return render(request, "enrolments.html", {
+            "session": session, "title": "Enrolments", "nav": "enrolments", "rows": rows,
+            "notice": _notice(request),
+        })
+
+    @page
+    async def drivers(request: Request, session: Session) -> Response:
+        rows = await db_call(ctx.db, dashboard_data.drivers, now())
+        return render(request, "drivers.html", {
+            "session": session, "title": "Drivers", "nav": "drivers", "rows": rows,
+        })
+
+    @page
+    async def wallet(request: Request, session: Session) -> Response:
+        account = request.path_params["account"]
+        balance, rows, pg = await db_call(ctx.db, dashboard_data.wallet, account,
+                                                    _page_number(request))
+        return render(request, "wallet.html", {
+            "session": session, "title": f"Wallet {account}", "nav": "drivers", "account": account,
+            "balance": balance, "rows": rows, "page": pg,
+        })
+
+    @page
+    async def ledger(request: Request, session: Session) -> Response:
+        rows, pg = await db_call(ctx.db, dashboard_data.ledger, _page_number(request))
+        return render(request, "ledger.html", {
+            "session": session, "title": "Ledger", "nav": "ledger", "rows": rows, "page": pg,
+        })
+
+    return [
+        Route("/", fleet, name="fleet"),
+        Route("/devices/{dev}", device, name="device"),
+        Route("/devices/{dev}/approve", decision("approve"), methods=["POST"], name="device_approve"),
+        Route("/devices/{dev}/revoke", decision("revoke"), methods=["POST"], name="device_revoke"),
+        Route("/enrolments", enrolments, name="enrolments"),
+        Route("/drivers", drivers, name="drivers"),
+        Route("/wallets/{account:path}", wallet, name="wallet"),
+        Route("/ledger", ledger, name="ledger"),
+        *auth.routes(ctx),
+        Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+
+
+def _not_found(request: Request, session: Session, message: str) -> Response:
+    return render(request, "error.html", {"session": session, "title": "Not found", "message": message},
+                  status_code=404)
