@@ -1,0 +1,277 @@
+"""Settings of the ``odo-backend`` commands, read once at start.
+
+Each option comes from, in this order of precedence: its command-line flag, an ``ODO_<KEY>``
+environment variable (``ODO_DB``, ``ODO_BROKER``, ``ODO_FLEET_TOKEN`` …), or the TOML file named
+by ``--config`` (or ``ODO_CONFIG``), whose top-level keys are the flags' names with underscores::
+
+    db = "postgresql://odo@db.example/odo"
+    broker = "mqtts://backend:secret@mqtt.example:8883"
+    tls_ca = "/etc/odoledger/ca.pem"
+    http = "127.0.0.1:8080"
+    rules = "/etc/odoledger/rules.toml"
+
+A wrong value is a :class:`ConfigError` that names the key: exit status 2 when it came from a
+flag (a usage error), 78 (``EX_CONFIG``) when it came from the file or the environment, so that
+systemd does not restart a service whose configuration cannot work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import tomllib
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backend.db import Database, DatabaseError
+
+EX_USAGE = 2
+EX_CONFIG = 78
+
+#: Keys the config file may hold (besides the options of the command being run).
+KEYS = frozenset({
+    "db", "broker", "http", "rules", "fleet_token", "api_token", "tls_ca", "tls_cert", "tls_key",
+    "client_id", "session_expiry", "log_level", "secure_cookies",
+})
+_INT_KEYS = frozenset({"session_expiry"})
+_BOOL_KEYS = frozenset({"secure_cookies"})
+_NOT_SETTINGS = frozenset({"config", "command", "func", "json"})
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+DEFAULT_SESSION_EXPIRY_S = 300
+
+
+class ConfigError(Exception):
+    """A missing or wrong setting; ``status`` is the exit status it deserves."""
+
+    def __init__(self, key: str, message: str, status: int = EX_CONFIG) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.status = status
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML file with default settings (also ODO_CONFIG)")
+
+
+class Settings:
+    """The merged values of one command, each with where it came from."""
+
+    def __init__(self, values: Mapping[str, tuple[Any, str]], path: Path | None) -> None:
+        self._values = dict(values)
+        self.path = path
+
+    def get(self, key: str) -> Any:
+        found = self._values.get(key)
+        return None if found is None else found[0]
+
+    def source(self, key: str) -> str:
+        found = self._values.get(key)
+        return "missing" if found is None else found[1]
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """An error about ``key``, worded for where its value came from."""
+        where = self.source(key)
+        if where == "flag":
+            return ConfigError(f"--{key.replace('_', '-')}", message, EX_USAGE)
+        if where == "env":
+            return ConfigError(f"ODO_{key.upper()}", message)
+        if where == "file":
+            return ConfigError(f"{self.path}: {key}", message)
+        flag = f"--{key.replace('_', '-')}"
+        if self.path is not None:
+            return ConfigError(f"{self.path}: {key}", f"{message} (set it there, or pass {flag})")
+        return ConfigError(flag, f"{message} (or set ODO_{key.upper()}, or {key} in --config FILE)",
+                           EX_USAGE)
+
+    def require(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None or value == "":
+            raise self.error(key, "is required")
+        return value
+
+
+def _read_file(path: Path, allowed: frozenset[str]) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("--config", f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("--config", f"{path}: cannot read it ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path}: not valid TOML ({exc})") from None
+    for key, value in data.items():
+        if key not in allowed:
+            raise ConfigError(f"{path}: {key}", f"unknown key (known: {', '.join(sorted(allowed))})")
+        if key in _INT_KEYS:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            kind = "an integer"
+        elif key in _BOOL_KEYS:
+            ok, kind = isinstance(value, bool), "true or false"
+        else:
+            ok, kind = isinstance(value, str), "a string"
+        if not ok:
+            raise ConfigError(f"{path}: {key}", f"must be {kind}, got {value!r}")
+    return data
+
+
+def settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Merge the flags of ``args`` with ``ODO_*`` variables and the ``--config`` file."""
+    env = os.environ if environ is None else environ
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    allowed = KEYS | frozenset(flags)
+    config = getattr(args, "config", None) or env.get("ODO_CONFIG") or None
+    path = Path(config) if config else None
+    from_file = _read_file(path, allowed) if path is not None else {}
+    values: dict[str, tuple[Any, str]] = {}
+    for key in allowed:
+        if flags.get(key) is not None and flags[key] is not False:   # False: a switch not given
+            values[key] = (flags[key], "flag")
+        elif env.get(f"ODO_{key.upper()}", "") != "":
+            text = env[f"ODO_{key.upper()}"]
+            values[key] = (_from_env(key, text), "env")
+        elif key in from_file:
+            values[key] = (from_file[key], "file")
+    return Settings(values, path)
+
+
+def _from_env(key: str, text: str) -> Any:
+    if key in _INT_KEYS:
+        if not text.strip().isdigit():
+            raise ConfigError(f"ODO_{key.upper()}", f"must be an integer, got {text!r}")
+        return int(text)
+    if key in _BOOL_KEYS:
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ConfigError(f"ODO_{key.upper()}", f"must be true or false, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
+    return text
+
+
+def open_database(s: Settings) -> Database:
+    """Open ``db`` (without connecting); a bad URL is a :class:`ConfigError`."""
+    url = s.require("db")
+    try:
+        return Database.open(str(url))
+    except DatabaseError as exc:
+        raise s.error("db", str(exc).removeprefix("--db ").removeprefix("--db: ")) from None
+
+
+# -- the daemon's settings -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    client_id: str = "odo-backend"
+    session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
+
+    @property
+    def display(self) -> str:
+        """The URL without its password, for logs."""
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    db: Database = field(repr=False)
+    broker: BrokerConfig
+    http_host: str
+    http_port: int
+    rules_path: Path
+    fleet_token: str | None = field(default=None, repr=False)
+    api_token: str | None = field(default=None, repr=False)
+    secure_cookies: bool = False
+
+
+def parse_broker(url: str) -> tuple[str, int, bool, str | None, str | None]:
+    """``mqtt://[user:password@]host[:port]`` or ``mqtts://…``; raise ValueError naming the fault."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"{url!r}: use mqtt://host:port or mqtts://host:port")
+    if not parsed.hostname:
+        raise ValueError(f"{url!r}: no host")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        raise ValueError(f"{url!r}: only [user:password@]host:port may follow the scheme")
+    tls = parsed.scheme == "mqtts"
+    try:
+        port = parsed.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ValueError(f"{url!r}: the port must be a number from 1 to 65535") from None
+    user = urllib.parse.unquote(parsed.username) if parsed.username else None
+    password = urllib.parse.unquote(parsed.password) if parsed.password is not None else None
+    return parsed.hostname, port, tls, user, password
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6); raise ValueError naming the fault."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: use HOST:PORT, e.g. 127.0.0.1:8080")
+    return host.strip("[]"), int(port)
+
+
+def _existing_file(s: Settings, key: str) -> Path | None:
+    value = s.get(key)
+    if value is None:
+        return None
+    path = Path(str(value))
+    if not path.is_file():
+        raise s.error(key, f"{path}: no such file")
+    return path
+
+
+def default_client_id() -> str:
+    """Stable across restarts of one host's backend, so that its MQTT session is resumed."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:100] or "host"
+    return f"odo-backend-{host}"
+
+
+def run_config(s: Settings) -> RunConfig:
+    """Validate the settings of ``odo-backend run``."""
+    db = open_database(s)
+    try:
+        host, port, tls, user, password = parse_broker(str(s.require("broker")))
+    except ValueError as exc:
+        raise s.error("broker", str(exc)) from None
+    ca, cert, key = (_existing_file(s, k) for k in ("tls_ca", "tls_cert", "tls_key"))
+    if not tls:
+        for name, value in (("tls_ca", ca), ("tls_cert", cert), ("tls_key", key)):
+            if value is not None:
+                raise s.error(name, "is set, but --broker is not mqtts://")
+    if (cert is None) != (key is None):
+        raise s.error("tls_cert" if cert is None else "tls_key", "tls_cert and tls_key go together")
+    client_id = str(s.get("client_id") or default_client_id())
+    if not _CLIENT_ID.match(client_id):
+        raise s.error("client_id", f"{client_id!r}: use 1-128 letters, digits, '_', '.', ':' or '-'")
+    expiry = s.get("session_expiry")
+    expiry = DEFAULT_SESSION_EXPIRY_S if expiry is None else int(expiry)
+    if not 0 <= expiry <= 7 * 86400:
+        raise s.error("session_expiry", f"{expiry}: must be 0 to 604800 seconds")
+    try:
+        http_host, http_port = parse_listen(str(s.require("http")))
+    except ValueError as exc:
+        raise s.error("http", str(exc)) from None
+    rules = Path(str(s.require("rules")))
+    for name in ("fleet_token", "api_token"):
+        value = s.get(name)
+        if value is not None and len(str(value)) < 8:
+            raise s.error(name, "must be at least 8 characters")
+    return RunConfig(
+        db=db,
+        broker=BrokerConfig(host, port, tls, user, password, ca, cert, key, client_id, expiry),
+        http_host=http_host, http_port=http_port, rules_path=rules,
+        fleet_token=s.get("fleet_token") or None, api_token=s.get("api_token") or None,
+        secure_cookies=bool(s.get("secure_cookies")),
+    )
