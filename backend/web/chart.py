@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from backend.web.dashboard_data import ChartPoint
 from backend.web.render import iso, iso_date
 
-WIDTH, HEIGHT = 720, 260
-LEFT, RIGHT, TOP, BOTTOM = 78, 16, 14, 34
+WIDTH, HEIGHT = 720, 320
+LEFT, RIGHT, TOP, BOTTOM = 10, 10, 30, 40   # y labels sit inside the plot, above their grid lines
 MAX_MARKERS = 300
+MAX_DOTS = 60
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Chart:
     width: int
     height: int
     line: str                      # "x,y x,y …" for a polyline
+    dots: tuple[tuple[int, int], ...]   # each accepted reading, when there are few
     markers: tuple[Marker, ...]
     x_ticks: tuple[Tick, ...]
     y_ticks: tuple[Tick, ...]
@@ -88,6 +90,7 @@ def odometer_chart(points: Sequence[ChartPoint], max_points: int = 600) -> Chart
         return TOP + plot_h - (m - lo_axis) * plot_h // (hi_axis - lo_axis)
 
     line = " ".join(f"{x(p.t)},{y(p.odo_m)}" for p in _thin(accepted, max_points))
+    dots = tuple((x(p.t), y(p.odo_m)) for p in accepted) if len(accepted) <= MAX_DOTS else ()
     markers = []
     for p in points:
         when = iso(p.t) + (" (estimated)" if p.estimated else "")
@@ -106,5 +109,5 @@ def odometer_chart(points: Sequence[ChartPoint], max_points: int = 600) -> Chart
     summary = (f"Odometer from {lo // 1000:,} km to {hi // 1000:,} km between {iso(t0)} and {iso(t1)}; "
                f"{sum(1 for m in markers if m.kind == 'confirmation')} confirmation(s), "
                f"{sum(1 for m in markers if m.kind == 'rejected')} rejected reading(s).")
-    return Chart(WIDTH, HEIGHT, line, tuple(markers), x_ticks, y_ticks,
+    return Chart(WIDTH, HEIGHT, line, dots, tuple(markers), x_ticks, y_ticks,
                  (LEFT, TOP, WIDTH - RIGHT, TOP + plot_h), summary)

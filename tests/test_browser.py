@@ -1,0 +1,203 @@
+"""The dashboard in a real headless Chromium (Debian's ``chromium``), driven by Playwright.
+
+The app runs under uvicorn on a free loopback port. Screenshots go to
+``test-artifacts/`` (git-ignored). Chromium missing is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+
+from backend.db import Database
+from backend.web import auth, dashboard
+from backend.web.context import AppContext
+from tests import dashboard_seed as seed
+from tests.mqtt_broker import free_port
+
+CHROMIUM = Path("/usr/bin/chromium")
+INSTALL = "sudo apt-get update && sudo apt-get install -y chromium chromium-driver   (or: sudo make deps)"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+PHONE = {"width": 390, "height": 844}
+
+
+@dataclass
+class Served:
+    url: str
+    db: Database
+    fleet: seed.Fleet
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    db = Database.open(f"sqlite:///{tmp_path_factory.mktemp('browser')}/backend.db")
+    fleet = seed.seed(db)
+    auth.add_operator(db, "op", seed.PASSWORD, seed.NOW)
+    app = Starlette(routes=dashboard.routes(AppContext(db=db, clock=lambda: seed.NOW)))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off", ws="none"))
+    thread = threading.Thread(target=server.run, name="dashboard-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"uvicorn did not start on 127.0.0.1:{port}")
+        time.sleep(0.02)
+    yield Served(f"http://127.0.0.1:{port}", db, fleet)
+    server.should_exit = True
+    thread.join(10)
+    db.close()
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"Chromium is not installed at {CHROMIUM}; install it with: {INSTALL}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the playwright package is missing; install the dev extra: pip install -e '.[dev]'")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        yield p
+
+
+@dataclass
+class Browser:
+    context: Any
+    page: Any
+    errors: list[str]
+
+
+@pytest.fixture
+def browser_for(playwright: Any, tmp_path: Path) -> Iterator[Any]:
+    """Open a fresh Chromium profile at a viewport size; closed after the test."""
+    opened: list[Any] = []
+
+    def open_browser(viewport: dict[str, int], mobile: bool = False) -> Browser:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / f"profile-{len(opened)}"), executable_path=str(CHROMIUM), headless=True,
+            args=ARGS, viewport=viewport, is_mobile=mobile, has_touch=mobile, timeout=30_000)
+        opened.append(context)
+        context.set_default_timeout(10_000)
+        page = context.pages[0] if context.pages else context.new_page()
+        errors: list[str] = []
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        return Browser(context, page, errors)
+
+    yield open_browser
+    for context in opened:
+        context.close()
+
+
+def shot(page: Any, name: str, full_page: bool = True) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=full_page)
+
+
+def sign_in(page: Any, url: str) -> None:
+    page.goto(url + "/")
+    assert page.url.startswith(url + "/login"), "logged out, the fleet page sends to the login"
+    page.fill("input[name=username]", "op")
+    page.fill("input[name=password]", seed.PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(url + "/")
+
+
+def status_of(db: Database, dev: str) -> dict[str, Any]:
+    row = db.one("SELECT status, vin, flagged_vin, decided_by FROM devices WHERE dev = ?", (dev,))
+    assert row is not None
+    return row
+
+
+def test_operator_approves_a_pending_enrolment_on_a_desktop(served: Served, browser_for: Any) -> None:
+    b = browser_for({"width": 1280, "height": 900})
+    page, fleet = b.page, served.fleet
+    page.goto(served.url + "/enrolments")
+    shot(page, "desktop-login")
+    page.fill("input[name=username]", "op")
+    page.fill("input[name=password]", "wrong password")
+    page.click("button[type=submit]")
+    assert "Wrong username or password" in page.inner_text(".error")
+    assert b.errors == ["Failed to load resource: the server responded with a status of 401 (Unauthorized)"]
+    b.errors.clear()
+    sign_in(page, served.url)
+
+    rows = page.locator("table.fleet tbody tr")
+    assert rows.count() == 4
+    assert fleet.flagged.vin in rows.nth(0).inner_text()     # problems first
+    assert "never" in rows.nth(1).inner_text()               # the pending device was never seen
+    assert "1970" not in page.content()
+    shot(page, "desktop-fleet")
+
+    page.click(f"a[href='/devices/{fleet.good.dev}']")
+    assert page.locator("svg circle.m-confirmation").count() == 4
+    box = page.locator("figure.chart svg").bounding_box()
+    assert box and box["width"] > 600 and box["height"] > 150
+    shot(page, "desktop-device-good")
+
+    page.goto(served.url + "/")
+    page.click(f"a[href='/devices/{fleet.pending.dev}']")
+    assert page.locator("h1 .badge").inner_text() == "pending"
+    page.click("button.approve")
+    page.wait_for_url(f"{served.url}/devices/{fleet.pending.dev}?done=approved")
+    assert page.inner_text(".notice") == "Device approved."
+    assert page.locator("h1 .badge").inner_text() == "approved"
+    assert page.locator("button.approve").count() == 0
+    assert status_of(served.db, fleet.pending.dev)["status"] == "approved"
+    shot(page, "desktop-device-approved")
+
+    page.goto(served.url + "/ledger")
+    assert page.locator("table tbody tr").count() == 5
+    shot(page, "desktop-ledger")
+    assert b.errors == [], b.errors
+
+
+def test_operator_on_a_phone(served: Served, browser_for: Any) -> None:
+    b = browser_for(PHONE, mobile=True)
+    page, fleet = b.page, served.fleet
+    sign_in(page, served.url)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE["width"], f"the fleet page scrolls sideways on a phone ({width}px)"
+    assert page.locator("table.fleet thead").is_hidden()     # rows become labelled cards
+    first = page.locator("table.fleet tbody tr").first.bounding_box()
+    assert first and first["width"] <= PHONE["width"]
+    shot(page, "phone-fleet")
+
+    page.click("a[href='/enrolments']")
+    assert page.locator("table tbody tr").count() >= 1
+    shot(page, "phone-enrolments")
+
+    page.goto(f"{served.url}/devices/{fleet.flagged.dev}")
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    assert "odometer_rollback" in page.content()
+    shot(page, "phone-device-flagged")
+    page.goto(f"{served.url}/devices/{fleet.good.dev}")
+    page.locator("figure.chart").screenshot(path=str(ARTIFACTS / "phone-chart.png"))
+    page.goto(f"{served.url}/devices/{fleet.flagged.dev}")
+    page.click("button.approve")
+    page.wait_for_url(f"{served.url}/devices/{fleet.flagged.dev}?done=approved")
+    assert page.locator("h1").inner_text().startswith("ZFA31200000000004")
+    assert status_of(served.db, fleet.flagged.dev)["vin"] == "ZFA31200000000004"
+    shot(page, "phone-device-approved")
+    shot(page, "phone-device-approved-top", full_page=False)
+
+    page.goto(served.url + "/drivers")
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    shot(page, "phone-drivers")
+    page.click("button.link")            # sign out
+    page.wait_for_url(served.url + "/login")
+    page.goto(served.url + "/drivers")
+    assert page.url.startswith(served.url + "/login")
+    assert b.errors == [], b.errors
