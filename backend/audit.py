@@ -1,0 +1,122 @@
+"""``odo-backend rewards audit``: recompute every credit from scratch and compare with the ledger.
+
+The accepted records are read back and their signatures checked again with
+their device's key; :func:`backend.rewards.recompute` decides, from them and the
+assignments alone, every reward and whose it is. Each stored reward transfer,
+and the move of a reward to a driver assigned later (``reassign:<key>``), must
+match. The log entry of every transfer must still be the transfer, and no
+account but ``issuer`` may be below zero.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from backend import assignments, ledger, rewards
+from backend.db import Database
+from backend.rules import Rules
+from protocol import BadFormat, BadSignature, records
+from protocol.identity import VerifyKey
+
+log = logging.getLogger(__name__)
+
+
+def _readings(db: Database, problems: list[str]) -> list[rewards.Reading]:
+    with db.read() as tx:
+        devices = {d["dev"]: d for d in tx.query("SELECT dev, pub, vin FROM devices")}
+        rows = tx.query("SELECT dev, seq, jws, clock, t_est FROM records WHERE status = 'accepted' "
+                        "ORDER BY dev, seq")
+    out = []
+    keys: dict[str, VerifyKey] = {}
+    for row in rows:
+        device = devices.get(row["dev"])
+        if device is None:
+            problems.append(f"record seq {row['seq']} of {row['dev']}: no such device")
+            continue
+        key = keys.setdefault(row["dev"], VerifyKey(bytes(device["pub"])))
+        try:
+            record = records.verify(str(row["jws"]), key)
+        except (BadFormat, BadSignature) as exc:
+            problems.append(f"record seq {row['seq']} of {row['dev']}: does not verify ({exc})")
+            continue
+        if record.seq != int(row["seq"]):
+            problems.append(f"record seq {row['seq']} of {row['dev']}: the record says seq {record.seq}")
+            continue
+        at = rewards.reading_time(record.clock, record.t, row["t_est"])
+        out.append(rewards.Reading(record, at, record.vin or device["vin"]))
+    return out
+
+
+def _compare(rules: Rules, expected: dict[str, rewards.Expected], stored: dict[str, ledger.Transfer],
+             moves: dict[str, ledger.Transfer]) -> list[str]:
+    problems = []
+    for key in sorted(set(expected) - set(stored)):
+        e = expected[key]
+        problems.append(f"missing: {key}: {e.credit.amount} to {e.to_account} was never credited")
+    for key in sorted(set(stored) - set(expected)):
+        t = stored[key]
+        problems.append(f"unexpected: {key}: {t.amount} to {t.to_account}, earned by no accepted record")
+    for key in sorted(set(stored) & set(expected)):
+        t, e = stored[key], expected[key]
+        c = e.credit
+        move = moves.get(f"reassign:{key}")
+        if t.from_account != ledger.ISSUER:
+            problems.append(f"differs: {key}: paid from {t.from_account}, not issuer")
+        for name, got, want in (("amount", t.amount, c.amount), ("rule", t.rule_id, c.rule_id),
+                                ("device", t.dev, c.dev), ("record", t.record_id, c.record_id),
+                                ("week", t.week, c.week), ("rules version", t.rules_version, rules.version)):
+            if got != want:
+                problems.append(f"differs: {key}: {name} is {got}, expected {want}")
+        if move is not None and (move.from_account != t.to_account or move.amount != t.amount):
+            problems.append(f"differs: reassign:{key}: moves {move.amount} from {move.from_account}, "
+                            f"expected {t.amount} from {t.to_account}")
+        holder = move.to_account if move is not None else t.to_account
+        if holder != e.to_account:
+            problems.append(f"differs: {key}: went to {holder}, expected {e.to_account}")
+    for key in sorted(k for k in moves if k.removeprefix("reassign:") not in stored):
+        problems.append(f"unexpected: {key}: moves a reward that does not exist")
+    return problems
+
+
+def _log_and_balances(db: Database) -> list[str]:
+    problems = []
+    sums: dict[str, int] = {}
+    with db.read() as tx:
+        logged = {str(r["ref"]): bytes(r["entry"])
+                  for r in tx.query("SELECT ref, entry FROM translog WHERE entry_kind = 'transfer'")}
+        rows = tx.query("SELECT * FROM transfers ORDER BY id")
+    for row in rows:
+        t = ledger.Transfer.from_row(row)
+        sums[t.to_account] = sums.get(t.to_account, 0) + t.amount
+        sums[t.from_account] = sums.get(t.from_account, 0) - t.amount
+        entry = logged.get(t.key)
+        if entry is None:
+            problems.append(f"log: transfer {t.key} is not in the transparency log")
+        elif entry != t.entry():
+            problems.append(f"log: transfer {t.key} differs from what the transparency log holds")
+    for account, total in sorted(sums.items()):
+        if total < 0 and account != ledger.ISSUER:
+            problems.append(f"balance: {account} is below zero ({total})")
+    return problems
+
+
+def audit(db: Database, rules: Rules) -> list[str]:
+    """Every difference found, as one line each; an empty list means the ledger is right."""
+    problems: list[str] = []
+    readings = _readings(db, problems)
+    with db.read() as tx:
+        plan = assignments.load(tx)
+        stored = {t.key: t for t in map(ledger.Transfer.from_row,
+                                        tx.query("SELECT * FROM transfers WHERE key LIKE 'reward:%'"))}
+        moves = {t.key: t for t in map(ledger.Transfer.from_row,
+                                       tx.query("SELECT * FROM transfers WHERE key LIKE 'reassign:%'"))}
+    expected = rewards.recompute(rules, readings, plan)
+    problems.extend(_compare(rules, expected, stored, moves))
+    problems.extend(_log_and_balances(db))
+    log.info("audit of %d records and %d rewards: %d differences", len(readings), len(stored), len(problems))
+    return problems
+
+
+def summary(problems: list[str]) -> dict[str, Any]:
+    return {"ok": not problems, "differences": problems}

@@ -1,0 +1,252 @@
+"""The double-entry ledger (DESIGN §5): transfers, balances, wallets, redemption.
+
+Every movement of milli-tokens is one row of ``transfers`` from one account to
+another: ``issuer``, ``driver:<id>``, ``unassigned:<dev>``, ``redeemed:<item>``.
+A balance is always derived (sum in − sum out), never stored. Only ``issuer`` may
+go negative. Each transfer has a unique idempotency key, enforced by the
+database, so a retry or a redelivered record never moves tokens twice; each is
+appended to the transparency log in the same transaction.
+
+Exceptions::
+
+    LedgerError
+    ├── UnknownAccount      no such account (or a malformed name)
+    ├── UnknownItem         not in the rules' catalogue
+    ├── InsufficientFunds   the balance would go below zero
+    ├── KeyConflict         the idempotency key was used for something else
+    └── InvalidKey          the idempotency key is empty or malformed (also a ValueError)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from backend import translog
+from backend.db import Database, Tx
+from backend.rules import Rules
+from protocol import canonical
+
+log = logging.getLogger(__name__)
+
+ISSUER = "issuer"
+DRIVER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_ACCOUNT = re.compile(r"^(issuer|driver:[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}|unassigned:[0-9a-f]{32}"
+                      r"|redeemed:[a-z0-9][a-z0-9_.-]{0,63})$")
+_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")          # a client's idempotency key
+_TRANSFER_KEY = re.compile(r"^[\x21-\x7e]{1,400}$")
+
+
+class LedgerError(Exception):
+    """Base of the ledger's refusals; the message says what was wrong."""
+
+
+class UnknownAccount(LedgerError):
+    pass
+
+
+class UnknownItem(LedgerError):
+    pass
+
+
+class InsufficientFunds(LedgerError):
+    pass
+
+
+class KeyConflict(LedgerError):
+    pass
+
+
+class InvalidKey(LedgerError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Transfer:
+    id: int
+    key: str
+    from_account: str
+    to_account: str
+    amount: int
+    rule_id: str | None
+    rules_version: str | None
+    dev: str | None
+    record_id: str | None
+    week: str | None
+    memo: str | None
+    created_at: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def entry(self) -> bytes:
+        """The transparency log's leaf for this transfer: its canonical JSON."""
+        return canonical.dumps(self.to_dict())
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Transfer:
+        return cls(**{name: (int(row[name]) if name in ("id", "amount", "created_at") else row[name])
+                      for name in cls.__dataclass_fields__})
+
+
+def is_account(name: object) -> bool:
+    return isinstance(name, str) and bool(_ACCOUNT.match(name))
+
+
+def driver_account(driver_id: str) -> str:
+    return f"driver:{driver_id}"
+
+
+def unassigned_account(dev: str) -> str:
+    return f"unassigned:{dev}"
+
+
+def account_lock(account: str) -> int:
+    """An advisory lock number for one account (signed 64-bit, as PostgreSQL wants)."""
+    return int.from_bytes(hashlib.sha256(b"odoledger account " + account.encode()).digest()[:8], "big",
+                          signed=True)
+
+
+def balance(tx: Tx, account: str) -> int:
+    """Sum in − sum out of ``account``."""
+    got = tx.scalar("SELECT COALESCE(SUM(amount), 0) AS n FROM transfers WHERE to_account = ?", (account,))
+    spent = tx.scalar("SELECT COALESCE(SUM(amount), 0) AS n FROM transfers WHERE from_account = ?",
+                      (account,))
+    return int(got) - int(spent)
+
+
+def by_key(tx: Tx, key: str) -> Transfer | None:
+    row = tx.one("SELECT * FROM transfers WHERE key = ?", (key,))
+    return None if row is None else Transfer.from_row(row)
+
+
+def transfer(tx: Tx, *, key: str, from_account: str, to_account: str, amount: int, now_ms: int,
+             rule_id: str | None = None, rules_version: str | None = None, dev: str | None = None,
+             record_id: str | None = None, week: str | None = None,
+             memo: str | None = None) -> Transfer | None:
+    """Move ``amount`` milli-tokens; return the transfer, or None if ``key`` was already used.
+
+    Raises :class:`InsufficientFunds` if an account other than ``issuer`` would go
+    below zero (the caller holds the account's lock when that can race), and
+    ValueError on a malformed account or amount.
+    """
+    for name, account in (("from_account", from_account), ("to_account", to_account)):
+        if not is_account(account):
+            raise ValueError(f"{name}: {account!r} is not an account name")
+    if from_account == to_account:
+        raise ValueError("a transfer needs two different accounts")
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+        raise ValueError(f"amount: must be a positive integer of milli-tokens, got {amount!r}")
+    if not isinstance(key, str) or not _TRANSFER_KEY.match(key):
+        raise ValueError(f"key: malformed idempotency key {key!r}")
+    if by_key(tx, key) is not None:
+        return None
+    if from_account != ISSUER:
+        have = balance(tx, from_account)
+        if have < amount:
+            raise InsufficientFunds(f"{from_account} has {have} milli-tokens, {amount} needed")
+    values = {"key": key, "from_account": from_account, "to_account": to_account, "amount": amount,
+              "rule_id": rule_id, "rules_version": rules_version, "dev": dev, "record_id": record_id,
+              "week": week, "memo": memo, "created_at": now_ms}
+    if not tx.insert_ignore("transfers", values, ("key",)):
+        return None
+    made = by_key(tx, key)
+    assert made is not None
+    translog.append(tx, "transfer", key, made.entry())
+    log.debug("transfer %s: %d from %s to %s", key, amount, from_account, to_account)
+    return made
+
+
+def assigned_driver(tx: Tx, vin: str | None, at_ms: int) -> str | None:
+    """The driver assigned to ``vin`` at ``at_ms``, if any."""
+    if vin is None:
+        return None
+    row = tx.one("SELECT driver_id FROM assignments WHERE vin = ? AND valid_from <= ? "
+                 "AND (valid_to IS NULL OR valid_to > ?) ORDER BY valid_from DESC LIMIT 1",
+                 (vin, at_ms, at_ms))
+    return None if row is None else str(row["driver_id"])
+
+
+def reward_account(tx: Tx, dev: str, vin: str | None, at_ms: int) -> str:
+    """Where a reward for a reading of ``vin`` by ``dev`` taken at ``at_ms`` goes."""
+    driver = assigned_driver(tx, vin, at_ms)
+    return driver_account(driver) if driver is not None else unassigned_account(dev)
+
+
+def device_balance(tx: Tx, dev: str, vin: str | None, now_ms: int) -> int:
+    """The balance of the account that the device's rewards go to now."""
+    return balance(tx, reward_account(tx, dev, vin, now_ms))
+
+
+def _known(tx: Tx, account: str) -> bool:
+    if account == ISSUER:
+        return True
+    kind, _, name = account.partition(":")
+    if kind == "driver" and tx.one("SELECT id FROM drivers WHERE id = ?", (name,)):
+        return True
+    if kind == "unassigned" and tx.one("SELECT dev FROM devices WHERE dev = ?", (name,)):
+        return True
+    return tx.one("SELECT id FROM transfers WHERE to_account = ? OR from_account = ? LIMIT 1",
+                  (account, account)) is not None
+
+
+def wallet(db: Database, account: str, limit: int = 500) -> dict[str, Any]:
+    """``{"account", "balance", "transfers": [...]}``, newest first (at most ``limit``).
+
+    Each transfer carries ``delta``: what it changed this account's balance by.
+    """
+    if not is_account(account):
+        raise UnknownAccount(f"{account!r} is not an account name (issuer, driver:<id>, "
+                             "unassigned:<dev>, redeemed:<item>)")
+    with db.read() as tx:
+        if not _known(tx, account):
+            raise UnknownAccount(f"no account {account}")
+        rows = tx.query("SELECT * FROM transfers WHERE to_account = ? OR from_account = ? "
+                        "ORDER BY id DESC LIMIT ?", (account, account, limit))
+        bal = balance(tx, account)
+    out = []
+    for row in rows:
+        t = Transfer.from_row(row).to_dict()
+        t["delta"] = t["amount"] if t["to_account"] == account else -t["amount"]
+        out.append(t)
+    return {"account": account, "balance": bal, "transfers": out}
+
+
+def redeem(db: Database, rules: Rules, account: str, item: str, idempotency_key: str,
+           now_ms: int) -> Transfer:
+    """Spend ``account``'s tokens on a catalogue item; idempotent by key.
+
+    The same key with the same account and item returns the first transfer; the
+    same key for another item raises :class:`KeyConflict`. The balance check and
+    the insert happen in one write transaction under the account's lock, so two
+    processes can never overspend.
+    """
+    if not isinstance(idempotency_key, str) or not _KEY.match(idempotency_key):
+        raise InvalidKey("idempotency_key: 1 to 200 printable ASCII characters, no spaces")
+    if not is_account(account) or not account.startswith("driver:"):
+        raise UnknownAccount(f"{account!r}: only a driver's account (driver:<id>) can redeem")
+    key = f"redeem:{account}:{idempotency_key}"
+    with db.write() as tx:
+        db.lock_key(tx, account_lock(account))
+        if not tx.one("SELECT id FROM drivers WHERE id = ?", (account.partition(":")[2],)):
+            raise UnknownAccount(f"no driver {account.partition(':')[2]!r}")
+        existing = by_key(tx, key)
+        if existing is not None:
+            if existing.from_account == account and existing.to_account == f"redeemed:{item}":
+                return existing
+            raise KeyConflict(f"idempotency_key {idempotency_key!r} was already used to redeem "
+                              f"{existing.to_account.partition(':')[2]!r}")
+        price = rules.catalogue.get(item)
+        if price is None:
+            raise UnknownItem(f"item {item!r} is not in the catalogue of rules {rules.version}")
+        have = balance(tx, account)
+        if have < price:
+            raise InsufficientFunds(f"{account} has {have} milli-tokens; {item} costs {price}")
+        made = transfer(tx, key=key, from_account=account, to_account=f"redeemed:{item}", amount=price,
+                        now_ms=now_ms, rules_version=rules.version, memo=f"redeemed {item}")
+        assert made is not None
+    log.info("%s redeemed %s for %d milli-tokens", account, item, price)
+    return made

@@ -1,0 +1,252 @@
+"""Rewards: what the rules give for an accepted record, and to whom (DESIGN §5).
+
+The decisions are one pure function, :func:`decide`, over a reading and a view of
+what was already credited. :func:`credit` runs it against the database inside
+the transaction that stores the record; :func:`recompute` runs it from scratch
+over the list of accepted records and the assignments, for the audit. Both see
+each device's records in seq order, so both reach the same credits.
+
+- *When* a reading was taken: the record's ``t`` when its clock was synced, else
+  the backend's estimate (``records.t_est``), so an unsynced dongle's 1970 never
+  decides a week or a driver.
+- *Which vehicle*: the record's ``vin``, else the VIN the device is approved for.
+- **weekly** (``on = "confirmation"``): the confirmation's ``week`` counts only if it
+  is the ISO week of the reading time, or the week before or after it; the
+  driver's figure must be within ``tolerance_m`` of ``device_odo_m`` when the
+  device had one. At most once per device and week: key
+  ``reward:<rule>:<dev>:<week>``. With ``on = "odometer"``: once per device and
+  ISO week (of the reading time) in which it sent a reading.
+- **distance**: per trip, (end_odo_m − start_odo_m) × milli_tokens_per_km / 1000,
+  rounded down, capped per device and ISO week of the reading time; key
+  ``reward:<rule>:<dev>:<record id>``.
+- **streak**: when its weekly rule rewards a week W, the run of consecutive
+  rewarded weeks ending at W (and after the last week that closed a streak) is
+  counted; every ``every_weeks``-th week of a run earns it: key
+  ``reward:<rule>:<dev>:<W>``. A week rewarded late, after later weeks, does not
+  re-open runs already counted.
+- The reward goes from ``issuer`` to ``driver:<id>`` of the driver assigned to the
+  vehicle at the reading time, else to ``unassigned:<dev>``; the rules' version
+  is recorded on the transfer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from backend import ledger
+from backend.db import Tx
+from backend.rules import DistanceRule, Rules, StreakRule, WeeklyRule
+from protocol.records import Record, iso_week
+
+log = logging.getLogger(__name__)
+
+WEEK_MS = 7 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class Reading:
+    """An accepted record, with when it was taken and of which vehicle."""
+
+    record: Record
+    at_ms: int
+    vin: str | None
+
+
+@dataclass(frozen=True)
+class Credit:
+    """A reward the rules give, before it is known whose it is."""
+
+    key: str
+    rule_id: str
+    amount: int
+    dev: str
+    record_id: str
+    week: str
+    memo: str
+
+
+@dataclass(frozen=True)
+class Assignment:
+    driver_id: str
+    vin: str
+    valid_from: int
+    valid_to: int | None
+
+
+class Credited(Protocol):
+    """What was credited before: the database, or the audit's own tally."""
+
+    def has(self, key: str) -> bool: ...
+
+    def week_total(self, rule_id: str, dev: str, week: str) -> int: ...
+
+
+def reading_time(clock: str, t: int, t_est: int | None) -> int:
+    return t if clock == "synced" or t_est is None else int(t_est)
+
+
+def previous_week(week: str) -> str:
+    year, num = week.split("-W")
+    monday = datetime.date.fromisocalendar(int(year), int(num), 1) - datetime.timedelta(days=7)
+    y, w, _ = monday.isocalendar()
+    return f"{y:04d}-W{w:02d}"
+
+
+def _ordered(rules: Rules, kind: str) -> list[WeeklyRule | DistanceRule | StreakRule]:
+    order = {WeeklyRule: 0, DistanceRule: 1, StreakRule: 2}
+    return sorted((r for r in rules.rules if r.on == kind), key=lambda r: order[type(r)])
+
+
+def _weekly(rule: WeeklyRule, r: Record, at_ms: int) -> tuple[str, str] | None:
+    """(week, memo) when the record earns the weekly reward's week, else None."""
+    if r.kind != "confirmation":
+        return iso_week(at_ms), "a reading this week"
+    week = str(r.fields["week"])
+    if week not in {iso_week(max(at_ms + d, 0)) for d in (-WEEK_MS, 0, WEEK_MS)}:
+        log.info("confirmation %s: week %s is not the week of its time %d", r.id, week, at_ms)
+        return None
+    device_odo = r.fields.get("device_odo_m")
+    odo = int(r.fields["odo_m"])
+    tolerance = rule.tolerance_m
+    if tolerance is not None and device_odo is not None and abs(odo - int(device_odo)) > tolerance:
+        log.info("confirmation %s: %d m is more than %d m from the device's %d m", r.id, odo,
+                 rule.tolerance_m, device_odo)
+        return None
+    return week, f"confirmed {odo} m in {week}"
+
+
+def decide(rules: Rules, reading: Reading, credited: Credited) -> list[Credit]:
+    """The rewards one accepted record earns, given what was credited before it."""
+    r = reading.record
+    planned: dict[str, Credit] = {}
+
+    def has(key: str) -> bool:
+        return key in planned or credited.has(key)
+
+    for rule in _ordered(rules, r.kind):
+        prefix = f"reward:{rule.id}:{r.dev}:"
+        if isinstance(rule, WeeklyRule):
+            got = _weekly(rule, r, reading.at_ms)
+            if got is not None and not has(prefix + got[0]):
+                planned[prefix + got[0]] = Credit(prefix + got[0], rule.id, rule.milli_tokens, r.dev, r.id,
+                                                  got[0], got[1])
+        elif isinstance(rule, DistanceRule):
+            key = prefix + r.id
+            if has(key):
+                continue
+            week = iso_week(reading.at_ms)
+            metres = int(r.fields["end_odo_m"]) - int(r.fields["start_odo_m"])
+            amount = metres * rule.milli_tokens_per_km // 1000
+            memo = f"{metres} m driven"
+            if rule.cap_milli_tokens_per_week is not None:
+                done = credited.week_total(rule.id, r.dev, week)
+                left = max(rule.cap_milli_tokens_per_week - done, 0)
+                if amount > left:
+                    amount, memo = left, f"{memo}, capped at {rule.cap_milli_tokens_per_week} per week"
+            if amount > 0:
+                planned[key] = Credit(key, rule.id, amount, r.dev, r.id, week, memo)
+        else:
+            week = next((c.week for c in planned.values() if c.rule_id == rule.weekly), None)
+            if week is None:
+                continue
+            count, w = 1, week
+            while count < rule.every_weeks:
+                w = previous_week(w)
+                if has(f"{prefix}{w}") or not has(f"reward:{rule.weekly}:{r.dev}:{w}"):
+                    break
+                count += 1
+            if count == rule.every_weeks and not has(prefix + week):
+                planned[prefix + week] = Credit(prefix + week, rule.id, rule.milli_tokens, r.dev, r.id, week,
+                                                f"{count} consecutive weeks to {week}")
+    return list(planned.values())
+
+
+class _InDatabase:
+    def __init__(self, tx: Tx) -> None:
+        self.tx = tx
+
+    def has(self, key: str) -> bool:
+        return self.tx.one("SELECT id FROM transfers WHERE key = ?", (key,)) is not None
+
+    def week_total(self, rule_id: str, dev: str, week: str) -> int:
+        return int(self.tx.scalar(
+            "SELECT COALESCE(SUM(amount), 0) AS n FROM transfers WHERE dev = ? AND week = ? AND rule_id = ? "
+            "AND from_account = ?", (dev, week, rule_id, ledger.ISSUER)))
+
+
+def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any],
+           now_ms: int) -> list[ledger.Transfer]:
+    """Credit what ``record`` earns; call in the transaction that stored it as accepted.
+
+    Returns the transfers made (none when it earns nothing or was credited before).
+    """
+    if not any(rule.on == record.kind for rule in rules.rules):
+        return []
+    t_est = tx.scalar("SELECT t_est FROM records WHERE id = ?", (record.id,))
+    reading = Reading(record, reading_time(record.clock, record.t, t_est), record.vin or device.get("vin"))
+    credits = decide(rules, reading, _InDatabase(tx))
+    if not credits:
+        return []
+    account = ledger.reward_account(tx, record.dev, reading.vin, reading.at_ms)
+    made = []
+    for c in credits:
+        t = ledger.transfer(tx, key=c.key, from_account=ledger.ISSUER, to_account=account, amount=c.amount,
+                            now_ms=now_ms, rule_id=c.rule_id, rules_version=rules.version, dev=c.dev,
+                            record_id=c.record_id, week=c.week, memo=c.memo)
+        if t is not None:
+            made.append(t)
+            log.info("credited %d milli-tokens to %s: %s", t.amount, account, t.key)
+    return made
+
+
+# -- recomputation from scratch, for the audit ---------------------------------------------------
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+        self.totals: dict[tuple[str, str, str], int] = {}
+
+    def has(self, key: str) -> bool:
+        return key in self.keys
+
+    def week_total(self, rule_id: str, dev: str, week: str) -> int:
+        return self.totals.get((rule_id, dev, week), 0)
+
+    def add(self, c: Credit) -> None:
+        self.keys.add(c.key)
+        self.totals[(c.rule_id, c.dev, c.week)] = self.week_total(c.rule_id, c.dev, c.week) + c.amount
+
+
+def driver_at(assignments: Iterable[Assignment], vin: str | None, at_ms: int) -> str | None:
+    """The driver assigned to ``vin`` at ``at_ms`` (the latest-starting one, as the database)."""
+    best: Assignment | None = None
+    for a in assignments:
+        if (a.vin == vin and a.valid_from <= at_ms and (a.valid_to is None or at_ms < a.valid_to)
+                and (best is None or a.valid_from > best.valid_from)):
+            best = a
+    return None if best is None else best.driver_id
+
+
+@dataclass(frozen=True)
+class Expected:
+    credit: Credit
+    to_account: str
+
+
+def recompute(rules: Rules, readings: Sequence[Reading],
+              assignments: Sequence[Assignment]) -> dict[str, Expected]:
+    """Every reward the rules give for these accepted records, by key; pure."""
+    tally = _Tally()
+    out: dict[str, Expected] = {}
+    for reading in sorted(readings, key=lambda x: (x.record.dev, x.record.seq)):
+        for c in decide(rules, reading, tally):
+            tally.add(c)
+            driver = driver_at(assignments, reading.vin, reading.at_ms)
+            account = ledger.driver_account(driver) if driver else ledger.unassigned_account(c.dev)
+            out[c.key] = Expected(c, account)
+    return out

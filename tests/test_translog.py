@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from backend import translog
+from backend.db import Database
+from protocol import checkpoint, merkle
+from tests.ledger_support import open_db
+
+
+def _append(db: Database, n: int, start: int = 0) -> list[int]:
+    out = []
+    with db.write() as tx:
+        for i in range(start, start + n):
+            out.append(translog.append(tx, "record", f"r{i}", b"entry %d" % i))
+    return out
+
+
+def test_roots_and_proofs_match_the_reference(db_url: str) -> None:
+    db = open_db(db_url)
+    entries = [b"entry %d" % i for i in range(37)]
+    leaves = [merkle.leaf_hash(e) for e in entries]
+    with db.write() as tx:
+        assert translog.root(tx) == merkle.EMPTY_ROOT
+        for i, e in enumerate(entries):
+            assert translog.append(tx, "record", f"r{i}", e) == i
+            assert translog.root(tx) == merkle.root(leaves[:i + 1])
+    with db.read() as tx:
+        for size in (1, 2, 3, 8, 13, 32, 37):
+            proofs = translog.inclusion_proofs(tx, range(size), size)
+            for i, proof in enumerate(proofs):
+                assert proof == merkle.inclusion_proof(i, leaves[:size])
+                assert merkle.root_from_inclusion(i, size, leaves[i], proof) == merkle.root(leaves[:size])
+        for old in (1, 5, 16, 36, 37):
+            proof = translog.consistency_proof(tx, old, 37)
+            assert proof == merkle.consistency_proof(old, leaves)
+            assert merkle.verify_consistency(old, 37, merkle.root(leaves[:old]), merkle.root(leaves), proof)
+        assert translog.leaf_index(tx, "r12") == 12 and translog.leaf_index(tx, "nope") is None
+        with pytest.raises(ValueError, match="outside"):
+            translog.inclusion_proofs(tx, [37], 37)
+    db.close()
+
+
+def test_an_entry_is_logged_once_and_never_changes(db_url: str) -> None:
+    db = open_db(db_url)
+    _append(db, 3)
+    with db.write() as tx:
+        assert translog.append(tx, "record", "r1", b"entry 1") == 1
+    with pytest.raises(translog.TranslogError, match="other content"), db.write() as tx:
+        translog.append(tx, "record", "r1", b"changed")
+    with pytest.raises(ValueError, match="entry kind"), db.write() as tx:
+        translog.append(tx, "device", "d1", b"x")
+    with db.read() as tx:
+        assert translog.size(tx) == 3
+    db.close()
+
+
+def test_checkpoints_are_signed_and_reused_until_the_log_grows(db_url: str) -> None:
+    db = open_db(db_url)
+    empty = translog.checkpoint(db, 1000)
+    assert empty["size"] == 0 and empty["root"] == merkle.EMPTY_ROOT.hex()
+    _append(db, 5)
+    first = translog.checkpoint(db, 2000)
+    assert first["size"] == 5 and first["t"] == 2000
+    assert translog.checkpoint(db, 3000) == first           # unchanged: the same signed checkpoint
+    assert translog.latest_checkpoint(db) == first
+    key = translog.public_key(db)
+    cp = checkpoint.verify(first["jws"], key)
+    assert cp.size == 5 and cp.root_hex == first["root"] and first["kid"] == key.id
+    _append(db, 2, start=5)
+    second = translog.checkpoint(db, 4000)
+    assert second["size"] == 7
+    with db.read() as tx:
+        proof = translog.consistency_proof(tx, 5, 7)
+    checkpoint.verify_consistency(cp, checkpoint.verify(second["jws"], key), proof)
+    db.close()
+    # the key is kept in the database: a new process signs with the same one
+    again = Database.open(db_url)
+    assert translog.public_key(again) == key
+    again.close()
+
+
+def test_two_writers_never_share_an_index(db_url: str) -> None:
+    """Two connections (as two backend processes would have) append at once."""
+    open_db(db_url).close()
+    errors: list[BaseException] = []
+
+    def writer(name: str) -> None:
+        db = Database.open(db_url)
+        try:
+            for i in range(25):
+                with db.write() as tx:
+                    translog.append(tx, "transfer", f"{name}-{i}", f"{name} {i}".encode())
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+        finally:
+            db.close()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in ("a", "b", "c")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    db = Database.open(db_url)
+    rows = db.query("SELECT idx, entry FROM translog ORDER BY idx")
+    assert [r["idx"] for r in rows] == list(range(75))
+    with db.read() as tx:
+        assert translog.root(tx) == merkle.root([merkle.leaf_hash(bytes(r["entry"])) for r in rows])
+    db.close()
