@@ -1,0 +1,306 @@
+"""``odo-agent run``: the OBD loop and the sync loop, fed to systemd's watchdog.
+
+Two threads: the OBD loop (open the adapter with backoff, read the VIN, feed
+samples to the vehicle logic, record every reading) and the sync loop
+(:class:`agent.sync.Syncer`). The main thread waits for SIGTERM/SIGINT, pings
+the watchdog while the OBD loop is not stuck in one call, and stops both
+cleanly. The car being off, the adapter unplugged or the broker away are
+normal states, never a reason to exit.
+
+The daemon also picks up what other processes wrote to the outbox: a
+confirmation from ``odo-agent confirm`` or the UI re-anchors the vehicle's
+derived odometer (``Vehicle.confirm``).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from agent import sdnotify
+from agent.backoff import Backoff
+from agent.buffer import Outbox, StorageError
+from agent.clock import Clock, mono_ms, now_ms
+from agent.recorder import ReadingLike, Recorder
+from agent.sync import Syncer
+
+log = logging.getLogger(__name__)
+
+LIVE_EVERY_S = 10.0
+PRUNE_EVERY_S = 600.0
+DAY_MS = 86_400_000
+
+
+class SampleLike(Protocol):
+    @property
+    def mono_ms(self) -> int: ...
+    @property
+    def voltage_mv(self) -> int | None: ...
+
+
+class SourceLike(Protocol):
+    @property
+    def state(self) -> str: ...
+    def open(self) -> bool: ...
+    def vin(self) -> str | None: ...
+    def supports_a6(self) -> bool | None: ...
+    def sample(self, *, engine_off: bool) -> Any: ...
+    def close(self) -> None: ...
+
+
+class VehicleLike(Protocol):
+    def step(self, s: Any, wall_ms: int) -> Sequence[ReadingLike]: ...
+    def confirm(self, odo_m: int) -> None: ...
+    def snapshot(self) -> dict[str, object]: ...
+    @property
+    def odo_m(self) -> int | None: ...
+    @property
+    def src(self) -> str | None: ...
+    @property
+    def ignition(self) -> bool: ...
+    @property
+    def trip(self) -> Mapping[str, object] | None: ...
+
+
+class PowerLike(Protocol):
+    def poll_interval_s(self, ignition: bool) -> float: ...
+    def should_shutdown(
+        self, *, now_mono_ms: int, ignition: bool, voltage_mv: int | None, backlog: int
+    ) -> str | None: ...
+
+
+class ObdLoop:
+    """The OBD side: one :meth:`tick` per sample; :meth:`run` adds opening with backoff."""
+
+    def __init__(
+        self, source: SourceLike, vehicle: VehicleLike, power: PowerLike, recorder: Recorder, *,
+        clock: Clock, boot: str, retention_days: int = 30, max_records: int = 50_000,
+        shutdown_command: Sequence[str] = (), run_command: Callable[[Sequence[str]], object] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.vehicle = vehicle
+        self.power = power
+        self.recorder = recorder
+        self.outbox: Outbox = recorder.outbox
+        self.clock = clock
+        self.boot = boot
+        self.retention_ms = retention_days * DAY_MS
+        self.max_records = max_records
+        self.shutdown_command = tuple(shutdown_command)
+        self._run_command = run_command or _run_shutdown
+        self._mono = monotonic
+        self.busy_since: float | None = None     # set while inside an adapter call
+        self.shutdown_reason: str | None = None
+        self._live_at = -LIVE_EVERY_S
+        self._live_saved: dict[str, object] | None = None
+        self._clock_announced = self.outbox.state("clock_synced_boot") == boot
+        self._pruned_at = -PRUNE_EVERY_S
+        self._confirm_seen = int(self.outbox.state("confirm_applied", 0) or 0)
+
+    @property
+    def obd_state(self) -> str:
+        return self.source.state
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        self.busy_since = self._mono()
+        try:
+            return fn()
+        finally:
+            self.busy_since = None
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        backoff = Backoff(1.0, 60.0)
+        while not stop.is_set():
+            try:
+                if self.source.state not in ("connected", "no_ecu"):
+                    self._call(self.source.close)
+                    if not self._call(self.source.open):
+                        self.save_live(force=False)
+                        delay = backoff.next()
+                        log.info("OBD adapter not available; trying again in %.0f s", delay)
+                        stop.wait(delay)
+                        continue
+                    backoff.reset()
+                    self.on_open()
+                interval = self.tick()
+            except Exception:  # noqa: BLE001 - a bug in one sample must not stop the recording
+                log.exception("OBD loop error; reopening the adapter")
+                self._call(self.source.close)
+                interval = backoff.next()
+            stop.wait(interval)
+        self._call(self.source.close)
+        self.save_live(force=True)
+
+    def on_open(self) -> None:
+        vin = self._call(self.source.vin)
+        a6 = self._call(self.source.supports_a6)
+        stored = self.outbox.state("vin")
+        log.info("OBD adapter open: VIN %s, odometer PID A6 %s", vin or "unreadable",
+                 {True: "supported", False: "not supported", None: "unknown"}[a6])
+        if vin is None:
+            self.recorder.vin = stored  # keep the last VIN read, not a spurious null
+            return
+        self.recorder.vin = vin
+        if vin != stored:
+            if stored is not None:
+                log.warning("VIN changed from %s to %s", stored, vin)
+                self.recorder.event("vin_changed", {"from": stored, "to": vin}, {"vin": vin})
+            else:
+                self.outbox.set_state({"vin": vin})
+
+    def tick(self) -> float:
+        """Take one sample, record what it gives; returns the seconds until the next."""
+        self.apply_confirmation()
+        sample = self._call(lambda: self.source.sample(engine_off=not self.vehicle.ignition))
+        wall = now_ms()
+        readings = list(self.vehicle.step(sample, wall))
+        extra: dict[str, object] = {}
+        if not self._clock_announced and self.clock.state() == "synced":
+            readings.append(_Event("clock_synced", {"boot": self.boot}))
+            extra["clock_synced_boot"] = self.boot
+        if readings:
+            live = self._live(wall)
+            if self.recorder.record(readings, {"vehicle": self.vehicle.snapshot(), "live": live, **extra}):
+                self._clock_announced = self._clock_announced or bool(extra)
+                self._saved(live)
+        else:
+            self.save_live(force=False)
+        self._check_power(sample)
+        self._prune()
+        return self.power.poll_interval_s(self.vehicle.ignition)
+
+    # -- state other processes read -------------------------------------------------------------
+
+    def _live(self, wall: int) -> dict[str, object]:
+        trip = self.vehicle.trip
+        return {
+            "odo_m": self.vehicle.odo_m, "src": self.vehicle.src, "ignition": self.vehicle.ignition,
+            "trip": dict(trip) if trip is not None else None, "obd": self.source.state,
+            "error": self.recorder.error, "t": wall,
+        }
+
+    def _state(self, wall: int) -> dict[str, object]:
+        return {"vehicle": self.vehicle.snapshot(), "live": self._live(wall)}
+
+    def save_live(self, *, force: bool) -> None:
+        """Save the vehicle snapshot and the live view (for status/UI) when the view
+        changed, at most every few seconds."""
+        live = self._live(now_ms())
+        same = {k: v for k, v in live.items() if k != "t"} == self._live_saved
+        if not force and (self._mono() - self._live_at < LIVE_EVERY_S or same):
+            return
+        try:
+            self.outbox.set_state({"vehicle": self.vehicle.snapshot(), "live": live})
+            self._saved(live)
+        except StorageError as exc:
+            log.error("cannot save the live state: %s", exc)
+
+    def _saved(self, live: Mapping[str, object]) -> None:
+        self._live_saved = {k: v for k, v in live.items() if k != "t"}
+        self._live_at = self._mono()
+
+    def apply_confirmation(self) -> None:
+        """Re-anchor the derived odometer on a confirmation written by another process."""
+        latest = self.outbox.latest("confirmation")
+        if latest is None or latest.seq <= self._confirm_seen or latest.odo_m is None:
+            return
+        log.info("driver confirmed %d m (seq %d); re-anchoring the odometer", latest.odo_m, latest.seq)
+        self.vehicle.confirm(latest.odo_m)
+        self._confirm_seen = latest.seq
+        try:
+            self.outbox.set_state({"confirm_applied": latest.seq, **self._state(now_ms())})
+        except StorageError as exc:
+            log.error("cannot save the re-anchored odometer: %s", exc)
+
+    # -- power and housekeeping ------------------------------------------------------------------
+
+    def _check_power(self, sample: Any) -> None:
+        if self.shutdown_reason is not None:
+            return
+        reason = self.power.should_shutdown(
+            now_mono_ms=getattr(sample, "mono_ms", mono_ms()), ignition=self.vehicle.ignition,
+            voltage_mv=getattr(sample, "voltage_mv", None), backlog=self.outbox.backlog(),
+        )
+        if reason is None:
+            return
+        self.shutdown_reason = reason
+        if not self.shutdown_command:
+            log.warning("power policy says shut down (%s), but no shutdown_command is configured", reason)
+            return
+        log.warning("shutting down (%s): %s", reason, " ".join(self.shutdown_command))
+        self.recorder.event("shutdown", {"reason": reason}, self._state(now_ms()))
+        self._run_command(self.shutdown_command)
+
+    def _prune(self) -> None:
+        if self._mono() - self._pruned_at < PRUNE_EVERY_S:
+            return
+        self._pruned_at = self._mono()
+        try:
+            expired, over = self.outbox.prune(now_ms(), retention_ms=self.retention_ms,
+                                              max_records=self.max_records)
+        except StorageError as exc:
+            log.error("cannot prune the outbox: %s", exc)
+            return
+        if expired:
+            log.info("deleted %d synced records older than the retention period", expired)
+        if over:
+            log.warning("outbox over %d records: deleted the %d oldest synced records",
+                        self.max_records, over)
+            self.recorder.event("buffer_pruned", {"deleted_synced": over, "max_records": self.max_records})
+
+
+class _Event:
+    kind = "event"
+
+    def __init__(self, name: str, detail: object) -> None:
+        self.fields = {"event": name, "detail": detail}
+
+
+def _run_shutdown(command: Sequence[str]) -> object:
+    try:
+        return subprocess.run(list(command), timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.error("shutdown command failed: %s", exc)
+        return None
+
+
+def run(obd: ObdLoop, syncer: Syncer | None, stop: threading.Event, *, install_signals: bool = True) -> int:
+    """Run both loops until SIGTERM/SIGINT (or ``stop``); the exit status."""
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    threads = [threading.Thread(target=obd.run, args=(stop,), name="obd", daemon=True)]
+    if syncer is not None:
+        threads.append(threading.Thread(target=syncer.run, args=(stop,), name="sync", daemon=True))
+    for t in threads:
+        t.start()
+    watchdog = sdnotify.watchdog_interval_s()
+    sdnotify.notify("READY=1")
+    status = 0
+    last_status = ""
+    while not stop.is_set():
+        stop.wait(min(1.0, watchdog / 3) if watchdog else 1.0)
+        if not threads[0].is_alive():
+            log.error("the OBD loop ended unexpectedly")
+            status = 1
+            break
+        busy = obd.busy_since
+        if watchdog and (busy is None or time.monotonic() - busy < watchdog * 0.8):
+            sdnotify.notify("WATCHDOG=1")
+        text = f"STATUS=obd {obd.obd_state}, sync {syncer.state if syncer else 'off'}"
+        if text != last_status:
+            sdnotify.notify(text)
+            last_status = text
+    stop.set()
+    sdnotify.notify("STOPPING=1")
+    for t in threads:
+        t.join(timeout=15)
+    return status

@@ -1,0 +1,388 @@
+"""MQTT sync (DESIGN §4): the only agent module that imports paho.
+
+"Sent" means acknowledged: records leave the unsynced backlog only when an
+ack's ``through`` covers them. The loop publishes unsynced records in batches
+(ascending seq, ≤500 records and ≤256 KiB) at QoS 1, up to a window ahead of
+the last ack. When ``through`` makes no progress for ``resend_after_s`` while
+records are outstanding, it goes back and sends again from the first unsynced
+record (``through + 1``); each fruitless round doubles that wait (up to
+``max_resend_after_s``), so a device the backend does not know yet
+(``unknown_device``: ``through`` does not move) is not hammering the broker
+while it waits for approval. An ``approved`` enrolment resends at once.
+
+Reconnects use jittered, capped exponential backoff. A CONNACK refusing the
+credentials ("not authorized", "bad user name or password") stops the loop for
+good: retrying cannot help, and the log says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from agent import __version__
+from agent.backoff import Backoff
+from agent.buffer import Outbox, StorageError
+from agent.clock import now_ms
+from agent.config import BrokerConfig
+from protocol import messages, topics
+from protocol.errors import BadFormat
+from protocol.identity import SigningKey
+
+log = logging.getLogger(__name__)
+
+AUTH_REFUSALS = frozenset({"Not authorized", "Bad user name or password"})
+
+
+class AuthRefused(Exception):
+    """The broker refused this device's credentials; retrying will not help."""
+
+
+class Unreachable(Exception):
+    """The broker could not be reached or did not accept the connection."""
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    resend_after_s: float = 10.0
+    max_resend_after_s: float = 300.0
+    window_records: int = 2000
+    status_every_s: float = 2.0
+    connect_timeout_s: float = 10.0
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 60.0
+
+
+def make_client(broker: BrokerConfig, dev: str) -> mqtt.Client:
+    proto = mqtt.MQTTv5 if broker.mqtt_version == "5" else mqtt.MQTTv311
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=dev, protocol=proto)
+    client.enable_logger(logging.getLogger(__name__ + ".paho"))
+    if broker.username is not None:
+        client.username_pw_set(broker.username, broker.password)
+    if broker.tls:
+        client.tls_set(
+            ca_certs=str(broker.tls_ca) if broker.tls_ca else None,
+            certfile=str(broker.tls_cert) if broker.tls_cert else None,
+            keyfile=str(broker.tls_key) if broker.tls_key else None,
+        )
+    client.will_set(topics.status(dev), messages.OFFLINE, qos=1, retain=True)
+    return client
+
+
+def _connect(client: mqtt.Client, broker: BrokerConfig) -> None:
+    try:
+        if broker.mqtt_version == "5":
+            client.connect(broker.host, broker.port, broker.keepalive_s, clean_start=True)
+        else:
+            client.connect(broker.host, broker.port, broker.keepalive_s)
+    except (OSError, ValueError) as exc:
+        raise Unreachable(f"cannot reach the broker at {broker.display}: {exc}") from None
+
+
+class SendWindow:
+    """Which seq to send next, and when to go back and send again. Pure logic."""
+
+    def __init__(self, settings: SyncSettings, now: float) -> None:
+        self.settings = settings
+        self.next_seq = 1
+        self.acked = 0
+        self.last_progress = now
+        self.stalls = 0
+
+    def restart(self, first_unsynced: int | None, tip: int, acked: int, now: float) -> None:
+        self.acked = max(self.acked, acked)
+        self.next_seq = first_unsynced if first_unsynced is not None else tip + 1
+        self.last_progress = now
+
+    def on_ack(self, through: int, now: float) -> None:
+        if through > self.acked:
+            self.acked = through
+            self.last_progress = now
+            self.stalls = 0
+        self.next_seq = max(self.next_seq, self.acked + 1)
+
+    @property
+    def outstanding(self) -> bool:
+        return self.next_seq - 1 > self.acked
+
+    def room(self) -> int:
+        return max(0, self.settings.window_records - (self.next_seq - 1 - self.acked))
+
+    def sent(self, last_seq: int, now: float) -> None:
+        if not self.outstanding:
+            self.last_progress = now
+        self.next_seq = last_seq + 1
+
+    def resend_delay(self) -> float:
+        s = self.settings
+        return min(s.max_resend_after_s, s.resend_after_s * 2 ** min(self.stalls, 16))
+
+    def timed_out(self, now: float) -> bool:
+        """True (and rewinds) when outstanding records have waited too long for an ack."""
+        if not self.outstanding or now - self.last_progress < self.resend_delay():
+            return False
+        self.next_seq = self.acked + 1
+        self.last_progress = now
+        self.stalls += 1
+        return True
+
+    def resend_now(self, now: float) -> None:
+        self.next_seq = self.acked + 1
+        self.last_progress = now
+        self.stalls = 0
+
+
+class Syncer:
+    """Runs the sync loop in the calling thread until ``stop`` is set or the broker
+    refuses the credentials. ``obd_state`` gives the adapter's state for status."""
+
+    def __init__(
+        self, broker: BrokerConfig, dev: str, outbox: Outbox, *,
+        obd_state: Callable[[], str] = lambda: "unknown", settings: SyncSettings | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.broker = broker
+        self.dev = dev
+        self.outbox = outbox
+        self.obd_state = obd_state
+        self.settings = settings or SyncSettings()
+        self._mono = monotonic
+        self.window = SendWindow(self.settings, monotonic())
+        self.state = "offline"         # offline | online | auth_refused
+        self.refusal: str | None = None
+        self._connected = False
+        self._last_status: tuple[object, ...] | None = None
+        self._status_at = 0.0
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        backoff = Backoff(self.settings.backoff_base_s, self.settings.backoff_cap_s)
+        while not stop.is_set():
+            try:
+                was_online = self._session(stop)
+            except AuthRefused as exc:
+                self.state, self.refusal = "auth_refused", str(exc)
+                log.error("%s; not retrying: fix the broker credentials or ACL and restart", exc)
+                return
+            except Unreachable as exc:
+                log.warning("%s", exc)
+                was_online = False
+            self.state = "offline"
+            if stop.is_set():
+                break
+            if was_online:
+                backoff.reset()
+            delay = backoff.next()
+            log.info("reconnecting to %s in %.1f s", self.broker.display, delay)
+            stop.wait(delay)
+
+    def _session(self, stop: threading.Event) -> bool:
+        """One connection, until it drops or ``stop``; True if it got online."""
+        client = make_client(self.broker, self.dev)
+        self._connected = False
+        refused: list[str] = []
+        client.on_connect = lambda c, u, f, rc, p: self._on_connect(c, rc, refused)
+        client.on_message = lambda c, u, m: self._on_message(m)
+        _connect(client, self.broker)
+        started = self._mono()
+        online = False
+        try:
+            while not stop.is_set():
+                rc = client.loop(timeout=0.1)
+                if refused:
+                    name = refused[0]
+                    if name in AUTH_REFUSALS:
+                        raise AuthRefused(f"the broker at {self.broker.display} refused this device: {name}")
+                    raise Unreachable(f"the broker at {self.broker.display} refused the connection: {name}")
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    if online:
+                        log.warning("lost the connection to %s (%s)", self.broker.display,
+                                    mqtt.error_string(rc))
+                    return online
+                if not self._connected:
+                    if self._mono() - started > self.settings.connect_timeout_s:
+                        raise Unreachable(f"no CONNACK from {self.broker.display}")
+                    continue
+                online = True
+                self._pump(client)
+            if self._connected:
+                self._go_offline(client)
+            return online
+        finally:
+            self._connected = False
+            client.disconnect()
+            client.loop(timeout=0.05)
+
+    def _on_connect(self, client: mqtt.Client, rc: Any, refused: list[str]) -> None:
+        if rc.is_failure:
+            refused.append(rc.getName())
+            return
+        log.info("connected to %s as %s", self.broker.display, self.dev)
+        client.subscribe([(topics.ack(self.dev), 1), (topics.enrolled(self.dev), 1)])
+        self._connected = True
+        self.state = "online"
+        self._last_status = None
+        counts = self.outbox.counts()
+        self.window.restart(
+            self.outbox.first_unsynced(), counts.last_seq, counts.synced_through, self._mono()
+        )
+
+    def _go_offline(self, client: mqtt.Client) -> None:
+        info = client.publish(topics.status(self.dev), messages.OFFLINE, qos=1, retain=True)
+        deadline = self._mono() + 2
+        while not info.is_published() and self._mono() < deadline:
+            if client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def _pump(self, client: mqtt.Client) -> None:
+        now = self._mono()
+        try:
+            if self.window.timed_out(now):
+                log.info("no ack progress past seq %d; sending again from %d (next try in %.0f s)",
+                         self.window.acked, self.window.next_seq, self.window.resend_delay())
+            self._send(client, now)
+            self._publish_status(client, now)
+        except StorageError as exc:
+            log.error("sync: %s", exc)
+
+    def _send(self, client: mqtt.Client, now: float) -> None:
+        room = self.window.room()
+        if room <= 0:
+            return
+        rows = self.outbox.pending(self.window.next_seq, min(room, messages.MAX_BATCH_RECORDS))
+        batch: list[str] = []
+        last = 0
+        for seq, jws in rows:
+            if batch and (seq != last + 1 or not messages.batch_fits([*batch, jws])):
+                break
+            batch.append(jws)
+            last = seq
+        if not batch:
+            return
+        client.publish(topics.records(self.dev), messages.encode_batch(batch), qos=1)
+        log.debug("published seqs %d..%d", rows[0][0], last)
+        self.window.sent(last, now)
+
+    def _publish_status(self, client: mqtt.Client, now: float, force: bool = False) -> None:
+        counts = self.outbox.counts()
+        key = (counts.unsynced, counts.last_seq, self.obd_state())
+        if key == self._last_status or (not force and now - self._status_at < self.settings.status_every_s
+                                        and self._last_status is not None):
+            return
+        body = messages.encode_status(
+            t=now_ms(), backlog=key[0], last_seq=key[1], obd=key[2], version=__version__
+        )
+        client.publish(topics.status(self.dev), body, qos=1, retain=True)
+        self._last_status, self._status_at = key, now
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        try:
+            if msg.topic == topics.ack(self.dev):
+                self._on_ack(messages.decode_ack(msg.payload))
+            elif msg.topic == topics.enrolled(self.dev):
+                status, reason = messages.decode_enrolled(msg.payload)
+                before = (self.outbox.state("enrollment") or {}).get("status")
+                self.outbox.set_state({"enrollment": {"status": status, "reason": reason, "t": now_ms()}})
+                log.info("enrolment %s%s", status, f" ({reason})" if reason else "")
+                if status == "approved" and before != "approved":
+                    self.window.resend_now(self._mono())
+        except BadFormat as exc:
+            log.warning("ignoring a malformed message on %s: %s", msg.topic, exc)
+        except StorageError as exc:
+            log.error("sync: %s", exc)
+
+    def _on_ack(self, ack: messages.Ack) -> None:
+        outcome = self.outbox.apply_ack(ack, now_ms())
+        self.window.on_ack(outcome.through, self._mono())
+        for rej in outcome.pending:
+            log.warning("backend did not take seq %s: %s (it stays in the outbox and is sent again)",
+                        rej.seq, rej.reason)
+        if outcome.newly_synced:
+            log.debug("ack through %d: %d records synced", outcome.through, outcome.newly_synced)
+
+
+# -- enrolment -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EnrollResult:
+    status: str | None          # approved | pending | rejected | None (no answer)
+    reason: str | None = None
+
+
+def enroll(
+    broker: BrokerConfig, key: SigningKey, *, vin: str | None, fleet_token: str | None, wait_s: float,
+    republish_s: float = 10.0,
+) -> EnrollResult:
+    """Publish the signed enrolment and wait for the backend's answer.
+
+    Returns at once on ``approved`` or ``rejected``; otherwise after ``wait_s``
+    with the last answer (``pending``), or ``status=None`` if none came. A
+    retained answer from an earlier attempt counts only when no fresh one comes.
+    Raises :class:`AuthRefused` or :class:`Unreachable`.
+    """
+    dev = key.public.id
+    client = make_client(broker, dev)
+    refused: list[str] = []
+    fresh: list[tuple[str, str | None]] = []
+    retained: list[tuple[str, str | None]] = []
+    subscribed = threading.Event()
+
+    def on_connect(c: mqtt.Client, u: object, f: object, rc: Any, p: object) -> None:
+        if rc.is_failure:
+            refused.append(rc.getName())
+        else:
+            c.subscribe(topics.enrolled(dev), qos=1)
+
+    def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
+        try:
+            answer = messages.decode_enrolled(m.payload)
+        except BadFormat as exc:
+            log.warning("ignoring a malformed enrolment answer: %s", exc)
+            return
+        (retained if m.retain else fresh).append(answer)
+
+    client.on_connect = on_connect
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: subscribed.set()
+    _connect(client, broker)
+    start = time.monotonic()
+    deadline = start + max(wait_s, 1.0)
+    published_at: float | None = None
+    try:
+        while True:
+            now = time.monotonic()
+            if client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS and not refused:
+                raise Unreachable(f"lost the connection to {broker.display}")
+            if refused:
+                if refused[0] in AUTH_REFUSALS:
+                    raise AuthRefused(f"the broker at {broker.display} refused this device: {refused[0]}")
+                raise Unreachable(f"the broker at {broker.display} refused the connection: {refused[0]}")
+            if not subscribed.is_set():
+                if now - start > 10:
+                    raise Unreachable(f"no answer from the broker at {broker.display}")
+                continue
+            if published_at is None or (not fresh and now - published_at >= republish_s):
+                body = messages.sign_enrollment(key, vin, fleet_token, now_ms())
+                client.publish(topics.enroll(dev), body, qos=1)
+                published_at = now
+            final = [a for a in fresh if a[0] != "pending"] + [a for a in retained if a[0] == "approved"]
+            if final:
+                return EnrollResult(*final[-1])
+            if now >= deadline:
+                last = (fresh or retained or [(None, None)])[-1]
+                return EnrollResult(*last)
+    finally:
+        client.disconnect()
+        client.loop(timeout=0.05)
