@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 import uvicorn
-from starlette.applications import Starlette
 
 from backend.db import Database
-from backend.web import auth, dashboard
+from backend.web import auth
+from backend.web.app import create_app
 from backend.web.context import AppContext
 from tests import dashboard_seed as seed
 from tests.mqtt_broker import free_port
@@ -43,7 +43,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     db = Database.open(f"sqlite:///{tmp_path_factory.mktemp('browser')}/backend.db")
     fleet = seed.seed(db)
     auth.add_operator(db, "op", seed.PASSWORD, seed.NOW)
-    app = Starlette(routes=dashboard.routes(AppContext(db=db, clock=lambda: seed.NOW)))
+    app = create_app(AppContext(db=db, clock=lambda: seed.NOW))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="off", ws="none"))

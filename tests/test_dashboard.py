@@ -19,7 +19,8 @@ from starlette.applications import Starlette
 
 from backend import cli_operators
 from backend.db import Database
-from backend.web import auth, dashboard
+from backend.web import auth
+from backend.web.app import create_app
 from backend.web.context import AppContext
 from tests import dashboard_seed as seed
 
@@ -68,7 +69,8 @@ class Site:
 
 
 def make_app(db: Database, clock: Clock, secure: bool = False) -> Starlette:
-    return Starlette(routes=dashboard.routes(AppContext(db=db, clock=clock, secure_cookies=secure)))
+    """The whole backend app, as ``odo-backend run`` serves it."""
+    return create_app(AppContext(db=db, clock=clock, secure_cookies=secure))
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from backend import devices, ledger
 from backend.db import Database
 from backend.web import auth, dashboard_data
 from backend.web.auth import Session, db_call, login_required, safe_next
@@ -47,20 +48,16 @@ def _notice(request: Request) -> str | None:
 
 
 def decide(db: Database, dev: str, decision: str, by: str, now_ms: int) -> bool:
-    """Approve or revoke a device; False when there is no such device.
+    """Approve or revoke a device (:mod:`backend.devices`); False when there is no such device.
 
     Approving a device whose VIN changed approves it for the new VIN."""
-    with db.write() as tx:
-        row = tx.one("SELECT status, flagged_vin FROM devices WHERE dev = ?", (dev,))
-        if row is None:
-            return False
-        if decision == "approve" and row["flagged_vin"]:
-            tx.execute("UPDATE devices SET status = 'approved', vin = flagged_vin, flagged_vin = NULL, "
-                       "decided_at = ?, decided_by = ? WHERE dev = ?", (now_ms, by, dev))
+    try:
+        if decision == "approve":
+            devices.approve(db, dev, now_ms, by)
         else:
-            status = "approved" if decision == "approve" else "revoked"
-            tx.execute("UPDATE devices SET status = ?, decided_at = ?, decided_by = ? WHERE dev = ?",
-                       (status, now_ms, by, dev))
+            devices.revoke(db, dev, now_ms, by)
+    except devices.UnknownDevice:
+        return False
     return True
 
 
@@ -124,6 +121,9 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
     @page
     async def wallet(request: Request, session: Session) -> Response:
         account = request.path_params["account"]
+        if not ledger.is_account(account):
+            return _not_found(request, session, f"{account!r} is not an account name "
+                              "(issuer, driver:<id>, unassigned:<dev>, redeemed:<item>).")
         balance, rows, pg = await db_call(ctx.db, dashboard_data.wallet, account,
                                                     _page_number(request))
         return render(request, "wallet.html", {
@@ -132,8 +132,8 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         })
 
     @page
-    async def ledger(request: Request, session: Session) -> Response:
-        rows, pg = await db_call(ctx.db, dashboard_data.ledger, _page_number(request))
+    async def ledger_page(request: Request, session: Session) -> Response:
+        rows, pg = await db_call(ctx.db, dashboard_data.latest_transfers, _page_number(request))
         return render(request, "ledger.html", {
             "session": session, "title": "Ledger", "nav": "ledger", "rows": rows, "page": pg,
         })
@@ -146,7 +146,7 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         Route("/enrolments", enrolments, name="enrolments"),
         Route("/drivers", drivers, name="drivers"),
         Route("/wallets/{account:path}", wallet, name="wallet"),
-        Route("/ledger", ledger, name="ledger"),
+        Route("/ledger", ledger_page, name="ledger"),
         *auth.routes(ctx),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from backend import assignments, ledger
 from backend.db import Database, Row, Tx
 from protocol import canonical, jws
 
@@ -111,7 +112,8 @@ def _latest_per_device(tx: Tx, where: str, params: tuple[Any, ...] = ()) -> dict
 
 
 def current_drivers(tx: Tx, now_ms: int) -> dict[str, str]:
-    """VIN -> the driver assigned to it now (the latest assignment that has begun)."""
+    """VIN -> the driver assigned to it now (the latest assignment that has begun), for every
+    VIN at once; :func:`backend.ledger.assigned_driver` answers for one."""
     rows = tx.query(
         "SELECT a.vin, a.driver_id, d.name FROM assignments a JOIN drivers d ON d.id = a.driver_id "
         "WHERE a.valid_from <= ? AND (a.valid_to IS NULL OR a.valid_to > ?) "
@@ -272,7 +274,7 @@ def device_view(db: Database, dev: str, page_number: int, now_ms: int) -> Device
         events = tx.query(
             "SELECT seq, t, t_est, clock, status, reason, jws FROM records WHERE dev = ? AND kind = 'event' "
             "ORDER BY seq DESC LIMIT ?", (dev, SECTION_LIMIT))
-        driver = current_drivers(tx, now_ms).get(device["vin"]) if device["vin"] else None
+        driver = ledger.assigned_driver(tx, device["vin"], now_ms)
     enrolment = payload_of(device["enrollment"])
     if enrolment.get("fleet_token") is not None:
         enrolment["fleet_token"] = "(given, not shown)"
@@ -306,41 +308,20 @@ def enrolment_queue(db: Database) -> list[Row]:
         "WHERE d.status = 'pending' OR d.flagged_vin IS NOT NULL ORDER BY d.enrolled_at, d.dev")
 
 
-def balances(tx: Tx, accounts: list[str]) -> dict[str, int]:
-    """Balances derived from transfers: what came in less what went out."""
-    if not accounts:
-        return {}
-    marks = ", ".join("?" for _ in accounts)
-    got: dict[str, int] = dict.fromkeys(accounts, 0)
-    for r in tx.query(f"SELECT to_account AS a, SUM(amount) AS s FROM transfers "
-                      f"WHERE to_account IN ({marks}) GROUP BY to_account", accounts):
-        got[r["a"]] += int(r["s"])
-    for r in tx.query(f"SELECT from_account AS a, SUM(amount) AS s FROM transfers "
-                      f"WHERE from_account IN ({marks}) GROUP BY from_account", accounts):
-        got[r["a"]] -= int(r["s"])
-    return got
-
-
 def drivers(db: Database, now_ms: int) -> list[dict[str, Any]]:
-    with db.read() as tx:
-        people = tx.query("SELECT id, name, created_at FROM drivers ORDER BY id")
-        assignments = tx.query("SELECT driver_id, vin, valid_from, valid_to FROM assignments "
-                               "ORDER BY valid_from DESC, id DESC")
-        vins = {r["vin"]: r["dev"] for r in tx.query("SELECT vin, dev FROM devices WHERE vin IS NOT NULL")}
-        money = balances(tx, [f"driver:{p['id']}" for p in people])
-    by_driver: dict[str, list[dict[str, Any]]] = {}
-    for a in assignments:
-        current = a["valid_from"] <= now_ms and (a["valid_to"] is None or a["valid_to"] > now_ms)
-        by_driver.setdefault(a["driver_id"], []).append({**a, "current": current, "dev": vins.get(a["vin"])})
-    return [{**p, "account": f"driver:{p['id']}", "balance": money.get(f"driver:{p['id']}", 0),
-             "assignments": by_driver.get(p["id"], [])} for p in people]
+    """Every driver with balance and assignments (newest first), each linked to the device
+    approved for its VIN."""
+    people = assignments.drivers(db, now_ms)
+    vins = {r["vin"]: r["dev"] for r in db.query("SELECT vin, dev FROM devices WHERE vin IS NOT NULL")}
+    return [{**p, "assignments": [{**a, "dev": vins.get(a["vin"])} for a in reversed(p["assignments"])]}
+            for p in people]
 
 
 TRANSFER_COLUMNS = ("id, key, from_account, to_account, amount, rule_id, rules_version, dev, record_id, "
                     "week, memo, created_at")
 
 
-def ledger(db: Database, page_number: int) -> tuple[list[Row], Page]:
+def latest_transfers(db: Database, page_number: int) -> tuple[list[Row], Page]:
     with db.read() as tx:
         page = page_of(page_number, int(tx.scalar("SELECT COUNT(*) FROM transfers") or 0))
         rows = tx.query(f"SELECT {TRANSFER_COLUMNS} FROM transfers ORDER BY id DESC LIMIT ? OFFSET ?",
@@ -356,5 +337,5 @@ def wallet(db: Database, account: str, page_number: int) -> tuple[int, list[Row]
         page = page_of(page_number, total)
         rows = tx.query(f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE to_account = ? OR from_account = ? "
                         "ORDER BY id DESC LIMIT ? OFFSET ?", (account, account, page.size, page.offset))
-        balance = balances(tx, [account])[account]
+        balance = ledger.balance(tx, account)
     return balance, rows, page
