@@ -1,0 +1,184 @@
+"""Devices as operators see them: queries, approve and revoke, and the agents' status messages.
+
+Shared by the ``odo-backend devices`` commands and the HTTP API. Rows come back as plain
+JSON-ready dicts::
+
+    {"dev", "vin", "status", "last_seq", "last_seen", "odo_m", "accepted", "rejected",
+     "backlog", "online", "flagged_vin"}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from backend.db import Database, Row, Tx
+from backend.store import lock_device
+from protocol import b64, canonical, jws, messages
+from protocol.errors import BadFormat
+from protocol.identity import DEV_RE
+
+log = logging.getLogger(__name__)
+
+VIN_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
+MAX_RECORDS_PAGE = 5000
+RECORD_FIELDS = ("seq", "id", "kind", "t", "t_est", "clock", "odo_m", "vin", "status", "reason")
+
+
+class DeviceError(Exception):
+    """Base of this module's refusals; the message names what was wrong."""
+
+
+class UnknownDevice(DeviceError, LookupError):
+    pass
+
+
+class BadInput(DeviceError, ValueError):
+    pass
+
+
+def _status_of(status_json: str | None) -> dict[str, Any]:
+    if not status_json:
+        return {}
+    try:
+        obj = json.loads(status_json)
+    except ValueError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+_SUMMARY_SQL = (
+    "SELECT d.*, (SELECT r.odo_m FROM records r WHERE r.dev = d.dev AND r.status = 'accepted' "
+    "AND r.odo_m IS NOT NULL ORDER BY r.seq DESC LIMIT 1) AS odo_m FROM devices d")
+
+
+def _summary(row: Row, rejected: int) -> dict[str, Any]:
+    through = int(row["through"])
+    return {
+        "dev": row["dev"], "vin": row["vin"], "status": row["status"], "last_seq": through,
+        "last_seen": row["last_seen"], "odo_m": row["odo_m"], "accepted": through - rejected,
+        "rejected": rejected, "backlog": _int_or_none(_status_of(row["status_json"]).get("backlog")),
+        "online": bool(row["online"]), "flagged_vin": row["flagged_vin"],
+    }
+
+
+def list_devices(db: Database) -> list[dict[str, Any]]:
+    with db.read() as tx:
+        rows = tx.query(_SUMMARY_SQL + " ORDER BY d.dev")
+        rejected = {r["dev"]: int(r["n"]) for r in tx.query(
+            "SELECT dev, COUNT(*) AS n FROM records WHERE status = 'rejected' GROUP BY dev")}
+    return [_summary(r, rejected.get(r["dev"], 0)) for r in rows]
+
+
+def _check_dev(dev: str) -> None:
+    if not DEV_RE.match(dev):
+        raise UnknownDevice(f"no device {dev!r} (a device id is 32 lowercase hex characters)")
+
+
+def _one(tx: Tx, dev: str) -> dict[str, Any]:
+    row = tx.one(_SUMMARY_SQL + " WHERE d.dev = ?", (dev,))
+    if row is None:
+        raise UnknownDevice(f"no device {dev}")
+    rejected = int(tx.scalar("SELECT COUNT(*) AS n FROM records WHERE dev = ? AND status = 'rejected'",
+                             (dev,)))
+    out = _summary(row, rejected)
+    try:
+        payload = canonical.loads_object(jws.split(row["enrollment"]).payload, "enrolment")
+    except BadFormat:
+        payload = {}
+    out["pub"] = b64.encode(bytes(row["pub"]))
+    out["enrollment"] = {
+        "vin": payload.get("vin"), "t": payload.get("t"),
+        "fleet_token_given": bool(payload.get("fleet_token")),
+        "fleet_token_id": row["fleet_token_id"], "enrolled_at": row["enrolled_at"],
+        "decided_at": row["decided_at"], "decided_by": row["decided_by"],
+    }
+    out["status_message"] = _status_of(row["status_json"]) or None
+    return out
+
+
+def get_device(db: Database, dev: str) -> dict[str, Any]:
+    """One device, plus ``pub`` (base64url), its enrolment (the fleet token withheld) and last status."""
+    _check_dev(dev)
+    with db.read() as tx:
+        return _one(tx, dev)
+
+
+def records(db: Database, dev: str, after_seq: int = 0, limit: int = 500) -> list[dict[str, Any]]:
+    """The device's stored records with ``seq > after_seq``, ascending, at most ``limit``."""
+    _check_dev(dev)
+    if after_seq < 0:
+        raise BadInput("after_seq: must be 0 or more")
+    if not 1 <= limit <= MAX_RECORDS_PAGE:
+        raise BadInput(f"limit: must be 1 to {MAX_RECORDS_PAGE}")
+    with db.read() as tx:
+        if tx.one("SELECT dev FROM devices WHERE dev = ?", (dev,)) is None:
+            raise UnknownDevice(f"no device {dev}")
+        rows = tx.query(f"SELECT {', '.join(RECORD_FIELDS)} FROM records "
+                        "WHERE dev = ? AND seq > ? ORDER BY seq LIMIT ?", (dev, after_seq, limit))
+    return [{k: r[k] for k in RECORD_FIELDS} for r in rows]
+
+
+def approve(db: Database, dev: str, now_ms: int, by: str, vin: str | None = None) -> dict[str, Any]:
+    """Approve a device. A device flagged for reading another VIN is approved for that VIN (or
+    for ``vin`` when given), so that its waiting records are accepted when the agent resends."""
+    _check_dev(dev)
+    if vin is not None and not VIN_RE.match(vin):
+        raise BadInput(f"--vin: {vin!r} is not a VIN (1 to 32 letters and digits)")
+    with db.write() as tx:
+        lock_device(db, tx, dev)
+        row = tx.one("SELECT vin, flagged_vin, status FROM devices WHERE dev = ?", (dev,))
+        if row is None:
+            raise UnknownDevice(f"no device {dev}")
+        new_vin = vin or row["flagged_vin"] or row["vin"]
+        tx.execute("UPDATE devices SET status = 'approved', vin = ?, flagged_vin = NULL, decided_at = ?, "
+                   "decided_by = ? WHERE dev = ?", (new_vin, now_ms, by, dev))
+        log.info("%s approved by %s%s", dev, by, f" for VIN {new_vin}" if new_vin != row["vin"] else "")
+        return _one(tx, dev)
+
+
+def revoke(db: Database, dev: str, now_ms: int, by: str) -> dict[str, Any]:
+    """Revoke a device: its records are refused (``revoked_device``) from now on."""
+    _check_dev(dev)
+    with db.write() as tx:
+        lock_device(db, tx, dev)
+        if tx.execute("UPDATE devices SET status = 'revoked', decided_at = ?, decided_by = ? WHERE dev = ?",
+                      (now_ms, by, dev)) != 1:
+            raise UnknownDevice(f"no device {dev}")
+        log.info("%s revoked by %s", dev, by)
+        return _one(tx, dev)
+
+
+def update_status(db: Database, dev: str, body: bytes, now_ms: int) -> bool:
+    """Keep an agent's last status message; False when it is malformed or the device unknown."""
+    try:
+        status = messages.decode_status(body)
+    except BadFormat as exc:
+        log.info("%s: ignored a malformed status message: %s", dev, exc)
+        return False
+    with db.write() as tx:
+        row = tx.one("SELECT status_json FROM devices WHERE dev = ?", (dev,))
+        if row is None:
+            return False
+        if not status["online"]:
+            # The will message says only that the agent went away: keep what it said before.
+            status = {**_status_of(row["status_json"]), **status}
+        tx.execute("UPDATE devices SET status_json = ?, online = ?, last_seen = ? WHERE dev = ?",
+                   (json.dumps(status, separators=(",", ":")), 1 if status["online"] else 0, now_ms, dev))
+    return True
+
+
+def fleet_gauges(db: Database) -> tuple[int, int]:
+    """(devices online, total backlog the agents last reported)."""
+    with db.read() as tx:
+        online = int(tx.scalar("SELECT COUNT(*) AS n FROM devices WHERE online = 1"))
+        backlog = 0
+        for row in tx.query("SELECT status_json FROM devices WHERE status_json IS NOT NULL"):
+            backlog += _int_or_none(_status_of(row["status_json"]).get("backlog")) or 0
+    return online, backlog

@@ -1,0 +1,284 @@
+"""Storing a batch of records: one transaction per batch, then the ack (DESIGN §4).
+
+    result = store.process_batch(db, rules, dev, body, now_ms)
+    publish(topics.ack(dev), messages.encode_ack(result.ack))     # after the commit
+
+Signatures are checked before the transaction (they are the costly part); inside it, under a
+per-device lock (``db.lock_key``) so that two backend processes never handle one device at
+once, the device's state is read again and each record is decided by :mod:`backend.verify`.
+Every accepted record is appended to the transparency log and credited by
+:func:`backend.rewards.credit` in the same transaction, so a record is stored, logged and
+credited together or not at all. The ``through`` of the ack is therefore durable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from backend import ledger, rewards, translog
+from backend.db import Database, Row, Tx
+from backend.verify import (
+    MIN_WALL_MS,
+    Anchor,
+    Chain,
+    Decision,
+    DeviceKey,
+    Reading,
+    Refusal,
+    Stored,
+    authenticate,
+    decide,
+    estimate_time,
+    parse,
+)
+from protocol import jws, messages
+from protocol.errors import BadFormat
+from protocol.messages import Ack, Rejection
+from protocol.records import Record
+
+log = logging.getLogger(__name__)
+
+MAX_LOGGED_BODY = 64 * 1024
+
+
+def device_lock_key(dev: str) -> int:
+    """The advisory-lock key that serialises every writer of one device (60 bits of its id)."""
+    try:
+        return int(dev[:15], 16)
+    except ValueError:
+        return 0
+
+
+def lock_device(db: Database, tx: Tx, dev: str) -> None:
+    db.lock_key(tx, device_lock_key(dev))
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    dev: str
+    ack: Ack
+    outcomes: tuple[tuple[str, str], ...] = ()      # (status, reason) per record, for metrics
+    known: bool = True                               # the topic names an enrolled device
+    accepted: tuple[str, ...] = field(default=(), repr=False)   # ids of the newly accepted records
+
+
+@dataclass(frozen=True)
+class _Clock:
+    """What a batch may tell of the device's clock when it was sent: ``"boot"``, ``"mono_ms"``."""
+
+    boot: str | None = None
+    mono_ms: int | None = None
+
+
+def _batch_clock(body: bytes) -> _Clock:
+    if b'"mono_ms"' not in body:
+        return _Clock()
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return _Clock()
+    boot, mono = obj.get("boot"), obj.get("mono_ms")
+    if isinstance(boot, str) and isinstance(mono, int) and not isinstance(mono, bool) and mono >= 0:
+        return _Clock(boot, mono)
+    return _Clock()
+
+
+def _device_key(row: Row | None) -> DeviceKey | None:
+    return None if row is None else DeviceKey(row["status"], bytes(row["pub"]))
+
+
+def _authenticate_all(dev: str, items: list[jws.Compact | Refusal],
+                      keys: dict[str, DeviceKey | None]) -> list[Record | Refusal]:
+    return [item if isinstance(item, Refusal) else authenticate(dev, item, keys.get(item.kid))
+            for item in items]
+
+
+def _is_anchor(record: Record) -> bool:
+    return record.clock == "synced" and record.t >= MIN_WALL_MS
+
+
+def _later_anchors(checked: list[Record | Refusal]) -> list[Anchor | None]:
+    """For each record, the next synced record of the same boot later in the batch."""
+    out: list[Anchor | None] = []
+    following: dict[str, Anchor] = {}
+    for item in reversed(checked):
+        if isinstance(item, Refusal):
+            out.append(None)
+            continue
+        out.append(following.get(item.boot))
+        if _is_anchor(item):
+            following[item.boot] = Anchor(item.t, item.mono_ms)
+    return out[::-1]
+
+
+def log_rejection(tx: Tx, dev: str, seq: int | None, reason: str, detail: str, body: str,
+                  now_ms: int) -> None:
+    """Keep a refused record for operators, once per device, reason and content."""
+    body = body[:MAX_LOGGED_BODY]
+    if tx.one("SELECT 1 AS x FROM rejections WHERE dev = ? AND reason = ? AND body = ?",
+              (dev, reason, body)) is not None:
+        return
+    tx.execute("INSERT INTO rejections (dev, seq, reason, detail, body, received_at) "
+               "VALUES (?, ?, ?, ?, ?, ?)", (dev, seq, reason, detail, body, now_ms))
+
+
+def process_batch(db: Database, rules: Any, dev: str, body: bytes, now_ms: int) -> BatchResult:
+    """Verify and store one ``records`` message published on ``dev``'s topic."""
+    refused_batch: Refusal | None = None
+    try:
+        texts: list[str] = messages.decode_batch(body)
+    except BadFormat as exc:
+        texts, refused_batch = [], Refusal(None, "bad_format", str(exc))
+    items = [parse(t) for t in texts]
+    kids = {i.kid for i in items if isinstance(i, jws.Compact)} | {dev}
+    snapshot = {kid: _device_key(db.one("SELECT status, pub FROM devices WHERE dev = ?", (kid,)))
+                for kid in kids}
+    checked = _authenticate_all(dev, items, snapshot)      # the signatures, outside the lock
+    with db.write() as tx:
+        lock_device(db, tx, dev)
+        device = tx.one("SELECT * FROM devices WHERE dev = ?", (dev,))
+        fresh = _device_key(device)
+        if fresh != snapshot[dev]:                          # approved or revoked meanwhile
+            checked = _authenticate_all(dev, items, {**snapshot, dev: fresh})
+        batch = _Batch(db, tx, rules, dev, device, now_ms, _batch_clock(body))
+        if refused_batch is not None:
+            batch.refuse(refused_batch, body.decode("utf-8", "replace"))
+        for text, item, later in zip(texts, checked, _later_anchors(checked), strict=True):
+            if isinstance(item, Refusal):
+                batch.refuse(item, text)
+            else:
+                batch.take(item, later)
+        ack = batch.finish()
+    return BatchResult(dev, ack, tuple(batch.outcomes), device is not None, tuple(batch.accepted))
+
+
+class _Batch:
+    """The records of one batch, decided in order inside one transaction."""
+
+    def __init__(self, db: Database, tx: Tx, rules: Any, dev: str, device: Row | None, now_ms: int,
+                 clock: _Clock) -> None:
+        self.tx, self.rules, self.dev, self.now_ms, self.clock = tx, rules, dev, now_ms, clock
+        self.device = dict(device) if device is not None else None
+        self.through = int(device["through"]) if device else 0
+        self.head_id: str = (device["head_id"] if device else None) or ""
+        self.rejected: list[Rejection] = []
+        self.outcomes: list[tuple[str, str]] = []
+        self.accepted: list[str] = []
+        self._last: dict[str | None, Reading | None] = {}
+        self._anchors: dict[str, Anchor | None] = {}
+
+    # -- refusals: records that do not take a seq ----------------------------------------------
+
+    def refuse(self, refusal: Refusal, body: str) -> None:
+        self.rejected.append(Rejection(refusal.seq, refusal.reason))
+        self.outcomes.append(("rejected", refusal.reason))
+        log.info("%s: refused record seq=%s: %s (%s)", self.dev, refusal.seq, refusal.reason, refusal.detail)
+        log_rejection(self.tx, self.dev, refusal.seq, refusal.reason, refusal.detail, body, self.now_ms)
+
+    # -- authenticated records -----------------------------------------------------------------
+
+    def _vin_scope(self, record: Record) -> str | None:
+        assert self.device is not None
+        return record.vin if record.vin is not None else self.device["vin"]
+
+    def _last_reading(self, vin: str | None) -> Reading | None:
+        """The last accepted odometer reading of this device in the vehicle ``vin``."""
+        if vin not in self._last:
+            where = "vin = ?" if vin is not None else "vin IS NULL"
+            params: tuple[Any, ...] = (self.dev, vin) if vin is not None else (self.dev,)
+            row = self.tx.one(
+                "SELECT odo_m, src, kind, t, clock, boot, mono_ms FROM records "
+                f"WHERE dev = ? AND {where} AND status = 'accepted' AND odo_m IS NOT NULL "
+                "ORDER BY seq DESC LIMIT 1", params)
+            self._last[vin] = None if row is None else Reading(
+                int(row["odo_m"]), row["src"] or ("driver" if row["kind"] == "confirmation" else None),
+                int(row["t"]), row["clock"], row["boot"], int(row["mono_ms"]))
+        return self._last[vin]
+
+    def _stored(self, seq: int) -> Stored | None:
+        row = self.tx.one("SELECT id, status, reason FROM records WHERE dev = ? AND seq = ?", (self.dev, seq))
+        return None if row is None else Stored(row["id"], row["status"], row["reason"])
+
+    def take(self, record: Record, later: Anchor | None) -> None:
+        assert self.device is not None                       # authenticated: the device exists
+        chain = Chain(self.through, self.head_id, self.device["vin"],
+                      self._last_reading(self._vin_scope(record)), int(self.rules.max_speed_kph))
+        stored = self._stored(record.seq) if record.seq <= self.through else None
+        decision = decide(record, chain, stored)
+        if decision.outcome == "duplicate":
+            self.outcomes.append(("duplicate", ""))
+            if stored is not None and stored.status == "rejected" and stored.reason:
+                self.rejected.append(Rejection(record.seq, stored.reason))
+        elif decision.outcome == "gap":
+            self.outcomes.append(("gap", ""))
+        elif decision.outcome == "fork":
+            self.tx.insert_ignore("forks", {"dev": self.dev, "seq": record.seq, "record_id": record.id,
+                                            "jws": record.jws, "received_at": self.now_ms}, ["record_id"])
+            self._reject(record, decision)
+        elif decision.outcome == "hold":
+            if self.device["flagged_vin"] != record.vin:
+                self.tx.execute("UPDATE devices SET flagged_vin = ? WHERE dev = ?", (record.vin, self.dev))
+                self.device["flagged_vin"] = record.vin
+                log.warning("%s: now reads VIN %s, approved for %s: its records wait for an operator",
+                            self.dev, record.vin, self.device["vin"])
+            log_rejection(self.tx, self.dev, record.seq, "vin_mismatch", decision.detail, record.jws,
+                          self.now_ms)
+            self._reject(record, decision)
+        else:
+            self._store(record, decision, later)
+
+    def _reject(self, record: Record, decision: Decision) -> None:
+        assert decision.reason is not None
+        self.rejected.append(Rejection(record.seq, decision.reason))
+        self.outcomes.append(("rejected", decision.reason))
+        log.info("%s: seq %d %s: %s", self.dev, record.seq, decision.reason, decision.detail)
+
+    def _anchors_for(self, record: Record, later: Anchor | None) -> list[Anchor]:
+        """Synced records of the record's boot: the last one stored, and the next in the batch."""
+        if record.boot not in self._anchors:
+            row = self.tx.one("SELECT t, mono_ms FROM records WHERE dev = ? AND boot = ? "
+                              "AND clock = 'synced' AND t >= ? ORDER BY seq DESC LIMIT 1",
+                              (self.dev, record.boot, MIN_WALL_MS))
+            self._anchors[record.boot] = None if row is None else Anchor(int(row["t"]), int(row["mono_ms"]))
+        return [a for a in (self._anchors[record.boot], later) if a is not None]
+
+    def _store(self, record: Record, decision: Decision, later: Anchor | None) -> None:
+        assert self.device is not None
+        mono = self.clock.mono_ms if self.clock.boot == record.boot else None
+        t_est = estimate_time(record, self._anchors_for(record, later), self.now_ms, mono)
+        status = "accepted" if decision.outcome == "accept" else "rejected"
+        self.tx.execute(
+            "INSERT INTO records (dev, seq, id, jws, kind, t, t_est, clock, boot, mono_ms, vin, odo_m, src, "
+            "status, reason, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (self.dev, record.seq, record.id, record.jws, record.kind, record.t, t_est, record.clock,
+             record.boot, record.mono_ms, record.vin, record.odo_m, record.fields.get("src"), status,
+             decision.reason, self.now_ms))
+        self.through, self.head_id = record.seq, record.id
+        if _is_anchor(record):
+            self._anchors[record.boot] = Anchor(record.t, record.mono_ms)
+        if status == "rejected":
+            self._reject(record, decision)
+            return
+        if record.vin is not None and self.device["vin"] is None:
+            # The first VIN read by a device enrolled without one: later records must match it.
+            self.tx.execute("UPDATE devices SET vin = ? WHERE dev = ? AND vin IS NULL",
+                            (record.vin, self.dev))
+            self.device["vin"] = record.vin
+        reading = Reading.of(record)
+        if reading is not None:
+            self._last[self._vin_scope(record)] = reading
+        translog.append(self.tx, "record", record.id, record.jws.encode("ascii"))
+        rewards.credit(self.tx, self.rules, record, self.device, self.now_ms)
+        self.accepted.append(record.id)
+        self.outcomes.append(("accepted", ""))
+
+    def finish(self) -> Ack:
+        if self.device is None:
+            return Ack(0, tuple(self.rejected), None)
+        self.tx.execute("UPDATE devices SET through = ?, head_id = ?, last_seen = ? WHERE dev = ?",
+                        (self.through, self.head_id or None, self.now_ms, self.dev))
+        balance = ledger.device_balance(self.tx, self.dev, self.device["vin"], self.now_ms)
+        return Ack(self.through, tuple(self.rejected), balance)

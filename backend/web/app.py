@@ -1,0 +1,57 @@
+"""The backend's Starlette app: the JSON API, the dashboard (when installed), metrics, liveness."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from backend import devices, metrics
+from backend.web import api
+from backend.web.context import AppContext
+
+log = logging.getLogger(__name__)
+
+try:
+    from backend.web import dashboard
+except ImportError as exc:                       # the dashboard is optional; its own bugs are not
+    if exc.name != "backend.web.dashboard":
+        raise
+    dashboard = None  # type: ignore[assignment]
+
+
+def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/api") or request.url.path in ("/metrics", "/healthz"):
+        message = {404: f"no such path {request.url.path}", 405: f"{request.method} is not allowed here"}
+        return JSONResponse({"error": message.get(exc.status_code, exc.detail)}, status_code=exc.status_code,
+                            headers=exc.headers)
+    return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+
+
+def create_app(ctx: AppContext) -> Starlette:
+    async def scrape(request: Request) -> Response:
+        online, backlog = await run_in_threadpool(devices.fleet_gauges, ctx.db)
+        return PlainTextResponse(metrics.REGISTRY.render(online, backlog), media_type=metrics.CONTENT_TYPE)
+
+    async def healthz(request: Request) -> Response:
+        def check() -> Any:
+            return ctx.db.one("SELECT 1 AS ok")
+
+        try:
+            await run_in_threadpool(check)
+        except Exception as exc:  # noqa: BLE001 - any database failure means not healthy
+            log.warning("health check: the database does not answer: %s", exc)
+            return JSONResponse({"error": "the database does not answer"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    routes: list[BaseRoute] = [*api.routes(ctx), Route("/metrics", scrape), Route("/healthz", healthz)]
+    if dashboard is not None:
+        routes += dashboard.routes(ctx)
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})

@@ -1,0 +1,144 @@
+"""The OpenAPI 3.1 document of the JSON API, written by hand (served at ``/api/openapi.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backend.devices import MAX_RECORDS_PAGE
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERR = {"$ref": "#/components/responses/Error"}
+_INT = {"type": "integer"}
+_INT_OR_NULL = {"type": ["integer", "null"]}
+_STR_OR_NULL = {"type": ["string", "null"]}
+_DEV = {"name": "dev", "in": "path", "required": True,
+        "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}, "description": "device id"}
+_ACCOUNT = {"name": "account", "in": "path", "required": True, "schema": {"type": "string"},
+            "description": "driver:<id>, unassigned:<dev>, issuer or redeemed:<item>"}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "Device": {
+        "type": "object",
+        "required": ["dev", "vin", "status", "last_seq", "last_seen", "odo_m", "accepted", "rejected",
+                     "backlog", "online"],
+        "properties": {
+            "dev": {"type": "string"}, "vin": _STR_OR_NULL,
+            "status": {"enum": ["pending", "approved", "revoked", "rejected"]},
+            "last_seq": {**_INT, "description": "highest seq with every seq up to it stored"},
+            "last_seen": {**_INT_OR_NULL, "description": "Unix ms of the last message"},
+            "odo_m": {**_INT_OR_NULL, "description": "last accepted odometer, metres"},
+            "accepted": _INT, "rejected": _INT,
+            "backlog": {**_INT_OR_NULL, "description": "records waiting on the agent, as it last said"},
+            "online": {"type": "boolean"},
+            "flagged_vin": {**_STR_OR_NULL, "description": "a VIN that waits for an operator's approval"},
+        },
+    },
+    "DeviceDetail": {"allOf": [_ref("Device"), {"type": "object", "properties": {
+        "pub": {"type": "string", "description": "raw Ed25519 public key, base64url"},
+        "enrollment": {"type": "object", "description": "the enrolment (the fleet token withheld)"},
+        "status_message": {"type": ["object", "null"]},
+    }}]},
+    "Record": {
+        "type": "object", "required": ["seq", "id", "kind", "t", "odo_m", "status", "reason"],
+        "properties": {
+            "seq": _INT, "id": {"type": "string"},
+            "kind": {"enum": ["odometer", "trip", "confirmation", "event"]},
+            "t": {**_INT, "description": "as signed, Unix ms"},
+            "t_est": {**_INT, "description": "best estimate of the wall time, Unix ms"},
+            "clock": {"enum": ["synced", "unsynced"]}, "odo_m": _INT_OR_NULL, "vin": _STR_OR_NULL,
+            "status": {"enum": ["accepted", "rejected"]}, "reason": _STR_OR_NULL,
+        },
+    },
+    "Transfer": {
+        "type": "object",
+        "properties": {"id": _INT, "key": {"type": "string"}, "from_account": {"type": "string"},
+                       "to_account": {"type": "string"}, "amount": {**_INT, "description": "milli-tokens"},
+                       "rule_id": _STR_OR_NULL, "rules_version": _STR_OR_NULL, "dev": _STR_OR_NULL,
+                       "record_id": _STR_OR_NULL, "week": _STR_OR_NULL, "memo": _STR_OR_NULL,
+                       "created_at": _INT},
+    },
+    "Wallet": {"type": "object", "required": ["account", "balance", "transfers"],
+               "properties": {"account": {"type": "string"},
+                              "balance": {**_INT, "description": "milli-tokens"},
+                              "transfers": {"type": "array", "items": _ref("Transfer")}}},
+    "Checkpoint": {"type": "object", "required": ["size", "root", "jws"],
+                   "properties": {"v": _INT, "size": _INT, "root": {"type": "string", "description": "hex"},
+                                  "t": _INT, "kid": {"type": "string"},
+                                  "jws": {"type": "string", "description": "signed by the log key"}}},
+}
+
+
+def document() -> dict[str, Any]:
+    dev_ok = _json(_ref("DeviceDetail"), "the device")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "odoledger backend API", "version": "1",
+                 "description": "Devices, records, wallets and the transparency log's checkpoint. "
+                                "Amounts are milli-tokens, distances metres, times Unix milliseconds."},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/api/devices": {"get": {"summary": "every device", "operationId": "listDevices",
+                                     "responses": {"200": _json({"type": "array", "items": _ref("Device")},
+                                                                "the devices"), "401": _ERR}}},
+            "/api/devices/{dev}": {"get": {
+                "summary": "one device, with its key and enrolment", "operationId": "getDevice",
+                "parameters": [_DEV], "responses": {"200": dev_ok, "401": _ERR, "404": _ERR}}},
+            "/api/devices/{dev}/records": {"get": {
+                "summary": "a device's stored records, ascending seq", "operationId": "listRecords",
+                "parameters": [
+                    _DEV,
+                    {"name": "after_seq", "in": "query", "schema": {**_INT, "minimum": 0, "default": 0}},
+                    {"name": "limit", "in": "query",
+                     "schema": {**_INT, "minimum": 1, "maximum": MAX_RECORDS_PAGE, "default": 500}}],
+                "responses": {"200": _json({"type": "array", "items": _ref("Record")}, "the records"),
+                              "400": _ERR, "401": _ERR, "404": _ERR}}},
+            "/api/devices/{dev}/approve": {"post": {
+                "summary": "approve a device (for the VIN it was flagged with, or the one given)",
+                "operationId": "approveDevice", "parameters": [_DEV],
+                "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"vin": {"type": "string"}}}}}},
+                "responses": {"200": dev_ok, "400": _ERR, "401": _ERR, "404": _ERR}}},
+            "/api/devices/{dev}/revoke": {"post": {
+                "summary": "revoke a device", "operationId": "revokeDevice", "parameters": [_DEV],
+                "responses": {"200": dev_ok, "401": _ERR, "404": _ERR}}},
+            "/api/wallets/{account}": {"get": {
+                "summary": "an account's balance and transfers, newest first", "operationId": "getWallet",
+                "parameters": [_ACCOUNT],
+                "responses": {"200": _json(_ref("Wallet"), "the wallet"), "401": _ERR, "404": _ERR}}},
+            "/api/wallets/{account}/redeem": {"post": {
+                "summary": "redeem a catalogue item; the same idempotency key returns the same transfer",
+                "operationId": "redeem", "parameters": [_ACCOUNT],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["item", "idempotency_key"], "additionalProperties": False,
+                    "properties": {"item": {"type": "string"}, "idempotency_key": {"type": "string"}}}}}},
+                "responses": {"200": _json(_ref("Transfer"), "the redemption"), "400": _ERR, "401": _ERR,
+                              "404": _ERR, "409": _ERR, "503": _ERR}}},
+            "/api/checkpoint": {"get": {
+                "summary": "a signed checkpoint of the transparency log as it is now",
+                "operationId": "getCheckpoint",
+                "responses": {"200": _json(_ref("Checkpoint"), "the checkpoint"), "401": _ERR}}},
+            "/api/openapi.json": {"get": {"summary": "this document", "operationId": "openapi",
+                                          "responses": {"200": {"description": "OpenAPI 3.1"}, "401": _ERR}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "security": [],
+                                 "operationId": "metrics",
+                                 "responses": {"200": {"description": "text/plain; version=0.0.4"}}}},
+            "/healthz": {"get": {"summary": "liveness", "security": [], "operationId": "healthz",
+                                 "responses": {"200": _json({"type": "object"}, "alive"),
+                                               "503": _ERR}}},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "the API token (--api-token), when configured"}},
+            "schemas": _SCHEMAS,
+            "responses": {"Error": _json(_ref("Error"), "what was wrong")},
+        },
+    }
