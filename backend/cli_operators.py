@@ -4,9 +4,10 @@
     odo-backend operators passwd USERNAME --db URL   # new password; ends the operator's sessions
     odo-backend operators list --db URL [--json]
 
+``--db`` also comes from ``ODO_DB`` or ``--config FILE`` (:mod:`backend.config`).
 A password is never taken from a flag (it would show in ``ps`` and shell history).
-Exit status: 0 done, 2 bad input (unusable name or password, operator exists or
-missing, bad ``--db``).
+Exit status: 0 done, 1 the database unreachable, 2 bad input (unusable name or
+password, operator exists or missing, bad ``--db`` flag), 78 bad configuration.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import argparse
 import getpass
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from backend.config import ConfigError, add_config_argument, open_database, settings
 from backend.db import Database, DatabaseError
 from backend.web import auth
 
@@ -48,21 +49,15 @@ def read_password(stdin: TextIO, prompt: Callable[[str], str] = getpass.getpass)
     return line.rstrip("\r\n")
 
 
-def _open(url: str | None) -> Database:
-    url = url or os.environ.get("ODO_DB")
-    if not url:
-        raise UsageError("--db is required (or set ODO_DB)")
-    try:
-        db = Database.open(url)
-        db.migrate()
-    except DatabaseError as exc:
-        raise UsageError(str(exc)) from None
+def _open(args: argparse.Namespace) -> Database:
+    db = open_database(settings(args))
+    db.migrate()
     return db
 
 
 def cmd_add(args: argparse.Namespace) -> int:
     password = read_password(sys.stdin)
-    db = _open(args.db)
+    db = _open(args)
     try:
         auth.add_operator(db, args.username, password, _now_ms())
     except auth.AuthError as exc:
@@ -75,7 +70,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_passwd(args: argparse.Namespace) -> int:
     password = read_password(sys.stdin)
-    db = _open(args.db)
+    db = _open(args)
     try:
         auth.set_password(db, args.username, password)
     except auth.AuthError as exc:
@@ -87,7 +82,7 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    db = _open(args.db)
+    db = _open(args)
     try:
         operators = auth.list_operators(db, _now_ms())
     finally:
@@ -108,11 +103,22 @@ def _run(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
+        except ConfigError as exc:
+            print(f"odo-backend operators: {exc}", file=sys.stderr)
+            return exc.status
         except UsageError as exc:
             print(f"odo-backend operators: {exc}", file=sys.stderr)
             return 2
+        except DatabaseError as exc:
+            print(f"odo-backend operators: {exc}", file=sys.stderr)
+            return 1
 
     return run
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", help="sqlite:///path or postgresql://… (default: $ODO_DB)")
+    add_config_argument(p)
 
 
 def register(subparsers: Any) -> None:
@@ -124,10 +130,10 @@ def register(subparsers: Any) -> None:
                              ("passwd", cmd_passwd, "set an operator's password (from stdin or a prompt)")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("username")
-        p.add_argument("--db", help="sqlite:///path or postgresql://… (default: $ODO_DB)")
+        _common(p)
         p.set_defaults(func=_run(func))
     p = sub.add_parser("list", help="list operators", description="List operators.")
-    p.add_argument("--db", help="sqlite:///path or postgresql://… (default: $ODO_DB)")
+    _common(p)
     p.add_argument("--json", action="store_true", help="one JSON array")
     p.set_defaults(func=_run(cmd_list))
 

@@ -326,7 +326,8 @@ def test_operators_cli(db_url: str, monkeypatch: pytest.MonkeyPatch,
         run("operators", "add", "dave", "--password", "x", "--db", db_url)
     assert exc.value.code == 2
     capsys.readouterr()
-    assert run("operators", "list", "--db", db_url, "--json") == 0
+    monkeypatch.setenv("ODO_DB", db_url)
+    assert run("operators", "list", "--json") == 0
     listed = json.loads(capsys.readouterr().out)
     assert [o["username"] for o in listed] == ["carol"] and listed[0]["sessions"] == 0
     db = Database.open(db_url)
@@ -337,6 +338,9 @@ def test_operators_cli(db_url: str, monkeypatch: pytest.MonkeyPatch,
     db.close()
     assert run("operators", "list", "--db", "mysql://x") == 2
     assert "unsupported scheme" in capsys.readouterr().err
+    monkeypatch.delenv("ODO_DB")
+    assert run("operators", "list") == 2
+    assert "--db: is required" in capsys.readouterr().err
 
 
 def test_read_password_from_a_terminal() -> None:
