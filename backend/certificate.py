@@ -66,8 +66,8 @@ def _gaps(tx: Tx, vin: str, seqs: dict[str, list[int]]) -> list[dict[str, Any]]:
 def build(db: Database, vin: str, now_ms: int) -> dict[str, Any]:
     """The certificate object for ``vin``; raises :class:`CertificateError`."""
     with db.read() as tx:
-        recs = tx.query("SELECT dev, seq, id, jws FROM records WHERE vin = ? AND status = 'accepted' "
-                        "ORDER BY dev, seq", (vin,))
+        recs = tx.query("SELECT dev, seq, id, jws, clock, t_est FROM records "
+                        "WHERE vin = ? AND status = 'accepted' ORDER BY dev, seq", (vin,))
         if not recs:
             raise CertificateError(f"no accepted records for VIN {vin}")
         devs = sorted({str(r["dev"]) for r in recs})
@@ -89,7 +89,8 @@ def build(db: Database, vin: str, now_ms: int) -> dict[str, Any]:
         gaps = _gaps(tx, vin, seqs)
     devices = [pc.DeviceEntry(dev, VerifyKey(bytes(rows[dev]["pub"])), _enrollment(rows[dev]))
                for dev in devs]
-    entries = [pc.RecordEntry(str(r["jws"]), i, tuple(p))
+    entries = [pc.RecordEntry(str(r["jws"]), i, tuple(p),
+                              None if r["clock"] == "synced" or r["t_est"] is None else int(r["t_est"]))
                for r, i, p in zip(recs, indexes, proofs, strict=True)]
     cert = pc.build(vin, devices, entries, cp["jws"], gaps, now_ms)
     try:

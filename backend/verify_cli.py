@@ -13,7 +13,7 @@ import datetime
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from protocol import BadFormat
@@ -33,9 +33,14 @@ def _km(metres: int) -> str:
     return f"{metres // 1000:,}.{metres % 1000:03d} km"
 
 
-def _reading(r: Record) -> str:
+def _reading(r: Record, estimates: Mapping[str, int]) -> str:
     assert r.odo_m is not None
-    when = _date(r.t) + (" (device clock not synced)" if r.clock != "synced" else "")
+    if r.clock == "synced":
+        when = _date(r.t)
+    elif r.id in estimates:
+        when = f"{_date(estimates[r.id])} (backend's estimate: the device clock was not synced)"
+    else:
+        when = f"{_date(r.t)} (device clock not synced)"
     return f"{_km(r.odo_m)} on {when} ({r.kind}, seq {r.seq} of device {r.dev})"
 
 
@@ -55,8 +60,8 @@ def report(p: pc.Proven) -> list[str]:
         lines.append(f"  device {d.dev}: {len(mine)} records, seq {mine[0].seq} to {mine[-1].seq}{extra}")
     readings = p.readings
     if readings:
-        lines.append(f"  first reading: {_reading(readings[0])}")
-        lines.append(f"  last reading:  {_reading(readings[-1])}")
+        lines.append(f"  first reading: {_reading(readings[0], p.estimates)}")
+        lines.append(f"  last reading:  {_reading(readings[-1], p.estimates)}")
     lines.append(f"  records: {len(p.records)}, each signed by its device's key and included in the "
                  f"log checkpoint")
     lines.append(f"  checkpoint: {p.checkpoint.size} log entries, signed {_date(p.checkpoint.t)} by log key "

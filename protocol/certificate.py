@@ -6,7 +6,7 @@ A certificate is one JSON object::
      "checkpoint": "<JWS by the log key>",
      "devices": [{"dev", "pub": "<base64url raw key>",
                   "enrollment": {"vin", "t", "status", "decided_at", "jws"?}}],
-     "records": [{"jws": "<record, verbatim>", "index": <leaf>, "proof": ["<hex>", …]}],
+     "records": [{"jws": "<record, verbatim>", "index": <leaf>, "proof": ["<hex>", …], "t_est"?}],
      "gaps":    [{"dev", "seq", "note"}]}
 
 What a verifier can check with the log key alone: the checkpoint's signature;
@@ -15,7 +15,9 @@ key); every record's inclusion in the checkpointed tree; each device's chain of
 ``prev`` links between consecutive records; that the odometer never decreases
 (but for corrections of at most :data:`CORRECTION_SLACK_M` by a figure that is
 not the car's own, which are listed).
-The enrolment and the gap notes are the backend's word: shown, not proven (an
+The enrolment, the gap notes and ``t_est`` (the backend's estimate of when a
+record was taken while the device's clock was not synced) are the backend's
+word: shown, not proven (an
 enrolment's own signature is checked when it is included, which the backend does
 only when it carries no fleet token).
 """
@@ -55,6 +57,7 @@ class RecordEntry:
     jws: str = field(repr=False)
     index: int
     proof: tuple[bytes, ...]
+    t_est: int | None = None        # the backend's estimate of when, for a device clock not synced
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class Proven:
     starts: Mapping[str, int]                    # first seq in the certificate, per device
     warnings: tuple[str, ...]
     corrections: tuple[str, ...] = ()            # small falls of a derived or driver's figure
+    estimates: Mapping[str, int] = field(default_factory=dict)   # record id -> backend's t_est (unproven)
 
     @property
     def readings(self) -> tuple[records.Record, ...]:
@@ -98,7 +102,8 @@ def build(vin: str, devices: Sequence[DeviceEntry], entries: Sequence[RecordEntr
         "checkpoint": checkpoint_jws,
         "devices": [{"dev": d.dev, "pub": b64.encode(d.pub.raw), "enrollment": dict(d.enrollment)}
                     for d in devices],
-        "records": [{"jws": e.jws, "index": e.index, "proof": [p.hex() for p in e.proof]} for e in entries],
+        "records": [{"jws": e.jws, "index": e.index, "proof": [p.hex() for p in e.proof],
+                     **({"t_est": e.t_est} if e.t_est is not None else {})} for e in entries],
         "gaps": [dict(g) for g in gaps],
     }
 
@@ -155,7 +160,7 @@ def _devices(cert: Mapping[str, Any], vin: str) -> dict[str, DeviceEntry]:
 
 
 def _records(cert: Mapping[str, Any], vin: str, devices: Mapping[str, DeviceEntry],
-             cp: checkpoint.Checkpoint) -> list[records.Record]:
+             cp: checkpoint.Checkpoint, estimates: dict[str, int]) -> list[records.Record]:
     out: list[records.Record] = []
     seen: set[tuple[str, int]] = set()
     for i, item in enumerate(_get(cert, "records", list, "certificate")):
@@ -194,6 +199,9 @@ def _records(cert: Mapping[str, Any], vin: str, devices: Mapping[str, DeviceEntr
             checkpoint.verify_inclusion(cp, index, text.encode("ascii"), proof)
         except BadFormat as exc:
             raise _fail(f"{label}: {exc}") from None
+        t_est = item.get("t_est")
+        if isinstance(t_est, int) and not isinstance(t_est, bool) and record.clock != "synced":
+            estimates[record.id] = t_est
         out.append(record)
     if not out:
         raise _fail("certificate: no records")
@@ -282,9 +290,10 @@ def verify(data: bytes | str | Mapping[str, Any], log_key: VerifyKey) -> Proven:
     except BadFormat as exc:
         raise _fail(str(exc) if str(exc).startswith("checkpoint") else f"checkpoint: {exc}") from None
     devices = _devices(cert, vin)
-    recs = _records(cert, vin, devices, cp)
+    estimates: dict[str, int] = {}
+    recs = _records(cert, vin, devices, cp, estimates)
     gaps, starts, warnings, corrections = _chains(recs, _gap_notes(cert))
     unused = sorted(set(devices) - {r.dev for r in recs})
     warnings.extend(f"device {d} is listed but signed none of the records" for d in unused)
     return Proven(vin, cp, tuple(devices.values()), tuple(recs), tuple(gaps), starts, tuple(warnings),
-                  tuple(corrections))
+                  tuple(corrections), estimates)

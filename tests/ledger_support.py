@@ -31,7 +31,8 @@ RULES_DOC: dict[str, Any] = {
         {"id": "distance", "on": "trip", "milli_tokens_per_km": 10, "cap_milli_tokens_per_week": 5000},
         {"id": "streak", "on": "confirmation", "every_weeks": 4, "milli_tokens": 20000},
     ],
-    "catalogue": [{"item": "tyre-voucher", "milli_tokens": 500000}, {"item": "car-wash", "milli_tokens": 30000}],
+    "catalogue": [{"item": "tyre-voucher", "milli_tokens": 500000},
+                  {"item": "car-wash", "milli_tokens": 30000}],
 }
 
 
@@ -72,8 +73,8 @@ class Car:
     def sign(self, kind: str, t: int, *, clock: str = "synced", vin: Any = "car", prev: str | None = None,
              **fields: Any) -> Record:
         self.seq += 1
-        payload = {"dev": self.dev, "seq": self.seq, "prev": self.prev if prev is None else prev, "kind": kind,
-                   "t": t, "clock": clock, "boot": "b1", "mono_ms": t % 10**9,
+        payload = {"dev": self.dev, "seq": self.seq, "prev": self.prev if prev is None else prev,
+                   "kind": kind, "t": t, "clock": clock, "boot": "b1", "mono_ms": t % 10**9,
                    "vin": self.vin if vin == "car" else vin, **fields}
         record = records.sign(self.key, payload)
         self.prev = record.id
@@ -97,12 +98,13 @@ class Car:
                          week=week or records.iso_week(t), **kw)
 
     def store(self, record: Record, *, status: str = "accepted", reason: str | None = None,
-              t_est: int | None = None, rules: Rules | None = None, now_ms: int | None = None) -> list[Transfer]:
+              t_est: int | None = None, rules: Rules | None = None,
+              now_ms: int | None = None) -> list[Transfer]:
         """Store ``record`` as ingest would; accepted ones are logged and credited."""
         with self.db.write() as tx:
             tx.execute(
-                "INSERT INTO records (dev, seq, id, jws, kind, t, t_est, clock, boot, mono_ms, vin, odo_m, src, "
-                "status, reason, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO records (dev, seq, id, jws, kind, t, t_est, clock, boot, mono_ms, vin, odo_m, "
+                "src, status, reason, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.dev, record.seq, record.id, record.jws, record.kind, record.t,
                  record.t if t_est is None else t_est, record.clock, record.boot, record.mono_ms, record.vin,
                  record.odo_m, record.fields.get("src"), status, reason, record.t))
@@ -117,5 +119,6 @@ class Car:
 
     def redeliver(self, record: Record, rules: Rules | None = None) -> list[Transfer]:
         """What crediting the same record again gives (ingest treats it as a no-op; keys must too)."""
+        device = self.device
         with self.db.write() as tx:
-            return rewards.credit(tx, rules or make_rules(), record, self.device, record.t)
+            return rewards.credit(tx, rules or make_rules(), record, device, record.t)

@@ -44,8 +44,8 @@ def test_double_entry_and_idempotency(db_url: str) -> None:
         with pytest.raises(InsufficientFunds, match="driver:bob has 200"):
             ledger.transfer(tx, key="too-much", from_account="driver:bob", to_account="driver:alice",
                             amount=201, now_ms=4)
-        for bad in ({"amount": 0}, {"amount": -1}, {"to_account": "wallet:x"}, {"from_account": "driver:bob",
-                                                                                   "to_account": "driver:bob"}):
+        for bad in ({"amount": 0}, {"amount": -1}, {"to_account": "wallet:x"},
+                    {"from_account": "driver:bob", "to_account": "driver:bob"}):
             kwargs = {"key": "k", "from_account": "issuer", "to_account": "driver:bob", "amount": 1, **bad}
             with pytest.raises(ValueError):
                 ledger.transfer(tx, now_ms=5, **kwargs)  # type: ignore[arg-type]

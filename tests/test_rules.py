@@ -57,7 +57,8 @@ _DELETE = object()
     ({"max_speed_kph": 250.0}, "max_speed_kph: must be an integer, not a float"),
     ({"max_speed_kph": "fast"}, "max_speed_kph: must be an integer"),
     ({"max_speed_kph": True}, "max_speed_kph: must be an integer"),
-    ({"rule__0__milli_tokens": 10.5}, "rule[0] (weekly-confirmation): milli_tokens: must be an integer, not a float"),
+    ({"rule__0__milli_tokens": 10.5},
+     "rule[0] (weekly-confirmation): milli_tokens: must be an integer, not a float"),
     ({"rule__0__milli_tokens": -5}, "rule[0] (weekly-confirmation): milli_tokens: -5 is negative"),
     ({"rule__0__tolerance_m": -1}, "tolerance_m: -1 is negative"),
     ({"rule__0__bonus": 1}, "rule[0] (weekly-confirmation): bonus: unknown key"),
@@ -66,7 +67,8 @@ _DELETE = object()
     ({"rule__0__on": "event"}, "on: must be"),
     ({"rule__1__on": "confirmation"}, "rule[1] (distance): on: a distance rule applies to 'trip'"),
     ({"rule__1__milli_tokens_per_km": -10}, "rule[1] (distance): milli_tokens_per_km: -10 is negative"),
-    ({"rule__1__cap_milli_tokens_per_week": 5e3}, "cap_milli_tokens_per_week: must be an integer, not a float"),
+    ({"rule__1__cap_milli_tokens_per_week": 5e3},
+     "cap_milli_tokens_per_week: must be an integer, not a float"),
     ({"rule__1__id": "weekly-confirmation"}, "rule[1].id: 'weekly-confirmation' is used twice"),
     ({"rule__1__id": "Bad Name"}, "rule[1].id: 'Bad Name' is not a valid name"),
     ({"rule__2__weekly": "distance"}, "rule[2] (streak): weekly: 'distance' is not a weekly rule"),
@@ -102,7 +104,8 @@ def test_weekly_on_odometer_cannot_compare_figures() -> None:
     with pytest.raises(RulesError, match=r"rule\[2\] \(streak\): on: must be 'odometer'"):
         parse(doc)
     doc["rule"][2]["on"] = "odometer"
-    assert parse(doc).rule("weekly-confirmation") == WeeklyRule("weekly-confirmation", "odometer", 10000, None)
+    weekly = parse(doc).rule("weekly-confirmation")
+    assert weekly == WeeklyRule("weekly-confirmation", "odometer", 10000, None)
 
 
 def test_file_errors(tmp_path: Path) -> None:
