@@ -86,6 +86,12 @@ def _connect(client: mqtt.Client, broker: BrokerConfig) -> None:
         raise Unreachable(f"cannot reach the broker at {broker.display}: {exc}") from None
 
 
+def _close(client: mqtt.Client) -> None:
+    if client.socket() is not None:
+        client.disconnect()
+        client.loop(timeout=0.05)
+
+
 class SendWindow:
     """Which seq to send next, and when to go back and send again. Pure logic."""
 
@@ -218,8 +224,7 @@ class Syncer:
             return online
         finally:
             self._connected = False
-            client.disconnect()
-            client.loop(timeout=0.05)
+            _close(client)
 
     def _on_connect(self, client: mqtt.Client, rc: Any, refused: list[str]) -> None:
         if rc.is_failure:
@@ -384,5 +389,4 @@ def enroll(
                 last = (fresh or retained or [(None, None)])[-1]
                 return EnrollResult(*last)
     finally:
-        client.disconnect()
-        client.loop(timeout=0.05)
+        _close(client)
