@@ -261,12 +261,17 @@ def test_a_device_cannot_read_another_devices_acks(secure: SecureBroker) -> None
         assert set(a.drain()) <= {(topics.ack(A), b"for A")}
 
 
-def test_the_backend_account_reads_records_and_answers_devices(secure: SecureBroker) -> None:
+def test_the_backend_account_answers_devices_but_cannot_speak_for_them(secure: SecureBroker) -> None:
     with backend(secure) as be, Client(secure, A) as a:
-        # It answers on ack and enrolled only: it cannot speak for a device.
-        assert not be.publish(topics.enrolled(A), b"{}").is_failure
+        a.subscribe(topics.ack(A), topics.enrolled(A))
+        be.subscribe(topics.shared("records"), topics.shared("status"))
+        assert be.publish(topics.enrolled(A), b'{"status": "approved"}').value == 0
+        assert a.next() == (topics.enrolled(A), b'{"status": "approved"}')
         assert be.publish(topics.records(A), b"forged").value == NOT_AUTHORIZED
         assert be.publish(topics.status(A), b"forged").value == NOT_AUTHORIZED
+        assert a.publish(topics.records(A), b"genuine").value == 0
+        assert be.next() == (topics.records(A), b"genuine")
+        assert be.drain() == []
 
 
 def test_a_client_id_cannot_take_over_another_devices_session(secure: SecureBroker) -> None:
