@@ -81,7 +81,7 @@ class ObdLoop:
         self, source: SourceLike, vehicle: VehicleLike, power: PowerLike, recorder: Recorder, *,
         clock: Clock, boot: str, retention_days: int = 30, max_records: int = 50_000,
         shutdown_command: Sequence[str] = (), run_command: Callable[[Sequence[str]], object] | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = time.monotonic, open_backoff: Backoff | None = None,
     ) -> None:
         self.source = source
         self.vehicle = vehicle
@@ -95,6 +95,7 @@ class ObdLoop:
         self.shutdown_command = tuple(shutdown_command)
         self._run_command = run_command or _run_shutdown
         self._mono = monotonic
+        self._backoff = open_backoff or Backoff(1.0, 60.0)
         self.busy_since: float | None = None     # set while inside an adapter call
         self.shutdown_reason: str | None = None
         self._live_at = -LIVE_EVERY_S
@@ -117,7 +118,7 @@ class ObdLoop:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        backoff = Backoff(1.0, 60.0)
+        backoff = self._backoff
         while not stop.is_set():
             try:
                 if self.source.state not in ("connected", "no_ecu"):
