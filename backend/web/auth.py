@@ -349,7 +349,8 @@ def routes(ctx: AppContext, limiter: LoginLimiter | None = None) -> list[BaseRou
         nxt = form.get("next")
         response = RedirectResponse(safe_next(nxt if isinstance(nxt, str) else None), status_code=303)
         _set_cookie(response, ctx, COOKIE, session_token, SESSION_TTL_MS // 1000)
-        response.delete_cookie(LOGIN_COOKIE, path="/login")
+        response.delete_cookie(LOGIN_COOKIE, path="/login", httponly=True, samesite="strict",
+                               secure=ctx.secure_cookies)
         return response
 
     @login_required(ctx)
