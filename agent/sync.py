@@ -88,7 +88,8 @@ def _connect(client: mqtt.Client, broker: BrokerConfig) -> None:
 
 def _close(client: mqtt.Client) -> None:
     if client.socket() is not None:
-        client.disconnect()
+        client.disconnect()  # sends DISCONNECT at once and closes the socket
+    if client.socket() is not None:
         client.loop(timeout=0.05)
 
 

@@ -7,37 +7,24 @@ import os
 import subprocess
 import threading
 import time
-import uuid
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.buffer import Outbox
 from agent.clock import Clock
 from agent.config import BrokerConfig
 from agent.recorder import Recorder
 from agent.sync import SendWindow, Syncer, SyncSettings
-from protocol import messages, records, topics
 from protocol.identity import SigningKey
-from protocol.messages import Ack, Rejection
-from protocol.records import GENESIS
+from tests.agent_helpers import Backend, quiet_broker, wait_for
 from tests.fakes import FakeReading, Ticker
-from tests.mqtt_broker import Broker, free_port, start_broker
+from tests.mqtt_broker import Broker, free_port
 
 ODO = FakeReading("odometer", {"odo_m": 1000, "src": "obd"})
 FAST = SyncSettings(resend_after_s=0.5, max_resend_after_s=2.0, status_every_s=0.05, backoff_base_s=0.1,
                     backoff_cap_s=0.5, connect_timeout_s=3.0)
-
-
-def quiet_broker(**kw: object) -> Broker:
-    """``start_broker`` leaves its log file to the garbage collector; keep that quiet."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        return start_broker(**kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -45,68 +32,6 @@ def broker() -> Iterator[Broker]:
     b = quiet_broker()
     yield b
     b.stop()
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
-
-class Backend:
-    """Verifies each record, takes only the next expected seq, acks ``through``."""
-
-    def __init__(self, broker: Broker, key: SigningKey, *, approved: bool = True) -> None:
-        self.dev = key.public.id
-        self.pub = key.public
-        self.approved = approved
-        self.acking = True
-        self.drop_acks = 0
-        self.through = 0
-        self.head = GENESIS
-        self.received: list[int] = []
-        self.statuses: list[dict[str, object]] = []
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"backend-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.1, 0.5)
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert wait_for(lambda: self.client.is_connected())
-
-    def _on_connect(self, c: mqtt.Client, *_: object) -> None:
-        c.subscribe([(topics.records(self.dev), 1), (topics.status(self.dev), 1)])
-
-    def _on_message(self, c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
-        if m.topic == topics.status(self.dev):
-            self.statuses.append(messages.decode_status(m.payload))
-            return
-        rejected = []
-        for jws in messages.decode_batch(m.payload):
-            rec = records.verify(jws, self.pub)
-            self.received.append(rec.seq)
-            if not self.approved:
-                rejected.append(Rejection(rec.seq, "unknown_device"))
-            elif rec.seq == self.through + 1 and rec.prev == self.head:
-                self.through, self.head = rec.seq, rec.id
-        if self.drop_acks:
-            self.drop_acks -= 1
-            return
-        if self.acking:
-            ack = Ack(self.through, tuple(rejected), self.through * 100 if self.approved else None)
-            c.publish(topics.ack(self.dev), messages.encode_ack(ack), qos=1)
-
-    def approve(self) -> None:
-        self.approved = True
-        self.client.publish(topics.enrolled(self.dev), messages.encode_enrolled("approved"), qos=1)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 class Agent:
@@ -144,7 +69,7 @@ def agent(tmp_path: Path, broker: Broker) -> Iterator[Agent]:
 
 
 def test_records_are_marked_synced_only_when_acked(agent: Agent, broker: Broker) -> None:
-    backend = Backend(broker, agent.key)
+    backend = Backend(broker, agent.key.public)
     backend.acking = False
     agent.record(3)
     agent.start()
@@ -160,7 +85,7 @@ def test_records_are_marked_synced_only_when_acked(agent: Agent, broker: Broker)
 
 
 def test_a_dropped_ack_is_recovered_by_resending_from_through_plus_one(agent: Agent, broker: Broker) -> None:
-    backend = Backend(broker, agent.key)
+    backend = Backend(broker, agent.key.public)
     agent.start()
     agent.record(4)
     assert wait_for(lambda: agent.outbox.backlog() == 0)
@@ -175,7 +100,7 @@ def test_a_dropped_ack_is_recovered_by_resending_from_through_plus_one(agent: Ag
 
 
 def test_status_is_retained_and_goes_offline_on_stop(agent: Agent, broker: Broker) -> None:
-    backend = Backend(broker, agent.key)
+    backend = Backend(broker, agent.key.public)
     agent.record(2)
     agent.start()
     assert wait_for(lambda: any(s.get("online") and s.get("backlog") == 0 for s in backend.statuses))
@@ -188,7 +113,7 @@ def test_status_is_retained_and_goes_offline_on_stop(agent: Agent, broker: Broke
 
 
 def test_unknown_device_records_wait_and_go_after_approval(agent: Agent, broker: Broker) -> None:
-    backend = Backend(broker, agent.key, approved=False)
+    backend = Backend(broker, agent.key.public, approved=False)
     agent.start()
     agent.record(3)
     assert wait_for(lambda: agent.outbox.state("last_rejection") is not None)
@@ -204,7 +129,7 @@ def test_unknown_device_records_wait_and_go_after_approval(agent: Agent, broker:
 
 def test_mqtt_311_works_too(tmp_path: Path, broker: Broker) -> None:
     a = Agent(tmp_path, broker, version="3.1.1")
-    backend = Backend(broker, a.key)
+    backend = Backend(broker, a.key.public)
     a.record(5)
     a.start()
     assert wait_for(lambda: a.outbox.backlog() == 0)
@@ -216,7 +141,7 @@ def test_reconnects_with_backoff_after_the_broker_restarts(tmp_path: Path) -> No
     port = free_port()
     own = quiet_broker(port=port)
     a = Agent(tmp_path, own)
-    backend = Backend(own, a.key)
+    backend = Backend(own, a.key.public)
     try:
         a.start()
         a.record(2)

@@ -1,0 +1,99 @@
+"""Helpers for the agent's tests on real parts: a quiet mosquitto, and a small
+stand-in for the backend (verifies each record, takes only the next expected
+seq, acknowledges ``through``, answers enrolments)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from protocol import messages, records, topics
+from protocol.identity import VerifyKey
+from protocol.messages import Ack, Rejection
+from protocol.records import GENESIS
+from tests.mqtt_broker import Broker, start_broker
+
+
+def quiet_broker(**kw: object) -> Broker:
+    """``start_broker`` leaves its log file to the garbage collector; keep that quiet."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        return start_broker(**kw)  # type: ignore[arg-type]
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+class Backend:
+    """Verifies each record, takes only the next expected seq, acks ``through``."""
+
+    def __init__(self, broker: Broker, pub: VerifyKey, *, approved: bool = True,
+                 answers: tuple[tuple[str, str | None], ...] = ()) -> None:
+        self.dev = pub.id
+        self.pub = pub
+        self.approved = approved
+        self.answers = list(answers)        # what to answer each enrolment, in turn
+        self.enrollments: list[messages.Enrollment] = []
+        self.acking = True
+        self.drop_acks = 0
+        self.through = 0
+        self.head = GENESIS
+        self.received: list[int] = []
+        self.statuses: list[dict[str, object]] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"backend-{uuid.uuid4().hex[:8]}",
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert wait_for(lambda: self.client.is_connected())
+
+    def _on_connect(self, c: mqtt.Client, *_: object) -> None:
+        c.subscribe([(topics.topic(self.dev, ch), 1) for ch in ("records", "status", "enroll")])
+
+    def _on_message(self, c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
+        if m.topic == topics.status(self.dev):
+            self.statuses.append(messages.decode_status(m.payload))
+            return
+        if m.topic == topics.enroll(self.dev):
+            self.enrollments.append(messages.verify_enrollment(m.payload))
+            if self.answers:
+                status, reason = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+                c.publish(topics.enrolled(self.dev), messages.encode_enrolled(status, reason), qos=1)
+            return
+        rejected = []
+        for jws in messages.decode_batch(m.payload):
+            rec = records.verify(jws, self.pub)
+            self.received.append(rec.seq)
+            if not self.approved:
+                rejected.append(Rejection(rec.seq, "unknown_device"))
+            elif rec.seq == self.through + 1 and rec.prev == self.head:
+                self.through, self.head = rec.seq, rec.id
+        if self.drop_acks:
+            self.drop_acks -= 1
+            return
+        if self.acking:
+            ack = Ack(self.through, tuple(rejected), self.through * 100 if self.approved else None)
+            c.publish(topics.ack(self.dev), messages.encode_ack(ack), qos=1)
+
+    def approve(self) -> None:
+        self.approved = True
+        self.client.publish(topics.enrolled(self.dev), messages.encode_enrolled("approved"), qos=1)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
