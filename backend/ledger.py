@@ -88,8 +88,9 @@ class Transfer:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Transfer:
-        return cls(**{name: (int(row[name]) if name in ("id", "amount", "created_at") else row[name])
-                      for name in cls.__dataclass_fields__})
+        return cls(int(row["id"]), str(row["key"]), str(row["from_account"]), str(row["to_account"]),
+                   int(row["amount"]), row["rule_id"], row["rules_version"], row["dev"], row["record_id"],
+                   row["week"], row["memo"], int(row["created_at"]))
 
 
 def is_account(name: object) -> bool:

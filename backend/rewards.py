@@ -150,9 +150,10 @@ def decide(rules: Rules, reading: Reading, credited: Credited) -> list[Credit]:
             if amount > 0:
                 planned[key] = Credit(key, rule.id, amount, r.dev, r.id, week, memo)
         else:
-            week = next((c.week for c in planned.values() if c.rule_id == rule.weekly), None)
-            if week is None:
+            confirmed = next((c.week for c in planned.values() if c.rule_id == rule.weekly), None)
+            if confirmed is None:
                 continue
+            week = confirmed
             count, w = 1, week
             while count < rule.every_weeks:
                 w = previous_week(w)

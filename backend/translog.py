@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from backend.db import Database, Tx
 from protocol import checkpoint as cp
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 LOCK = 0x0D0_7106          # advisory lock: allocation of leaf indexes
 KEY_SETTING = "translog.log_key"
 ENTRY_KINDS = ("record", "transfer")
+T = TypeVar("T")
 
 
 class TranslogError(Exception):
@@ -90,18 +91,51 @@ def _node(tx: Tx, level: int, idx: int) -> bytes:
 
 
 class _Tree:
-    """Hashes of ranges of the first ``size`` leaves, read from stored subtrees."""
+    """Hashes of ranges of the first ``size`` leaves, read from stored subtrees.
+
+    :meth:`run` walks a computation twice: once to learn which stored nodes it
+    needs, which are then fetched in a few queries, and once to compute.
+    """
+
+    _CHUNK = 200
 
     def __init__(self, tx: Tx, size: int) -> None:
         self.tx = tx
         self.size = size
         self._cache: dict[tuple[int, int], bytes] = {}
+        self._wanted: set[tuple[int, int]] | None = None
 
     def node(self, level: int, idx: int) -> bytes:
         key = (level, idx)
+        if self._wanted is not None:
+            if key not in self._cache:
+                self._wanted.add(key)
+            return bytes(32)
         if key not in self._cache:
             self._cache[key] = _node(self.tx, level, idx)
         return self._cache[key]
+
+    def run(self, compute: Callable[[], T]) -> T:
+        self._wanted = set()
+        try:
+            compute()
+            wanted = sorted(self._wanted)
+        finally:
+            self._wanted = None
+        leaves = [i for level, i in wanted if level == 0]
+        for n in range(0, len(leaves), self._CHUNK):
+            some = leaves[n:n + self._CHUNK]
+            for row in self.tx.query(f"SELECT idx, leaf_hash FROM translog WHERE idx IN "
+                                     f"({', '.join('?' for _ in some)})", some):
+                self._cache[(0, int(row["idx"]))] = _b(row["leaf_hash"])
+        inner = [key for key in wanted if key[0] > 0]
+        for n in range(0, len(inner), self._CHUNK):
+            chunk = inner[n:n + self._CHUNK]
+            where = " OR ".join("(level = ? AND idx = ?)" for _ in chunk)
+            params = [v for key in chunk for v in key]
+            for row in self.tx.query(f"SELECT level, idx, hash FROM translog_nodes WHERE {where}", params):
+                self._cache[(int(row["level"]), int(row["idx"]))] = _b(row["hash"])
+        return compute()
 
     def mth(self, start: int, end: int) -> bytes:
         """MTH of leaves [start, end); ``start`` is always aligned as RFC 6962 splits."""
@@ -142,7 +176,8 @@ def _split(n: int) -> int:
 def root(tx: Tx, tree_size: int | None = None) -> bytes:
     """The RFC 6962 root of the first ``tree_size`` leaves (default: all of them)."""
     n = _size(tx) if tree_size is None else tree_size
-    return _Tree(tx, n).mth(0, n)
+    tree = _Tree(tx, n)
+    return tree.run(lambda: tree.mth(0, n))
 
 
 def leaf_index(tx: Tx, ref: str) -> int | None:
@@ -152,20 +187,20 @@ def leaf_index(tx: Tx, ref: str) -> int | None:
 
 def inclusion_proofs(tx: Tx, indexes: Iterable[int], tree_size: int) -> list[list[bytes]]:
     """Audit paths (RFC 6962 §2.1.1) of leaves into the tree of ``tree_size`` leaves."""
-    tree = _Tree(tx, tree_size)
-    out = []
-    for i in indexes:
+    wanted = list(indexes)
+    for i in wanted:
         if not 0 <= i < tree_size:
             raise ValueError(f"leaf {i} is outside a tree of {tree_size} leaves")
-        out.append(tree.path(i, 0, tree_size))
-    return out
+    tree = _Tree(tx, tree_size)
+    return tree.run(lambda: [tree.path(i, 0, tree_size) for i in wanted])
 
 
 def consistency_proof(tx: Tx, old_size: int, new_size: int) -> list[bytes]:
     """PROOF(old_size, D[new_size]) of RFC 6962 §2.1.2."""
     if not 0 < old_size <= new_size:
         raise ValueError("old size outside the tree")
-    return _Tree(tx, new_size).subproof(old_size, 0, new_size, True)
+    tree = _Tree(tx, new_size)
+    return tree.run(lambda: tree.subproof(old_size, 0, new_size, True))
 
 
 # -- the log key and checkpoints ------------------------------------------------------------

@@ -41,7 +41,8 @@ def _rate(fn: Callable[[], object], repeat: int) -> float:
 
 def _paired(a: Callable[[], object], b: Callable[[], object], repeat: int) -> tuple[float, float]:
     """Rates of ``a`` and ``b`` timed in alternation, so that both see the same disk."""
-    ta, tb = [], []
+    ta: list[float] = []
+    tb: list[float] = []
     for _ in range(repeat):
         for fn, runs in ((a, ta), (b, tb)):
             start = time.perf_counter()

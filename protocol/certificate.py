@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol import b64, canonical, checkpoint, messages, records
+from protocol.checkpoint import Checkpoint
 from protocol.errors import BadFormat, BadSignature, ProtocolError
 from protocol.identity import VerifyKey
+from protocol.records import Record
 
 FORMAT = "odoledger-mileage-certificate"
 VERSION = 1
@@ -75,9 +77,9 @@ class Proven:
     """What a verified certificate proves."""
 
     vin: str
-    checkpoint: checkpoint.Checkpoint
+    checkpoint: Checkpoint
     devices: tuple[DeviceEntry, ...]
-    records: tuple[records.Record, ...]          # by device, then seq
+    records: tuple[Record, ...]          # by device, then seq
     gaps: tuple[Gap, ...]
     starts: Mapping[str, int]                    # first seq in the certificate, per device
     warnings: tuple[str, ...]
@@ -85,7 +87,7 @@ class Proven:
     estimates: Mapping[str, int] = field(default_factory=dict)   # record id -> backend's t_est (unproven)
 
     @property
-    def readings(self) -> tuple[records.Record, ...]:
+    def readings(self) -> tuple[Record, ...]:
         """Records that state an odometer value, lowest value first."""
         with_odo = [r for r in self.records if r.odo_m is not None]
         return tuple(sorted(with_odo, key=lambda r: (r.odo_m, r.t, r.dev, r.seq)))
@@ -160,8 +162,8 @@ def _devices(cert: Mapping[str, Any], vin: str) -> dict[str, DeviceEntry]:
 
 
 def _records(cert: Mapping[str, Any], vin: str, devices: Mapping[str, DeviceEntry],
-             cp: checkpoint.Checkpoint, estimates: dict[str, int]) -> list[records.Record]:
-    out: list[records.Record] = []
+             cp: Checkpoint, estimates: dict[str, int]) -> list[Record]:
+    out: list[Record] = []
     seen: set[tuple[str, int]] = set()
     for i, item in enumerate(_get(cert, "records", list, "certificate")):
         where = f"records[{i}]"
@@ -221,19 +223,19 @@ def _gap_notes(cert: Mapping[str, Any]) -> dict[tuple[str, int], str]:
     return notes
 
 
-def _source(r: records.Record) -> str | None:
+def _source(r: Record) -> str | None:
     src = r.fields.get("src")
     return src if isinstance(src, str) else ("driver" if r.kind == "confirmation" else None)
 
 
-def _chains(recs: Sequence[records.Record], notes: Mapping[tuple[str, int], str]
+def _chains(recs: Sequence[Record], notes: Mapping[tuple[str, int], str]
             ) -> tuple[list[Gap], dict[str, int], list[str], list[str]]:
     gaps: list[Gap] = []
     starts: dict[str, int] = {}
     warnings: list[str] = []
     corrections: list[str] = []
-    last: dict[str, records.Record] = {}
-    reading: dict[str, records.Record] = {}
+    last: dict[str, Record] = {}
+    reading: dict[str, Record] = {}
     for r in recs:
         before = last.get(r.dev)
         label = f"record seq {r.seq} of device {r.dev}"
@@ -259,7 +261,7 @@ def _chains(recs: Sequence[records.Record], notes: Mapping[tuple[str, int], str]
             reading[r.dev] = r
         last[r.dev] = r
     synced = sorted((r for r in recs if r.clock == "synced" and r.odo_m is not None), key=lambda r: r.t)
-    top: records.Record | None = None
+    top: Record | None = None
     for r in synced:
         assert r.odo_m is not None
         if top is not None and top.odo_m is not None and r.odo_m < top.odo_m - CORRECTION_SLACK_M \
