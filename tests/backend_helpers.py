@@ -36,6 +36,10 @@ cap_milli_tokens_per_week = 5000
 [[catalogue]]
 item = "tyre-voucher"
 milli_tokens = 5000
+
+[[catalogue]]
+item = "car-wash"
+milli_tokens = 1000
 """
 
 
@@ -74,7 +78,8 @@ class Dongle:
         self.mono += dt_ms
         return {"dev": self.dev, "seq": self.seq + 1 if seq is None else seq,
                 "prev": self.head if prev is None else prev, "kind": kind, "t": self.t, "clock": clock,
-                "boot": self.boot, "mono_ms": self.mono, "vin": self.vin if vin == "default" else vin, **fields}
+                "boot": self.boot, "mono_ms": self.mono, "vin": self.vin if vin == "default" else vin,
+                **fields}
 
     def sign(self, payload: dict[str, Any], *, advance: bool = True) -> Record:
         record = records.sign(self.key, payload)
@@ -131,7 +136,8 @@ def snapshot(db: Database) -> dict[str, Any]:
     """Everything the ingest may change, for "nothing stored changed" assertions."""
     return {
         "records": db.query("SELECT dev, seq, id, status, reason, t_est FROM records ORDER BY dev, seq"),
-        "devices": db.query("SELECT dev, status, vin, flagged_vin, through, head_id FROM devices ORDER BY dev"),
+        "devices": db.query("SELECT dev, status, vin, flagged_vin, through, head_id FROM devices "
+                            "ORDER BY dev"),
         "forks": db.query("SELECT dev, seq, record_id FROM forks ORDER BY id"),
         "transfers": db.query("SELECT key, amount, to_account FROM transfers ORDER BY id"),
         "translog": db.query("SELECT idx, ref FROM translog ORDER BY idx"),

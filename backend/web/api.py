@@ -14,7 +14,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -22,6 +21,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from backend import devices, ledger, translog
+from backend.web.auth import db_call
 from backend.web.context import AppContext
 from backend.web.openapi import document
 
@@ -111,15 +111,15 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
     db = ctx.db
 
     async def list_devices(request: Request) -> Any:
-        return await run_in_threadpool(devices.list_devices, db)
+        return await db_call(db, devices.list_devices)
 
     async def get_device(request: Request) -> Any:
-        return await run_in_threadpool(devices.get_device, db, request.path_params["dev"])
+        return await db_call(db, devices.get_device, request.path_params["dev"])
 
     async def device_records(request: Request) -> Any:
         after = _int_param(request, "after_seq", 0, 0, 2**53)
         limit = _int_param(request, "limit", 500, 1, devices.MAX_RECORDS_PAGE)
-        return await run_in_threadpool(devices.records, db, request.path_params["dev"], after, limit)
+        return await db_call(db, devices.records, request.path_params["dev"], after, limit)
 
     async def approve(request: Request) -> Any:
         body = await _json_body(request, optional=True)
@@ -127,13 +127,13 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         if vin is not None and not isinstance(vin, str):
             raise BadRequest("vin: must be a string")
         dev = request.path_params["dev"]
-        return await run_in_threadpool(devices.approve, db, dev, ctx.clock(), "api", vin)
+        return await db_call(db, devices.approve, dev, ctx.clock(), "api", vin)
 
     async def revoke(request: Request) -> Any:
-        return await run_in_threadpool(devices.revoke, db, request.path_params["dev"], ctx.clock(), "api")
+        return await db_call(db, devices.revoke, request.path_params["dev"], ctx.clock(), "api")
 
     async def wallet(request: Request) -> Any:
-        return await run_in_threadpool(ledger.wallet, db, request.path_params["account"])
+        return await db_call(db, ledger.wallet, request.path_params["account"])
 
     async def redeem(request: Request) -> Any:
         body = await _json_body(request)
@@ -147,11 +147,11 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         if ctx.rules is None:
             return error(503, "no rules file is configured, so there is no catalogue")
         account = request.path_params["account"]
-        made = await run_in_threadpool(ledger.redeem, db, ctx.rules, account, item, key, ctx.clock())
+        made = await db_call(db, ledger.redeem, ctx.rules, account, item, key, ctx.clock())
         return made.to_dict()
 
     async def checkpoint(request: Request) -> Any:
-        return await run_in_threadpool(translog.checkpoint, db, ctx.clock())
+        return await db_call(db, translog.checkpoint, ctx.clock())
 
     async def openapi(request: Request) -> Any:
         return document()

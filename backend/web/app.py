@@ -6,14 +6,15 @@ import logging
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from backend import devices, metrics
+from backend.db import Database
 from backend.web import api
+from backend.web.auth import db_call
 from backend.web.context import AppContext
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,15 @@ def _http_error(request: Request, exc: Exception) -> Response:
 
 def create_app(ctx: AppContext) -> Starlette:
     async def scrape(request: Request) -> Response:
-        online, backlog = await run_in_threadpool(devices.fleet_gauges, ctx.db)
+        online, backlog = await db_call(ctx.db, devices.fleet_gauges)
         return PlainTextResponse(metrics.REGISTRY.render(online, backlog), media_type=metrics.CONTENT_TYPE)
 
     async def healthz(request: Request) -> Response:
-        def check() -> Any:
-            return ctx.db.one("SELECT 1 AS ok")
+        def check(db: Database) -> Any:
+            return db.one("SELECT 1 AS ok")
 
         try:
-            await run_in_threadpool(check)
+            await db_call(ctx.db, check)
         except Exception as exc:  # noqa: BLE001 - any database failure means not healthy
             log.warning("health check: the database does not answer: %s", exc)
             return JSONResponse({"error": "the database does not answer"}, status_code=503)
