@@ -74,7 +74,7 @@ class Car:
              **fields: Any) -> Record:
         self.seq += 1
         payload = {"dev": self.dev, "seq": self.seq, "prev": self.prev if prev is None else prev,
-                   "kind": kind, "t": t, "clock": clock, "boot": "b1", "mono_ms": t % 10**9,
+                   "kind": kind, "t": t, "clock": clock, "boot": f"b{t // DAY}", "mono_ms": t % DAY,
                    "vin": self.vin if vin == "car" else vin, **fields}
         record = records.sign(self.key, payload)
         self.prev = record.id
