@@ -56,7 +56,8 @@ urldecode() { local s=$1; printf '%b' "${s//%/\\x}"; }
 parse_url() {
     local re='^postgres(ql)?://(([^:@/]+)(:([^@/]*))?@)?(\[[^]]*\]|[^:/?]*)(:([0-9]+))?/([^?]+)(\?.*)?$'
     [[ $PG_URL =~ $re ]] || fail "ODO_TEST_PG='$PG_URL' is not postgresql://[user[:password]@]host[:port]/database"
-    PG_USER=$(urldecode "${BASH_REMATCH[3]:-$(id -un)}")
+    # Under `sudo make deps` the tests will run as the user who typed it, not as root.
+    PG_USER=$(urldecode "${BASH_REMATCH[3]:-${SUDO_USER:-$(id -un)}}")
     PG_PASS=$(urldecode "${BASH_REMATCH[5]}")
     PG_HOST=${BASH_REMATCH[6]:-127.0.0.1}
     PG_PORT=${BASH_REMATCH[8]:-5432}
@@ -69,7 +70,7 @@ answering() { pg_isready -q -h "${PG_HOST//[\[\]]/}" -p "$PG_PORT" -t 3; }
 
 # try_connect: connect as the test role, without ever prompting; the error text on failure
 try_connect() {
-    PGCONNECT_TIMEOUT=5 psql "$PG_URL" -w -X -A -t -q -v ON_ERROR_STOP=1 2>&1 <<'SQL'
+    PGCONNECT_TIMEOUT=5 PGUSER=$PG_USER psql "$PG_URL" -w -X -A -t -q -v ON_ERROR_STOP=1 2>&1 <<'SQL'
 BEGIN;
 CREATE SCHEMA odo_deps_probe;
 ROLLBACK;
