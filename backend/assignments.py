@@ -13,14 +13,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from backend import ledger
+from backend import ledger, translog
 from backend.db import Database, Tx
 from backend.rewards import Assignment, reading_time
 
 log = logging.getLogger(__name__)
 
 VIN_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
-LOCK = 0x0D0_A551
 
 
 class AssignmentError(ValueError):
@@ -60,7 +59,9 @@ def assign(db: Database, driver_id: str, vin: str, valid_from: int, now_ms: int)
     if not VIN_RE.match(vin):
         raise AssignmentError(f"VIN {vin!r}: 1 to 32 letters and digits")
     with db.write() as tx:
-        db.lock_key(tx, LOCK)
+        # The lock every crediting transaction holds: a reward credited by another process
+        # either sees this assignment, or is committed before it and moved below.
+        db.lock_key(tx, translog.LOCK)
         if not tx.one("SELECT id FROM drivers WHERE id = ?", (driver_id,)):
             raise AssignmentError(f"no driver {driver_id!r} (add it: odo-backend drivers add {driver_id})")
         later = tx.one("SELECT driver_id, valid_from FROM assignments WHERE vin = ? AND valid_from >= ? "

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from backend import ledger
+from backend import ledger, translog
 from backend.db import Tx
 from backend.rules import DistanceRule, Rules, StreakRule, WeeklyRule
 from protocol.records import Record, iso_week
@@ -187,6 +187,9 @@ def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any],
     """
     if not any(rule.on == record.kind for rule in rules.rules):
         return []
+    # Under the log's lock (which the record's own append already holds), so that an
+    # assignment made meanwhile by another process is either seen here, or sees this credit.
+    translog.lock(tx, translog.LOCK)
     t_est = tx.scalar("SELECT t_est FROM records WHERE id = ?", (record.id,))
     reading = Reading(record, reading_time(record.clock, record.t, t_est), record.vin or device.get("vin"))
     credits = decide(rules, reading, _InDatabase(tx))

@@ -26,7 +26,9 @@ from protocol.identity import SigningKey, VerifyKey
 
 log = logging.getLogger(__name__)
 
-LOCK = 0x0D0_7106          # advisory lock: allocation of leaf indexes
+#: Advisory lock held by every transaction that appends (so every one that credits a reward);
+#: it allocates leaf indexes, and orders assignments with crediting.
+LOCK = 0x0D0_7106
 KEY_SETTING = "translog.log_key"
 ENTRY_KINDS = ("record", "transfer")
 T = TypeVar("T")

@@ -253,3 +253,36 @@ def test_recomputed_rewards_keep_the_rules(events: list[tuple[int, str, int]]) -
     assert sum(1 for e in expected.values() if e.credit.rule_id == "streak") == runs
     # the same records recomputed again give the same credits (nothing depends on order of calls)
     assert rewards.recompute(RULES, list(reversed(readings)), []) == expected
+
+
+def test_an_assignment_made_while_rewards_are_credited_misses_none(db_url: str) -> None:
+    """Ingest (one connection) credits while an operator assigns the car (another connection):
+    every reward for a reading after the assignment's start ends with the driver."""
+    import threading
+
+    db = open_db(db_url)
+    car = Car(db)
+    recs = [car.trip(MONDAY + i * 3_600_000, 10_000) for i in range(40)]
+    operator = Database.open(db_url)
+    assignments.add_driver(operator, "alice", None, 1)
+    started = threading.Event()
+
+    def assign() -> None:
+        started.wait()
+        try:
+            assignments.assign(operator, "alice", car.vin or "", MONDAY - DAY, MONDAY)
+        finally:
+            operator.close()                                # this thread's connection
+
+    thread = threading.Thread(target=assign)
+    thread.start()
+    for i, record in enumerate(recs):
+        car.store(record)
+        if i == 5:
+            started.set()
+    thread.join()
+    operator.close()
+    assert _balance(db, f"unassigned:{car.dev}") == 0
+    assert _balance(db, "driver:alice") == 40 * 100          # 40 trips of 10 km
+    assert audit.audit(db, RULES) == []
+    db.close()
