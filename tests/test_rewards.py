@@ -286,3 +286,16 @@ def test_an_assignment_made_while_rewards_are_credited_misses_none(db_url: str) 
     assert _balance(db, "driver:alice") == 40 * 100          # 40 trips of 10 km
     assert audit.audit(db, RULES) == []
     db.close()
+
+
+def test_a_weekly_rule_on_odometer_readings() -> None:
+    doc = copy.deepcopy(RULES_DOC)
+    doc["rule"] = [{"id": "connected", "on": "odometer", "per": "week", "milli_tokens": 500}]
+    rules = parse(doc)
+    car = _pure_car()
+    readings = [rewards.Reading(car.odometer(t), t, car.vin)
+                for t in (MONDAY, MONDAY + DAY, MONDAY + WEEK, MONDAY + 3 * WEEK)]
+    readings.append(rewards.Reading(car.confirm(MONDAY + 4 * WEEK), MONDAY + 4 * WEEK, car.vin))
+    expected = rewards.recompute(rules, readings, [])
+    assert sorted(e.credit.week for e in expected.values()) == ["2026-W02", "2026-W03", "2026-W05"]
+    assert {e.credit.amount for e in expected.values()} == {500}
