@@ -184,7 +184,7 @@ def cmd_run(args: argparse.Namespace, cfg: AgentConfig) -> int:
         retention_days=cfg.retention_days, max_records=cfg.max_records, shutdown_command=cfg.shutdown_command,
     )
     syncer = Syncer(cfg.broker, key.public.id, outbox, obd_state=lambda: obd.obd_state,
-                    settings=SyncSettings(resend_after_s=cfg.resend_after_s))
+                    error=lambda: recorder.error, settings=SyncSettings(resend_after_s=cfg.resend_after_s))
     log.info("odo-agent %s: device %s, adapter %s, broker %s", __version__, key.public.id, cfg.obd_port,
              cfg.broker.display)
     return daemon.run(obd, syncer, threading.Event())

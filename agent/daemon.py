@@ -226,9 +226,14 @@ class ObdLoop:
     def _check_power(self, sample: Any) -> None:
         if self.shutdown_reason is not None:
             return
+        try:
+            backlog = self.outbox.backlog()
+        except StorageError as exc:
+            log.error("cannot count the backlog: %s", exc)
+            return
         reason = self.power.should_shutdown(
             now_mono_ms=getattr(sample, "mono_ms", mono_ms()), ignition=self.vehicle.ignition,
-            voltage_mv=getattr(sample, "voltage_mv", None), backlog=self.outbox.backlog(),
+            voltage_mv=getattr(sample, "voltage_mv", None), backlog=backlog,
         )
         if reason is None:
             return
@@ -291,6 +296,10 @@ def run(obd: ObdLoop, syncer: Syncer | None, stop: threading.Event, *, install_s
         stop.wait(min(1.0, watchdog / 3) if watchdog else 1.0)
         if not threads[0].is_alive():
             log.error("the OBD loop ended unexpectedly")
+            status = 1
+            break
+        if syncer is not None and not threads[1].is_alive() and syncer.state != "auth_refused":
+            log.error("the sync loop ended unexpectedly")
             status = 1
             break
         busy = obd.busy_since

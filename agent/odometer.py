@@ -223,9 +223,10 @@ class Odometer:
     def _a6(self, v: int, mono_ms: int, wall_ms: int) -> list[Event]:
         events: list[Event] = []
         last = self._obd_m
-        if last is not None and v > last:
+        base = max(last, self.high_m or 0) if last is not None else None   # back to known ground is fine
+        if last is not None and base is not None and v > base:
             limit = self._limit_m(mono_ms, wall_ms, self._obd_mono, self._obd_wall)
-            if limit is not None and v - last > limit:
+            if limit is not None and v - base > limit:
                 pending = self._pending_m
                 if pending is not None and pending <= v <= pending + 1000:
                     self._pending_n += 1

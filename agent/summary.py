@@ -36,6 +36,8 @@ class Summary:
     live_t: int | None            # when the daemon last saved its live view
     error: str | None
     last_rejection: Mapping[str, Any] | None
+    sync: str | None = None       # the daemon's broker connection: online | offline | auth_refused
+    sync_refusal: str | None = None
 
     @property
     def since_confirmed_m(self) -> int | None:
@@ -54,6 +56,7 @@ class Summary:
             "confirmed": dict(self.confirmed) if self.confirmed else None,
             "since_confirmed_m": self.since_confirmed_m, "live_t": self.live_t, "error": self.error,
             "last_rejection": dict(self.last_rejection) if self.last_rejection else None,
+            "sync": self.sync, "sync_refusal": self.sync_refusal,
         }
 
 
@@ -64,6 +67,7 @@ def read(outbox: Outbox, dev: str, clock: Clock, now: int | None = None) -> Summ
     ack = outbox.state("ack") or {}
     enrollment = outbox.state("enrollment") or {}
     confirmed = outbox.state("confirmed")
+    sync = outbox.state("sync") or {}
     week = iso_week(now)
     return Summary(
         dev=dev, vin=outbox.state("vin"), last_seq=counts.last_seq,
@@ -73,6 +77,7 @@ def read(outbox: Outbox, dev: str, clock: Clock, now: int | None = None) -> Summ
         confirmed=confirmed, confirmation_due=not confirmed or confirmed.get("week") != week,
         enrolled=enrollment.get("status"), enrollment_reason=enrollment.get("reason"),
         live_t=live.get("t"), error=live.get("error"), last_rejection=outbox.state("last_rejection"),
+        sync=sync.get("state"), sync_refusal=sync.get("refusal"),
     )
 
 
@@ -120,6 +125,7 @@ def text(s: Summary) -> str:
         lines.append(f"trip         under way since {when(s.trip.get('start_t'))}")  # type: ignore[arg-type]
     lines += [
         f"records      {s.last_seq} signed, synced through {s.synced_through}, {s.backlog} waiting to sync",
+        f"broker       {s.sync or 'never connected'}" + (f": {s.sync_refusal}" if s.sync_refusal else ""),
         f"last ack     {when(s.last_ack_t)}",
         f"balance      {tokens(s.balance)}",
         f"clock        {s.clock}",

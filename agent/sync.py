@@ -148,25 +148,43 @@ class SendWindow:
 
 class Syncer:
     """Runs the sync loop in the calling thread until ``stop`` is set or the broker
-    refuses the credentials. ``obd_state`` gives the adapter's state for status."""
+    refuses the credentials. ``obd_state`` gives the adapter's state for status, and
+    ``error`` the agent's error state (e.g. a full disk), if any.
+
+    The connection state is also kept in the outbox (``sync``) for ``odo-agent status``."""
 
     def __init__(
         self, broker: BrokerConfig, dev: str, outbox: Outbox, *,
-        obd_state: Callable[[], str] = lambda: "unknown", settings: SyncSettings | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
+        obd_state: Callable[[], str] = lambda: "unknown", error: Callable[[], str | None] = lambda: None,
+        settings: SyncSettings | None = None, monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.broker = broker
         self.dev = dev
         self.outbox = outbox
         self.obd_state = obd_state
+        self.error = error
         self.settings = settings or SyncSettings()
         self._mono = monotonic
         self.window = SendWindow(self.settings, monotonic())
-        self.state = "offline"         # offline | online | auth_refused
+        self._state = "offline"        # offline | online | auth_refused
         self.refusal: str | None = None
         self._connected = False
         self._last_status: tuple[object, ...] | None = None
         self._status_at = 0.0
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        if value == self._state:
+            return
+        self._state = value
+        try:
+            self.outbox.set_state({"sync": {"state": value, "refusal": self.refusal, "t": now_ms()}})
+        except StorageError as exc:
+            log.error("sync: %s", exc)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -176,7 +194,8 @@ class Syncer:
             try:
                 was_online = self._session(stop)
             except AuthRefused as exc:
-                self.state, self.refusal = "auth_refused", str(exc)
+                self.refusal = str(exc)
+                self.state = "auth_refused"
                 log.error("%s; not retrying: fix the broker credentials or ACL and restart", exc)
                 return
             except Unreachable as exc:
@@ -279,17 +298,21 @@ class Syncer:
         log.debug("published seqs %d..%d", rows[0][0], last)
         self.window.sent(last, now)
 
-    def _publish_status(self, client: mqtt.Client, now: float, force: bool = False) -> None:
-        counts = self.outbox.counts()
-        key = (counts.unsynced, counts.last_seq, self.obd_state())
-        if key == self._last_status or (not force and now - self._status_at < self.settings.status_every_s
-                                        and self._last_status is not None):
+    def _publish_status(self, client: mqtt.Client, now: float) -> None:
+        """On connect, then when something in it changed, at most every ``status_every_s``."""
+        if self._last_status is not None and now - self._status_at < self.settings.status_every_s:
             return
-        body = messages.encode_status(
-            t=now_ms(), backlog=key[0], last_seq=key[1], obd=key[2], version=__version__
-        )
-        client.publish(topics.status(self.dev), body, qos=1, retain=True)
-        self._last_status, self._status_at = key, now
+        self._status_at = now
+        counts = self.outbox.counts()
+        key = (counts.unsynced, counts.last_seq, self.obd_state(), self.error())
+        if key == self._last_status:
+            return
+        fields: dict[str, object] = {"t": now_ms(), "backlog": key[0], "last_seq": key[1], "obd": key[2],
+                                     "version": __version__}
+        if key[3]:
+            fields["error"] = key[3]
+        client.publish(topics.status(self.dev), messages.encode_status(**fields), qos=1, retain=True)
+        self._last_status = key
 
     # -- receiving ------------------------------------------------------------------------------
 

@@ -72,6 +72,11 @@ class Ignition:
         self._since_mono: int | None = None                # start of a contrary run (runtime only)
         self._since_wall = 0
 
+    @property
+    def pending(self) -> bool:
+        """A contrary run is under way (the state may flip at a coming sample)."""
+        return self._since_mono is not None
+
     def update(self, raw_on: bool, mono_ms: int, wall_ms: int) -> str | None:
         """Feed one sample; returns "start" or "end" when the debounced state flips."""
         if raw_on == self.on:
@@ -110,6 +115,7 @@ class Trips:
         self._max_kph = _int(st, "trip_max_kph") or 0
         self._last_rec_odo = _int(st, "trip_last_rec_odo_m")
         self._last_rec_mono: int | None = None
+        self._cand: tuple[int | None, str | None, int] | None = None   # odometer at the first "on" sample
 
     @property
     def active(self) -> bool:
@@ -148,6 +154,8 @@ class Trips:
 
     def step(self, raw_on: bool, speed_kph: int | None, mono_ms: int, wall_ms: int, odo: Odometer) -> Out:
         out: Out = []
+        if raw_on and not self.ignition.on and not self.ignition.pending:
+            self._cand = (self._stated(odo), odo.src, odo.travel_m)
         change = self.ignition.update(raw_on, mono_ms, wall_ms)
         if change == "start":
             if self.active:                 # cannot happen after resume(); be safe
@@ -190,9 +198,12 @@ class Trips:
     def _start(self, start_t: int, odo: Odometer, out: Out, mono_ms: int) -> None:
         self._record_odometer(odo, out, mono_ms)
         self._start_t = start_t
-        self._start_odo = self._stated(odo)
-        self._start_src = odo.src
-        self._start_travel = odo.travel_m
+        # the trip began at the first "on" sample, before the debounce confirmed it
+        self._start_odo, self._start_src, self._start_travel = self._cand or (
+            self._stated(odo), odo.src, odo.travel_m)
+        if self._start_odo is None and odo.value is not None:
+            self._start_odo, self._start_src = self._stated(odo), odo.src
+        self._cand = None
         self._max_kph = 0
         log.info("trip started (odometer %s m, %s)", self._start_odo, odo.src)
 

@@ -170,11 +170,10 @@ def test_run_tells_systemd_ready_watchdog_and_stopping(tmp_path: Path, notify_so
     t = threading.Thread(target=lambda: result.append(daemon.run(obd, None, stop, install_signals=False)))
     t.start()
     got: list[str] = []
-    while "WATCHDOG=1" not in got:
+    while "WATCHDOG=1" not in got or not any(m.startswith("STATUS=obd connected") for m in got):
         got.append(notify_socket.recv(256).decode())
     stop.set()
     t.join(10)
     while "STOPPING=1" not in got:
         got.append(notify_socket.recv(256).decode())
     assert got[0] == "READY=1" and result == [0]
-    assert any(m.startswith("STATUS=obd connected") for m in got)

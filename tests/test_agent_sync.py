@@ -175,6 +175,7 @@ def test_an_authorisation_refusal_stops_retrying(tmp_path: Path, version: str) -
         a.thread.join(5)
         assert not a.thread.is_alive()
         assert a.syncer.state == "auth_refused"
+        assert a.outbox.state("sync")["state"] == "auth_refused"  # for odo-agent status
         assert a.syncer.refusal and ("Not authorized" in a.syncer.refusal or "password" in a.syncer.refusal)
     finally:
         a.close()
