@@ -43,7 +43,7 @@ def verify(units: list[Path]) -> subprocess.CompletedProcess[str]:
 def test_units_verify_cleanly(tmp_path: Path) -> None:
     units = staged(tmp_path)
     assert {u.name for u in units} == {"odo-agent.service", "odo-agent-reminder.service",
-                                       "odo-agent-reminder.timer"}
+                                       "odo-agent-reminder.timer", "odo-agent-ui.service"}
     res = verify(units)
     assert res.returncode == 0 and res.stderr == "", res.stderr
 
