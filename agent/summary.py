@@ -122,7 +122,8 @@ def text(s: Summary) -> str:
         f"adapter      {s.obd}",
     ]
     if s.trip:
-        lines.append(f"trip         under way since {when(s.trip.get('start_t'))}")  # type: ignore[arg-type]
+        start = s.trip.get("start_t")
+        lines.append(f"trip         under way since {when(start if isinstance(start, int) else None)}")
     lines += [
         f"records      {s.last_seq} signed, synced through {s.synced_through}, {s.backlog} waiting to sync",
         f"broker       {s.sync or 'never connected'}" + (f": {s.sync_refusal}" if s.sync_refusal else ""),

@@ -129,7 +129,7 @@ class SendWindow:
 
     def resend_delay(self) -> float:
         s = self.settings
-        return min(s.max_resend_after_s, s.resend_after_s * 2 ** min(self.stalls, 16))
+        return min(s.max_resend_after_s, s.resend_after_s * float(2 ** min(self.stalls, 16)))
 
     def timed_out(self, now: float) -> bool:
         """True (and rewinds) when outstanding records have waited too long for an ack."""
@@ -319,9 +319,9 @@ class Syncer:
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         try:
             if msg.topic == topics.ack(self.dev):
-                self._on_ack(messages.decode_ack(msg.payload))
+                self._on_ack(messages.decode_ack(bytes(msg.payload)))
             elif msg.topic == topics.enrolled(self.dev):
-                status, reason = messages.decode_enrolled(msg.payload)
+                status, reason = messages.decode_enrolled(bytes(msg.payload))
                 before = (self.outbox.state("enrollment") or {}).get("status")
                 self.outbox.set_state({"enrollment": {"status": status, "reason": reason, "t": now_ms()}})
                 log.info("enrolment %s%s", status, f" ({reason})" if reason else "")
@@ -376,7 +376,7 @@ def enroll(
 
     def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
         try:
-            answer = messages.decode_enrolled(m.payload)
+            answer = messages.decode_enrolled(bytes(m.payload))
         except BadFormat as exc:
             log.warning("ignoring a malformed enrolment answer: %s", exc)
             return
@@ -410,7 +410,7 @@ def enroll(
             if final:
                 return EnrollResult(*final[-1])
             if now >= deadline:
-                last = (fresh or retained or [(None, None)])[-1]
-                return EnrollResult(*last)
+                answers = fresh or retained
+                return EnrollResult(*answers[-1]) if answers else EnrollResult(None)
     finally:
         _close(client)
