@@ -234,8 +234,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = _log_level(args)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level > logging.DEBUG:
-        logging.getLogger("backend.ingest.paho").setLevel(logging.WARNING)
     func: Command = args.func
     try:
         return func(args)

@@ -13,11 +13,13 @@ it meanwhile. The broker keeps giving a disconnected member of the group its sha
 session expires, which is why the expiry is short and why the id must not change on every
 start (a per-process id would strand that share). Nothing depends on those queued messages
 being delivered: an agent sends again whatever has not been acknowledged. Two processes on one
-host need distinct ``client_id`` values; a process whose session is taken over by another
-with its id stops, saying so, rather than fighting over it.
+host need distinct ``client_id`` values: a process whose session is taken over by another
+with its id stops with a clear error when the broker says so (MQTT 5 reason 142), and logs
+one when the broker only keeps closing its connections.
 
-Operators' decisions (approve/revoke, made in any process) are published, retained, on
-``odo/v1/<dev>/enrolled`` by a poll of ``devices.decided_at`` once a second.
+Operators' decisions (approve/revoke, made in any process: the CLI, the API, the dashboard)
+are published, retained, on ``odo/v1/<dev>/enrolled`` by a poll of ``devices.decided_at``
+once a second; a restarted backend publishes again those of the last minutes.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ CHANNELS = ("records", "enroll", "status")
 #: CONNACK / DISCONNECT reasons that retrying cannot fix.
 FATAL_CONNACK = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
 SESSION_TAKEN_OVER = 142
+SHORT_LIVED_S = 2.0
+SHORT_LIVED_ALARM = 3
 DECISION_POLL_S = 1.0
+DECISION_SKEW_MS = 10 * 60 * 1000
 
 
 def _now_ms() -> int:
@@ -71,6 +76,8 @@ class Ingest:
         self._published: dict[str, int] = {}
         self._watermark = 0
         self._housekeeper: threading.Thread | None = None
+        self._connected_at: float | None = None
+        self._short_lived = 0
         self.client = self._make_client()
 
     # -- connection ----------------------------------------------------------------------------
@@ -78,7 +85,8 @@ class Ingest:
     def _make_client(self) -> mqtt.Client:
         b = self.broker
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=b.client_id, protocol=mqtt.MQTTv5)
-        client.enable_logger(logging.getLogger(__name__ + ".paho"))
+        if log.isEnabledFor(logging.DEBUG):       # paho's own log is for debugging only
+            client.enable_logger(logging.getLogger(__name__ + ".paho"))
         if b.username is not None:
             client.username_pw_set(b.username, b.password)
         if b.tls:
@@ -132,6 +140,7 @@ class Ingest:
             return
         log.info("connected to %s (session %s)", self.broker.display,
                  "resumed" if flags.session_present else "new")
+        self._connected_at = time.monotonic()
         self.connected.set()
         client.subscribe([(topics.shared(ch), SubscribeOptions(qos=1)) for ch in CHANNELS])
 
@@ -150,11 +159,20 @@ class Ingest:
         self.subscribed.clear()
         if self._stop.is_set():
             return
+        clash = (f"another process connected with this backend's MQTT client id {self.broker.client_id!r}: "
+                 "give each backend process its own client_id")
         if reason.value == SESSION_TAKEN_OVER:
-            self._fail(f"another process connected with this backend's MQTT client id "
-                       f"{self.broker.client_id!r}: give each backend process its own client_id")
+            self._fail(clash)
             return
         log.warning("lost the broker at %s (%s); reconnecting", self.broker.display, reason.getName())
+        # Brokers that do not say "session taken over" just close the connection of the older
+        # client: connections that keep ending at once are the sign of it.
+        lasted = time.monotonic() - self._connected_at if self._connected_at is not None else None
+        self._short_lived = self._short_lived + 1 if lasted is not None and lasted < SHORT_LIVED_S else 0
+        self._connected_at = None
+        if self._short_lived == SHORT_LIVED_ALARM:
+            log.error("the broker closed the last %d connections at once; probably %s",
+                      SHORT_LIVED_ALARM, clash)
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -203,10 +221,13 @@ class Ingest:
                 log.exception("could not publish operators' decisions; trying again")
 
     def publish_decisions(self) -> int:
-        """Publish decisions made since the last poll (by any process); return how many."""
+        """Publish decisions made since the last poll (by any process); return how many.
+
+        Decisions are looked for from ``DECISION_SKEW_MS`` before the newest one published, so
+        that one made on a host whose clock is a little behind is not missed."""
         sent = 0
         newest = self._watermark
-        for answer, decided_at in enrollment.decided_since(self.db, self._watermark):
+        for answer, decided_at in enrollment.decided_since(self.db, self._watermark - DECISION_SKEW_MS):
             if self._published.get(answer.dev) == decided_at:
                 continue
             self.publish_answer(answer)
@@ -216,5 +237,5 @@ class Ingest:
         if newest > self._watermark:
             enrollment.save_watermark(self.db, newest)
             self._watermark = newest
-            self._published = {d: t for d, t in self._published.items() if t >= newest}
+            self._published = {d: t for d, t in self._published.items() if t >= newest - DECISION_SKEW_MS}
         return sent
