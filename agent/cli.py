@@ -11,8 +11,9 @@ import json
 import logging
 import sys
 import threading
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__, identity
 from agent import summary as summ
@@ -20,6 +21,10 @@ from agent.buffer import Outbox, StorageError
 from agent.clock import Clock, boot_id, now_ms
 from agent.config import CONFIG_FILE, AgentConfig, ConfigError, build_table, load, write_file
 from agent.recorder import Recorder
+from protocol.messages import sign_enrollment
+
+if TYPE_CHECKING:
+    from agent.sync import EnrollResult
 
 log = logging.getLogger(__name__)
 
@@ -138,18 +143,23 @@ def cmd_init(args: argparse.Namespace, cfg: AgentConfig) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace, cfg: AgentConfig) -> int:
-    from agent import sync
+    from agent import daemon, sync
 
     key, outbox = _open(cfg)
     assert cfg.broker is not None
-    vin = outbox.state("vin")
-    try:
-        result = sync.enroll(cfg.broker, key, vin=vin, fleet_token=cfg.fleet_token, wait_s=args.wait)
-    except (sync.AuthRefused, sync.Unreachable) as exc:
-        raise Exit(1, str(exc)) from None
     dev = key.public.id
-    if result.status is not None:
-        outbox.set_state({"enrollment": {"status": result.status, "reason": result.reason, "t": now_ms()}})
+    if daemon.running(cfg.state_dir):
+        # The broker takes one connection per client id: let the daemon send it.
+        result = _enroll_via_daemon(outbox, args.wait)
+    else:
+        try:
+            result = sync.enroll(cfg.broker, key, vin=outbox.state("vin"), fleet_token=cfg.fleet_token,
+                                 wait_s=args.wait)
+        except (sync.AuthRefused, sync.Unreachable) as exc:
+            raise Exit(1, str(exc)) from None
+        if result.status is not None:
+            answer = {"status": result.status, "reason": result.reason, "t": now_ms()}
+            outbox.set_state({"enrollment": answer})
     if result.status == "approved":
         print(f"device {dev} is approved")
         return 0
@@ -157,9 +167,29 @@ def cmd_enroll(args: argparse.Namespace, cfg: AgentConfig) -> int:
         raise Exit(1, f"device {dev} was rejected: {result.reason or 'no reason given'}")
     if result.status == "pending":
         print(f"device {dev} is pending: an operator must approve it (odo-backend devices approve {dev})")
+    elif outbox.state("enroll_request"):
+        print(f"the running daemon is not connected to the broker; it will send the enrolment of {dev} "
+              "when it is")
     else:
         print(f"no answer from the backend within {args.wait:.0f} s; the enrolment was sent as device {dev}")
     return EX_PENDING
+
+
+def _enroll_via_daemon(outbox: Outbox, wait_s: float) -> EnrollResult:
+    from agent.sync import EnrollResult
+
+    asked = now_ms()
+    outbox.set_state({"enroll_request": {"t": asked}})
+    deadline = time.monotonic() + max(wait_s, 1.0)
+    answer: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        got = outbox.state("enrollment") or {}
+        if got.get("t", 0) >= asked:
+            answer = got
+            if got.get("status") in ("approved", "rejected"):
+                break
+        time.sleep(0.2)
+    return EnrollResult(answer["status"], answer.get("reason")) if answer else EnrollResult(None)
 
 
 def cmd_run(args: argparse.Namespace, cfg: AgentConfig) -> int:
@@ -172,6 +202,9 @@ def cmd_run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     vcfg = build_table(VehicleConfig, "vehicle", cfg.vehicle)
     pcfg = build_table(PowerConfig, "power", cfg.power)
     key, outbox = _open(cfg)
+    held = daemon.lock(cfg.state_dir)
+    if held is None:
+        raise Exit(1, f"another `odo-agent run` is using {cfg.state_dir}")
     assert cfg.obd_port is not None and cfg.broker is not None
     clock = Clock(cfg.clock)
     boot = boot_id()
@@ -183,11 +216,18 @@ def cmd_run(args: argparse.Namespace, cfg: AgentConfig) -> int:
         source, vehicle, PowerPolicy(pcfg), recorder, clock=clock, boot=boot,
         retention_days=cfg.retention_days, max_records=cfg.max_records, shutdown_command=cfg.shutdown_command,
     )
-    syncer = Syncer(cfg.broker, key.public.id, outbox, obd_state=lambda: obd.obd_state,
-                    error=lambda: recorder.error, settings=SyncSettings(resend_after_s=cfg.resend_after_s))
+    fleet_token = cfg.fleet_token
+    syncer = Syncer(
+        cfg.broker, key.public.id, outbox, obd_state=lambda: obd.obd_state, error=lambda: recorder.error,
+        enrollment=lambda: sign_enrollment(key, recorder.vin, fleet_token, now_ms()),
+        settings=SyncSettings(resend_after_s=cfg.resend_after_s),
+    )
     log.info("odo-agent %s: device %s, adapter %s, broker %s", __version__, key.public.id, cfg.obd_port,
              cfg.broker.display)
-    return daemon.run(obd, syncer, threading.Event())
+    try:
+        return daemon.run(obd, syncer, threading.Event())
+    finally:
+        held.close()
 
 
 def cmd_confirm(args: argparse.Namespace, cfg: AgentConfig) -> int:

@@ -14,13 +14,15 @@ derived odometer (``Vehicle.confirm``).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from pathlib import Path
+from typing import IO, Any, Protocol
 
 from agent import sdnotify
 from agent.backoff import Backoff
@@ -31,9 +33,32 @@ from agent.sync import Syncer
 
 log = logging.getLogger(__name__)
 
+LOCK_FILE = "daemon.lock"
 LIVE_EVERY_S = 10.0
 PRUNE_EVERY_S = 600.0
 DAY_MS = 86_400_000
+
+
+def lock(state_dir: Path) -> IO[str] | None:
+    """Take the state directory's daemon lock (held until the process ends); None when
+    another process holds it. One daemon per state directory: one adapter, one
+    MQTT client id."""
+    fh = open(state_dir / LOCK_FILE, "a")  # noqa: SIM115 - held for the life of the daemon
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        return None
+    return fh
+
+
+def running(state_dir: Path) -> bool:
+    """Whether a daemon holds the lock of ``state_dir``."""
+    fh = lock(state_dir)
+    if fh is None:
+        return True
+    fh.close()
+    return False
 
 
 class SampleLike(Protocol):

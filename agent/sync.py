@@ -151,18 +151,24 @@ class Syncer:
     refuses the credentials. ``obd_state`` gives the adapter's state for status, and
     ``error`` the agent's error state (e.g. a full disk), if any.
 
-    The connection state is also kept in the outbox (``sync``) for ``odo-agent status``."""
+    The connection state is also kept in the outbox (``sync``) for ``odo-agent status``.
+    ``enrollment`` signs an enrolment, published when ``odo-agent enroll`` asks the
+    running daemon to (state ``enroll_request``): the broker takes one connection
+    per client id, so the command must not connect beside the daemon."""
 
     def __init__(
         self, broker: BrokerConfig, dev: str, outbox: Outbox, *,
         obd_state: Callable[[], str] = lambda: "unknown", error: Callable[[], str | None] = lambda: None,
-        settings: SyncSettings | None = None, monotonic: Callable[[], float] = time.monotonic,
+        enrollment: Callable[[], str] | None = None, settings: SyncSettings | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.broker = broker
         self.dev = dev
         self.outbox = outbox
         self.obd_state = obd_state
         self.error = error
+        self.enrollment = enrollment
+        self._requests_at = 0.0
         self.settings = settings or SyncSettings()
         self._mono = monotonic
         self.window = SendWindow(self.settings, monotonic())
@@ -277,6 +283,7 @@ class Syncer:
                          self.window.acked, self.window.next_seq, self.window.resend_delay())
             self._send(client, now)
             self._publish_status(client, now)
+            self._serve_requests(client, now)
         except StorageError as exc:
             log.error("sync: %s", exc)
 
@@ -313,6 +320,15 @@ class Syncer:
             fields["error"] = key[3]
         client.publish(topics.status(self.dev), messages.encode_status(**fields), qos=1, retain=True)
         self._last_status = key
+
+    def _serve_requests(self, client: mqtt.Client, now: float) -> None:
+        if self.enrollment is None or now - self._requests_at < 0.5:
+            return
+        self._requests_at = now
+        if self.outbox.state("enroll_request"):
+            client.publish(topics.enroll(self.dev), self.enrollment(), qos=1)
+            self.outbox.set_state({"enroll_request": None})
+            log.info("enrolment sent, as asked by odo-agent enroll")
 
     # -- receiving ------------------------------------------------------------------------------
 

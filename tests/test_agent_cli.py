@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +79,38 @@ def test_enroll_waits_for_the_backend_and_says_how_it_went(tmp_path: Path, broke
     assert res.returncode == 0 and "approved" in res.stdout, res.stderr
     assert status(state)["enrolled"] == "approved"
     backend.close()
+
+
+def test_enroll_beside_a_running_daemon_goes_through_the_daemon(tmp_path: Path, broker: Broker) -> None:
+    from agent import daemon
+    from agent.config import BrokerConfig
+    from agent.sync import Syncer
+    from protocol.messages import sign_enrollment
+
+    state, dev = init(tmp_path, broker)
+    key = identity.load(state)
+    held = daemon.lock(state)                 # this test process is "the daemon"
+    assert held is not None
+    box = Outbox.open(state / "outbox.db")
+    syncer = Syncer(BrokerConfig(broker.host, broker.port), dev, box,
+                    enrollment=lambda: sign_enrollment(key, "WF0XXXGCDX1234567", "fleet-tok", 1))
+    stop = threading.Event()
+    thread = threading.Thread(target=syncer.run, args=(stop,))
+    thread.start()
+    backend = Backend(broker, key.public, answers=(("approved", None),))
+    try:
+        assert wait_for(lambda: syncer.state == "online")
+        res = odo("enroll", "--state-dir", str(state), "--wait", "10")
+        assert res.returncode == 0 and "approved" in res.stdout, res.stderr
+        assert [e.vin for e in backend.enrollments] == ["WF0XXXGCDX1234567"]
+        assert syncer.state == "online"       # its connection was never taken over
+        res = odo("run", "--state-dir", str(state))
+        assert res.returncode == 1 and "another `odo-agent run`" in res.stderr
+    finally:
+        stop.set()
+        thread.join(10)
+        backend.close()
+        held.close()
 
 
 def test_confirm_interactively_and_with_flags(tmp_path: Path, broker: Broker) -> None:
