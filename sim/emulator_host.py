@@ -290,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             control_out.write("ok\n")
         relay.stopping = True
+        # End of stdin: the car is done. The emulator's own shutdown waits seconds for its
+        # thread, blocked reading the pty; nothing is left to save, so leave at once.
+        control_out.flush()
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 
