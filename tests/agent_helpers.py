@@ -8,6 +8,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -39,7 +40,8 @@ class Backend:
     """Verifies each record, takes only the next expected seq, acks ``through``."""
 
     def __init__(self, broker: Broker, pub: VerifyKey, *, approved: bool = True,
-                 answers: tuple[tuple[str, str | None], ...] = ()) -> None:
+                 answers: tuple[tuple[str, str | None], ...] = (), port: int | None = None,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
         self.dev = pub.id
         self.pub = pub
         self.approved = approved
@@ -56,7 +58,9 @@ class Backend:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.1, 0.5)
-        self.client.connect(broker.host, broker.port)
+        if tls is not None:  # (CA, certificate, key)
+            self.client.tls_set(ca_certs=str(tls[0]), certfile=str(tls[1]), keyfile=str(tls[2]))
+        self.client.connect(broker.host, port or broker.port)
         self.client.loop_start()
         assert wait_for(lambda: self.client.is_connected())
 
