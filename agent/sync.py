@@ -218,7 +218,10 @@ class Syncer:
 
     def _session(self, stop: threading.Event) -> bool:
         """One connection, until it drops or ``stop``; True if it got online."""
-        client = make_client(self.broker, self.dev)
+        try:
+            client = make_client(self.broker, self.dev)
+        except (OSError, ValueError) as exc:  # e.g. a TLS file that is not a certificate
+            raise Unreachable(f"cannot set up the connection to {self.broker.display}: {exc}") from None
         self._connected = False
         refused: list[str] = []
         client.on_connect = lambda c, u, f, rc, p: self._on_connect(c, rc, refused)
@@ -261,10 +264,14 @@ class Syncer:
         self._connected = True
         self.state = "online"
         self._last_status = None
-        counts = self.outbox.counts()
-        self.window.restart(
-            self.outbox.first_unsynced(), counts.last_seq, counts.synced_through, self._mono()
-        )
+        try:
+            counts = self.outbox.counts()
+            first = self.outbox.first_unsynced()
+        except StorageError as exc:
+            log.error("sync: %s", exc)
+            self.window.resend_now(self._mono())
+            return
+        self.window.restart(first, counts.last_seq, counts.synced_through, self._mono())
 
     def _go_offline(self, client: mqtt.Client) -> None:
         info = client.publish(topics.status(self.dev), messages.OFFLINE, qos=1, retain=True)

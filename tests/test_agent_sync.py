@@ -206,3 +206,19 @@ def test_send_window_resends_from_through_plus_one_and_backs_off() -> None:
     assert w.timed_out(tick()) and w.resend_delay() == 40   # capped
     w.on_ack(1000, tick())
     assert not w.outstanding and w.resend_delay() == 10 and not w.timed_out(tick() + 100)
+
+
+def test_a_bad_tls_file_is_retried_not_a_crash(tmp_path: Path, broker: Broker) -> None:
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    box = Outbox.open(tmp_path / "o.db")
+    cfg = BrokerConfig(broker.host, broker.port, tls=True, tls_ca=bad)
+    syncer = Syncer(cfg, "ab" * 16, box, settings=FAST)
+    stop = threading.Event()
+    thread = threading.Thread(target=syncer.run, args=(stop,))
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive() and syncer.state == "offline"
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
