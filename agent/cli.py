@@ -333,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load(_flags(args), require=require, missing_source=missing_source)
         level = cfg.log_level or ("info" if args.command in ("run", "ui") else "warning")
         logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+        # python-OBD's unit library warns about its own unit definitions when imported.
+        logging.getLogger("pint").setLevel(logging.ERROR)
         return fn(args, cfg)
     except ConfigError as exc:
         where = {"flag": "", "env": " (from the environment)", "file": " (in the config file)"}[exc.source]
