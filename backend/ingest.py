@@ -94,6 +94,7 @@ class Ingest:
                            keyfile=str(b.key) if b.key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
@@ -144,6 +145,10 @@ class Ingest:
         self.connected.set()
         client.subscribe([(topics.shared(ch), SubscribeOptions(qos=1)) for ch in CHANNELS])
 
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        log.warning("cannot connect to the broker at %s (unreachable, or TLS refused); retrying",
+                    self.broker.display)
+
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
                       properties: Properties | None) -> None:
         refused = [r.getName() for r in reasons if r.is_failure]
@@ -164,7 +169,11 @@ class Ingest:
         if reason.value == SESSION_TAKEN_OVER:
             self._fail(clash)
             return
-        log.warning("lost the broker at %s (%s); reconnecting", self.broker.display, reason.getName())
+        if self._connected_at is None:
+            log.warning("the broker at %s closed the connection before accepting it (%s): does it trust "
+                        "the backend's certificate? retrying", self.broker.display, reason.getName())
+        else:
+            log.warning("lost the broker at %s (%s); reconnecting", self.broker.display, reason.getName())
         # Brokers that do not say "session taken over" just close the connection of the older
         # client: connections that keep ending at once are the sign of it.
         lasted = time.monotonic() - self._connected_at if self._connected_at is not None else None
