@@ -101,7 +101,7 @@ class Ingest:
         return client
 
     def start(self) -> None:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.broker.session_expiry_s
         self._watermark = enrollment.load_watermark(self.db)
         log.info("connecting to %s as %s", self.broker.display, self.broker.client_id)
@@ -191,13 +191,14 @@ class Ingest:
         except BadFormat as exc:
             log.warning("ignored a message: %s", exc)
             return
+        body = bytes(msg.payload)
         try:
             if channel == "records":
-                self.handle_records(dev, msg.payload)
+                self.handle_records(dev, body)
             elif channel == "enroll":
-                self.handle_enroll(dev, msg.payload)
+                self.handle_enroll(dev, body)
             elif channel == "status":
-                devices.update_status(self.db, dev, msg.payload, self.clock())
+                devices.update_status(self.db, dev, body, self.clock())
         except Exception:  # noqa: BLE001 - one bad message must not stop the ingest; the agent resends
             self.registry.count_error()
             log.exception("%s: failed to handle a %s message; not acknowledged", dev, channel)

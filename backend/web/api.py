@@ -141,6 +141,7 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         for name, value in (("item", item), ("idempotency_key", key)):
             if not isinstance(value, str) or not value:
                 raise BadRequest(f"{name}: required, a non-empty string")
+        assert isinstance(item, str) and isinstance(key, str)
         unknown = sorted(set(body) - {"item", "idempotency_key"})
         if unknown:
             raise BadRequest(f"unexpected fields: {', '.join(unknown)}")
