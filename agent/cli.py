@@ -150,7 +150,7 @@ def cmd_enroll(args: argparse.Namespace, cfg: AgentConfig) -> int:
     dev = key.public.id
     if daemon.running(cfg.state_dir):
         # The broker takes one connection per client id: let the daemon send it.
-        result = _enroll_via_daemon(outbox, args.wait)
+        result = _enroll_via_daemon(outbox, args.wait, cfg.fleet_token)
     else:
         try:
             result = sync.enroll(cfg.broker, key, vin=outbox.state("vin"), fleet_token=cfg.fleet_token,
@@ -175,11 +175,11 @@ def cmd_enroll(args: argparse.Namespace, cfg: AgentConfig) -> int:
     return EX_PENDING
 
 
-def _enroll_via_daemon(outbox: Outbox, wait_s: float) -> EnrollResult:
+def _enroll_via_daemon(outbox: Outbox, wait_s: float, fleet_token: str | None) -> EnrollResult:
     from agent.sync import EnrollResult
 
     asked = now_ms()
-    outbox.set_state({"enroll_request": {"t": asked}})
+    outbox.set_state({"enroll_request": {"t": asked, "fleet_token": fleet_token}})
     deadline = time.monotonic() + max(wait_s, 1.0)
     answer: dict[str, Any] | None = None
     while time.monotonic() < deadline:
@@ -219,7 +219,7 @@ def cmd_run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     fleet_token = cfg.fleet_token
     syncer = Syncer(
         cfg.broker, key.public.id, outbox, obd_state=lambda: obd.obd_state, error=lambda: recorder.error,
-        enrollment=lambda: sign_enrollment(key, recorder.vin, fleet_token, now_ms()),
+        enrollment=lambda token: sign_enrollment(key, recorder.vin, token or fleet_token, now_ms()),
         settings=SyncSettings(resend_after_s=cfg.resend_after_s),
     )
     log.info("odo-agent %s: device %s, adapter %s, broker %s", __version__, key.public.id, cfg.obd_port,

@@ -127,6 +127,7 @@ class ObdLoop:
         self._live_saved: dict[str, object] | None = None
         self._clock_announced = self.outbox.state("clock_synced_boot") == boot
         self._pruned_at = -PRUNE_EVERY_S
+        self._vin_read = False
         self._confirm_seen = int(self.outbox.state("confirm_applied", 0) or 0)
 
     @property
@@ -166,7 +167,10 @@ class ObdLoop:
         self.save_live(force=True)
 
     def on_open(self) -> None:
+        """Read the VIN (and log what the car supports) on a fresh connection, or once
+        the ECU answers when the adapter was opened with the ignition off."""
         vin = self._call(self.source.vin)
+        self._vin_read = vin is not None
         a6 = self._call(self.source.supports_a6)
         stored = self.outbox.state("vin")
         log.info("OBD adapter open: VIN %s, odometer PID A6 %s", vin or "unreadable",
@@ -185,7 +189,10 @@ class ObdLoop:
     def tick(self) -> float:
         """Take one sample, record what it gives; returns the seconds until the next."""
         self.apply_confirmation()
+        before = self.source.state
         sample = self._call(lambda: self.source.sample(engine_off=not self.vehicle.ignition))
+        if not self._vin_read and before != "connected" and self.source.state == "connected":
+            self.on_open()  # the car woke up: the VIN may be readable now, and may be new
         wall = now_ms()
         readings = list(self.vehicle.step(sample, wall))
         extra: dict[str, object] = {}

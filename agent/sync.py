@@ -152,14 +152,15 @@ class Syncer:
     ``error`` the agent's error state (e.g. a full disk), if any.
 
     The connection state is also kept in the outbox (``sync``) for ``odo-agent status``.
-    ``enrollment`` signs an enrolment, published when ``odo-agent enroll`` asks the
-    running daemon to (state ``enroll_request``): the broker takes one connection
-    per client id, so the command must not connect beside the daemon."""
+    ``enrollment(fleet_token)`` signs an enrolment (with the daemon's own token when
+    None), published when ``odo-agent enroll`` asks the running daemon to (state
+    ``enroll_request``): the broker takes one connection per client id, so the
+    command must not connect beside the daemon."""
 
     def __init__(
         self, broker: BrokerConfig, dev: str, outbox: Outbox, *,
         obd_state: Callable[[], str] = lambda: "unknown", error: Callable[[], str | None] = lambda: None,
-        enrollment: Callable[[], str] | None = None, settings: SyncSettings | None = None,
+        enrollment: Callable[[str | None], str] | None = None, settings: SyncSettings | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.broker = broker
@@ -332,8 +333,9 @@ class Syncer:
         if self.enrollment is None or now - self._requests_at < 0.5:
             return
         self._requests_at = now
-        if self.outbox.state("enroll_request"):
-            client.publish(topics.enroll(self.dev), self.enrollment(), qos=1)
+        request = self.outbox.state("enroll_request")
+        if request:
+            client.publish(topics.enroll(self.dev), self.enrollment(request.get("fleet_token")), qos=1)
             self.outbox.set_state({"enroll_request": None})
             log.info("enrolment sent, as asked by odo-agent enroll")
 

@@ -41,6 +41,8 @@ class FakeSource:
         self.a6 = a6
         self._state = "closed"
         self.lose_after: int | None = None
+        self.ecu_on = True                  # False: the ignition is off, only the adapter answers
+        self.vin_reads = 0
 
     @property
     def state(self) -> str:
@@ -50,11 +52,12 @@ class FakeSource:
         self.opens += 1
         if self.opens <= self.fail_opens:
             return False
-        self._state = "connected"
+        self._state = "connected" if self.ecu_on else "no_ecu"
         return True
 
     def vin(self) -> str | None:
-        return self._vin
+        self.vin_reads += 1
+        return self._vin if self.ecu_on else None
 
     def set_vin(self, vin: str | None) -> None:
         self._vin = vin
@@ -68,6 +71,9 @@ class FakeSource:
             self._state = "lost"
             self.lose_after = None
             return FakeSample(self.samples * 1000, connected=False, ecu=False, speed_kph=None, rpm=None)
+        self._state = "connected" if self.ecu_on else "no_ecu"
+        if not self.ecu_on:
+            return FakeSample(self.samples * 1000, ecu=False, speed_kph=None, rpm=None, voltage_mv=12_500)
         self.odo_m += self.step_m
         return FakeSample(self.samples * 1000, odo_m=self.odo_m)
 

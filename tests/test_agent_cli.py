@@ -93,16 +93,17 @@ def test_enroll_beside_a_running_daemon_goes_through_the_daemon(tmp_path: Path, 
     assert held is not None
     box = Outbox.open(state / "outbox.db")
     syncer = Syncer(BrokerConfig(broker.host, broker.port), dev, box,
-                    enrollment=lambda: sign_enrollment(key, "WF0XXXGCDX1234567", "fleet-tok", 1))
+                    enrollment=lambda token: sign_enrollment(key, "WF0XXXGCDX1234567", token, 1))
     stop = threading.Event()
     thread = threading.Thread(target=syncer.run, args=(stop,))
     thread.start()
     backend = Backend(broker, key.public, answers=(("approved", None),))
     try:
         assert wait_for(lambda: syncer.state == "online")
-        res = odo("enroll", "--state-dir", str(state), "--wait", "10")
+        res = odo("enroll", "--state-dir", str(state), "--wait", "10", "--fleet-token", "new-token")
         assert res.returncode == 0 and "approved" in res.stdout, res.stderr
-        assert [e.vin for e in backend.enrollments] == ["WF0XXXGCDX1234567"]
+        assert [(e.vin, e.fleet_token) for e in backend.enrollments] == [("WF0XXXGCDX1234567", "new-token")]
+        assert box.state("enroll_request") is None
         assert syncer.state == "online"       # its connection was never taken over
         res = odo("run", "--state-dir", str(state))
         assert res.returncode == 1 and "another `odo-agent run`" in res.stderr

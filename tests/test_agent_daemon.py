@@ -85,6 +85,26 @@ def test_a_new_vin_is_an_event_and_later_records_carry_it(tmp_path: Path) -> Non
     assert [k for k in p.kinds() if k[1] == "vin_changed"] == [("event", "vin_changed")]
 
 
+def test_the_vin_is_read_again_when_the_car_wakes_up(tmp_path: Path) -> None:
+    p = Parts(tmp_path, vin=NEW_VIN)
+    p.source.ecu_on = False                 # opened with the ignition off: no VIN
+    p.outbox.set_state({"vin": OLD_VIN})
+    obd = p.loop()
+    p.source.open()
+    obd.on_open()
+    obd.tick()
+    assert p.recorder.vin == OLD_VIN and p.kinds() == []
+    p.source.ecu_on = True                  # the ECU answers: this is another car
+    for _ in range(3):
+        obd.tick()
+    assert p.kinds().count(("event", "vin_changed")) == 1
+    assert records.verify(p.outbox.records()[-1].jws, p.key.public).vin == NEW_VIN
+    assert p.source.vin_reads == 2
+    for _ in range(3):                      # and not asked again while it stays awake
+        obd.tick()
+    assert p.source.vin_reads == 2
+
+
 def test_a_confirmation_from_another_process_re_anchors_the_vehicle(tmp_path: Path) -> None:
     p = Parts(tmp_path)
     obd = p.loop()
