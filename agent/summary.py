@@ -36,6 +36,7 @@ class Summary:
     live_t: int | None            # when the daemon last saved its live view
     error: str | None
     last_rejection: Mapping[str, Any] | None
+    confirmation_rejected: str | None = None   # the backend's reason, if it rejected the last one
     sync: str | None = None       # the daemon's broker connection: online | offline | auth_refused
     sync_refusal: str | None = None
 
@@ -57,6 +58,7 @@ class Summary:
             "since_confirmed_m": self.since_confirmed_m, "live_t": self.live_t, "error": self.error,
             "last_rejection": dict(self.last_rejection) if self.last_rejection else None,
             "sync": self.sync, "sync_refusal": self.sync_refusal,
+            "confirmation_rejected": self.confirmation_rejected,
         }
 
 
@@ -68,6 +70,7 @@ def read(outbox: Outbox, dev: str, clock: Clock, now: int | None = None) -> Summ
     enrollment = outbox.state("enrollment") or {}
     confirmed = outbox.state("confirmed")
     sync = outbox.state("sync") or {}
+    last = outbox.latest("confirmation")
     week = iso_week(now)
     return Summary(
         dev=dev, vin=outbox.state("vin"), last_seq=counts.last_seq,
@@ -78,6 +81,7 @@ def read(outbox: Outbox, dev: str, clock: Clock, now: int | None = None) -> Summ
         enrolled=enrollment.get("status"), enrollment_reason=enrollment.get("reason"),
         live_t=live.get("t"), error=live.get("error"), last_rejection=outbox.state("last_rejection"),
         sync=sync.get("state"), sync_refusal=sync.get("refusal"),
+        confirmation_rejected=last.rejected if last is not None else None,
     )
 
 
@@ -134,6 +138,8 @@ def text(s: Summary) -> str:
     if s.confirmed:
         lines.append(f"confirmed    {km(int(s.confirmed['odo_m']))} in week {s.confirmed['week']}"
                      f" ({km(s.since_confirmed_m)} since)")
+        if s.confirmation_rejected:
+            lines.append(f"             rejected by the backend: {s.confirmation_rejected}")
     else:
         lines.append("confirmed    never")
     lines.append(f"this week    {s.week}: " + ("confirmation due" if s.confirmation_due else "confirmed"))

@@ -112,6 +112,8 @@ class App:
                       f"for week {s.week}.</div>")
         confirmed = (f"{summ.km(int(s.confirmed['odo_m']))} (week {html.escape(str(s.confirmed['week']))})"
                      if s.confirmed else "never")
+        if s.confirmation_rejected:
+            confirmed += f" — not accepted: {html.escape(s.confirmation_rejected.replace('_', ' '))}"
         if km_value is None:
             km_value = f"{(s.odo_m + 50) // 100 / 10:.1f}" if s.odo_m is not None else ""
         return PAGE.format(

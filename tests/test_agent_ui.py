@@ -16,7 +16,7 @@ import pytest
 from agent import identity, ui
 from agent.buffer import Outbox
 from agent.config import load
-from protocol.messages import Ack
+from protocol.messages import Ack, Rejection
 from tests.mqtt_broker import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -91,6 +91,8 @@ def test_a_same_origin_post_with_the_token_records_a_confirmation(page: Page) ->
     assert row is not None and row.odo_m == 45_001_200
     _, _, body = page.request("GET", "/?ok=1")
     assert 'id="ok"' in body and 'id="due"' not in body and "45,001.2 km (week" in body
+    page.outbox.apply_ack(Ack(row.seq, (Rejection(row.seq, "implausible_distance"),)), 2)
+    assert "not accepted: implausible distance" in page.request("GET", "/")[2]
 
 
 @pytest.mark.parametrize(("kw", "status"), [
