@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -19,8 +20,9 @@ from agent import __version__, identity
 from agent import summary as summ
 from agent.buffer import Outbox, StorageError
 from agent.clock import Clock, boot_id, now_ms
-from agent.config import CONFIG_FILE, AgentConfig, ConfigError, build_table, load, write_file
+from agent.config import CONFIG_FILE, ENV_PREFIX, AgentConfig, ConfigError, build_table, load, write_file
 from agent.recorder import Recorder
+from protocol.identity import SigningKey
 from protocol.messages import sign_enrollment
 
 if TYPE_CHECKING:
@@ -109,7 +111,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return flags
 
 
-def _open(cfg: AgentConfig) -> tuple[Any, Outbox]:
+def _open(cfg: AgentConfig) -> tuple[SigningKey, Outbox]:
     try:
         key = identity.load(cfg.state_dir)
     except identity.IdentityError as exc:
@@ -134,7 +136,10 @@ def cmd_init(args: argparse.Namespace, cfg: AgentConfig) -> int:
     else:
         keep = ("obd_port", "obd_baudrate", "broker", "fleet_token", "tls_ca", "tls_cert", "tls_key",
                 "mqtt_version")
-        given = {k: v for k, v in _flags(args).items() if k in keep}
+        flags = _flags(args)
+        # What was given, on the command line or in ODO_* variables, so the service finds it.
+        given = {k: flags[k] if flags.get(k) is not None else os.environ.get(ENV_PREFIX + k.upper())
+                 for k in keep}
         write_file(conf, given)
     Outbox.open(cfg.db_path).close()
     print(f"device key {path}; config {conf}", file=sys.stderr)

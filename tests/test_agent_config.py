@@ -160,3 +160,15 @@ def test_km_figures() -> None:
         with pytest.raises(ValueError):
             parse_km(bad)
     assert km(12_345_650) == "12,345.7 km" and km(None) == "unknown"
+
+
+def test_init_writes_what_came_from_the_environment_too(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ODO_BROKER", "mqtt://env-broker:1883")
+    monkeypatch.setenv("ODO_OBD_BAUDRATE", "38400")
+    code, _, err = _run(capsys, "init", "--state-dir", str(tmp_path), "--obd-port", "socket://10.0.0.1:35000")
+    assert code == 0, err
+    monkeypatch.delenv("ODO_BROKER")
+    monkeypatch.delenv("ODO_OBD_BAUDRATE")
+    cfg = load({"state_dir": str(tmp_path)}, {})
+    assert cfg.broker is not None and cfg.broker.host == "env-broker" and cfg.obd_baudrate == 38400
