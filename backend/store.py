@@ -26,6 +26,7 @@ from backend.verify import (
     Chain,
     Decision,
     DeviceKey,
+    Parsed,
     Reading,
     Refusal,
     Stored,
@@ -34,7 +35,7 @@ from backend.verify import (
     estimate_time,
     parse,
 )
-from protocol import jws, messages
+from protocol import messages
 from protocol.errors import BadFormat
 from protocol.messages import Ack, Rejection
 from protocol.records import Record
@@ -90,7 +91,7 @@ def _device_key(row: Row | None) -> DeviceKey | None:
     return None if row is None else DeviceKey(row["status"], bytes(row["pub"]))
 
 
-def _authenticate_all(dev: str, items: list[jws.Compact | Refusal],
+def _authenticate_all(dev: str, items: list[Parsed | Refusal],
                       keys: dict[str, DeviceKey | None]) -> list[Record | Refusal]:
     return [item if isinstance(item, Refusal) else authenticate(dev, item, keys.get(item.kid))
             for item in items]
@@ -133,7 +134,7 @@ def process_batch(db: Database, rules: Any, dev: str, body: bytes, now_ms: int) 
     except BadFormat as exc:
         texts, refused_batch = [], Refusal(None, "bad_format", str(exc))
     items = [parse(t) for t in texts]
-    kids = {i.kid for i in items if isinstance(i, jws.Compact)} | {dev}
+    kids = {i.kid for i in items if isinstance(i, Parsed)} | {dev}
     snapshot = {kid: _device_key(db.one("SELECT status, pub FROM devices WHERE dev = ?", (kid,)))
                 for kid in kids}
     checked = _authenticate_all(dev, items, snapshot)      # the signatures, outside the lock
@@ -143,7 +144,8 @@ def process_batch(db: Database, rules: Any, dev: str, body: bytes, now_ms: int) 
         fresh = _device_key(device)
         if fresh != snapshot[dev]:                          # approved or revoked meanwhile
             checked = _authenticate_all(dev, items, {**snapshot, dev: fresh})
-        batch = _Batch(db, tx, rules, dev, device, now_ms, _batch_clock(body))
+        batch = _Batch(tx, rules, dev, device, now_ms, _batch_clock(body),
+                       [c for c in checked if isinstance(c, Record)])
         if refused_batch is not None:
             batch.refuse(refused_batch, body.decode("utf-8", "replace"))
         for text, item, later in zip(texts, checked, _later_anchors(checked), strict=True):
@@ -158,8 +160,8 @@ def process_batch(db: Database, rules: Any, dev: str, body: bytes, now_ms: int) 
 class _Batch:
     """The records of one batch, decided in order inside one transaction."""
 
-    def __init__(self, db: Database, tx: Tx, rules: Any, dev: str, device: Row | None, now_ms: int,
-                 clock: _Clock) -> None:
+    def __init__(self, tx: Tx, rules: Any, dev: str, device: Row | None, now_ms: int, clock: _Clock,
+                 records: list[Record]) -> None:
         self.tx, self.rules, self.dev, self.now_ms, self.clock = tx, rules, dev, now_ms, clock
         self.device = dict(device) if device is not None else None
         self.through = int(device["through"]) if device else 0
@@ -169,6 +171,10 @@ class _Batch:
         self.accepted: list[str] = []
         self._last: dict[str | None, Reading | None] = {}
         self._anchors: dict[str, Anchor | None] = {}
+        self._records = records
+        self._start_through = self.through
+        self._prefetched = False
+        self._taken: dict[int, Stored] = {}
 
     # -- refusals: records that do not take a seq ----------------------------------------------
 
@@ -199,8 +205,15 @@ class _Batch:
         return self._last[vin]
 
     def _stored(self, seq: int) -> Stored | None:
-        row = self.tx.one("SELECT id, status, reason FROM records WHERE dev = ? AND seq = ?", (self.dev, seq))
-        return None if row is None else Stored(row["id"], row["status"], row["reason"])
+        """What is stored at a seq already taken; the batch's range is read in one query."""
+        if seq not in self._taken and seq <= self._start_through and not self._prefetched:
+            self._prefetched = True
+            low = min((r.seq for r in self._records), default=seq)
+            rows = self.tx.query("SELECT seq, id, status, reason FROM records WHERE dev = ? AND seq >= ? "
+                                 "AND seq <= ?", (self.dev, min(low, seq), self._start_through))
+            for row in rows:
+                self._taken.setdefault(int(row["seq"]), Stored(row["id"], row["status"], row["reason"]))
+        return self._taken.get(seq)
 
     def take(self, record: Record, later: Anchor | None) -> None:
         assert self.device is not None                       # authenticated: the device exists
@@ -257,6 +270,7 @@ class _Batch:
              record.boot, record.mono_ms, record.vin, record.odo_m, record.fields.get("src"), status,
              decision.reason, self.now_ms))
         self.through, self.head_id = record.seq, record.id
+        self._taken[record.seq] = Stored(record.id, status, decision.reason)
         if _is_anchor(record):
             self._anchors[record.boot] = Anchor(record.t, record.mono_ms)
         if status == "rejected":

@@ -55,9 +55,20 @@ class DeviceKey:
     pub: bytes
 
 
-def parse(item: object) -> jws.Compact | Refusal:
+@dataclass(frozen=True)
+class Parsed:
+    """A record whose form is right; its signature is not checked yet."""
+
+    parts: jws.Compact
+    seq: int
+
+    @property
+    def kid(self) -> str:
+        return self.parts.kid
+
+
+def parse(item: object) -> Parsed | Refusal:
     """Check the record's form without any key: JWS structure and payload fields."""
-    seq = records.peek_seq(item) if isinstance(item, str | bytes) else None
     if not isinstance(item, str):
         return Refusal(None, "bad_format", "a record must be a JWS string")
     try:
@@ -65,23 +76,23 @@ def parse(item: object) -> jws.Compact | Refusal:
         payload = canonical.loads_object(parts.payload)
         records.validate(payload)
     except BadFormat as exc:
-        return Refusal(seq, "bad_format", str(exc))
+        return Refusal(records.peek_seq(item), "bad_format", str(exc))
     if payload["dev"] != parts.kid:
-        return Refusal(seq, "bad_format", "dev: differs from the header's kid")
-    return parts
+        return Refusal(payload["seq"], "bad_format", "dev: differs from the header's kid")
+    return Parsed(parts, payload["seq"])
 
 
-def authenticate(topic_dev: str, parts: jws.Compact, device: DeviceKey | None) -> Record | Refusal:
-    """Decide whether ``parts`` comes from an approved device on its own topic."""
-    seq = records.peek_seq(parts.text)
+def authenticate(topic_dev: str, parsed: Parsed, device: DeviceKey | None) -> Record | Refusal:
+    """Decide whether ``parsed`` comes from an approved device on its own topic."""
+    seq, kid = parsed.seq, parsed.kid
     if device is None or device.status == "pending":
-        return Refusal(seq, "unknown_device", f"no approved device {parts.kid}")
+        return Refusal(seq, "unknown_device", f"no approved device {kid}")
     if device.status != "approved":
-        return Refusal(seq, "revoked_device", f"device {parts.kid} is {device.status}")
-    if parts.kid != topic_dev:
-        return Refusal(seq, "dev_mismatch", f"record of {parts.kid} published on {topic_dev}'s topic")
+        return Refusal(seq, "revoked_device", f"device {kid} is {device.status}")
+    if kid != topic_dev:
+        return Refusal(seq, "dev_mismatch", f"record of {kid} published on {topic_dev}'s topic")
     try:
-        return records.verify(parts, VerifyKey(device.pub))
+        return records.verify(parsed.parts, VerifyKey(device.pub))
     except BadSignature as exc:
         return Refusal(seq, "bad_signature", str(exc))
     except BadFormat as exc:
