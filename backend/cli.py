@@ -22,7 +22,6 @@ import datetime
 import getpass
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -175,7 +174,7 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="odo-backend", description="The odoledger backend.")
     parser.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"),
-                        help="default: info (also ODO_LOG_LEVEL)")
+                        help="default: info (also ODO_LOG_LEVEL, or log_level in --config FILE)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="ingest records over MQTT and serve the HTTP API and dashboard")
@@ -225,17 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _log_level(args: argparse.Namespace) -> int:
-    name = args.log_level or os.environ.get("ODO_LOG_LEVEL") or "info"
-    level = logging.getLevelName(name.upper())
-    return level if isinstance(level, int) else logging.INFO
+    """--log-level, ODO_LOG_LEVEL or the config file's log_level; info by default."""
+    try:
+        s = settings(args)
+    except ConfigError:
+        return logging.INFO                # the command itself reports what is wrong with the file
+    name = str(s.get("log_level") or "info")
+    if name.lower() not in ("debug", "info", "warning", "error"):
+        raise s.error("log_level", f"{name!r}: use debug, info, warning or error")
+    return int(getattr(logging, name.upper()))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = _log_level(args)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Command = args.func
     try:
+        logging.basicConfig(level=_log_level(args), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return func(args)
     except ConfigError as exc:
         print(f"odo-backend: {exc}", file=sys.stderr)

@@ -154,3 +154,13 @@ def test_settings_objects() -> None:
     shown = repr(cfg)
     assert "secret-pass" not in shown and FLEET_TOKEN not in shown and "api-secret-123" not in shown
     assert cfg.broker.display == "mqtt://u@h:1883"
+
+
+def test_log_level_comes_from_the_config_file_too(tmp_path: Path, db_file: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "backend.toml"
+    cfg.write_text(f'db = "{db_file}"\nlog_level = "loud"\n')
+    status, _, err = run(capsys, "devices", "list", "--config", str(cfg))
+    assert status == 78 and "log_level" in err
+    cfg.write_text(f'db = "{db_file}"\nlog_level = "warning"\n')
+    assert run(capsys, "devices", "list", "--config", str(cfg))[0] == 0
