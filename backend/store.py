@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from backend import ledger, rewards, translog
@@ -62,8 +62,6 @@ class BatchResult:
     dev: str
     ack: Ack
     outcomes: tuple[tuple[str, str], ...] = ()      # (status, reason) per record, for metrics
-    known: bool = True                               # the topic names an enrolled device
-    accepted: tuple[str, ...] = field(default=(), repr=False)   # ids of the newly accepted records
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,7 @@ def process_batch(db: Database, rules: Any, dev: str, body: bytes, now_ms: int) 
             else:
                 batch.take(item, later)
         ack = batch.finish()
-    return BatchResult(dev, ack, tuple(batch.outcomes), device is not None, tuple(batch.accepted))
+    return BatchResult(dev, ack, tuple(batch.outcomes))
 
 
 class _Batch:
@@ -168,7 +166,6 @@ class _Batch:
         self.head_id: str = (device["head_id"] if device else None) or ""
         self.rejected: list[Rejection] = []
         self.outcomes: list[tuple[str, str]] = []
-        self.accepted: list[str] = []
         self._last: dict[str | None, Reading | None] = {}
         self._anchors: dict[str, Anchor | None] = {}
         self._records = records
@@ -286,7 +283,6 @@ class _Batch:
             self._last[self._vin_scope(record)] = reading
         translog.append(self.tx, "record", record.id, record.jws.encode("ascii"))
         rewards.credit(self.tx, self.rules, record, self.device, self.now_ms)
-        self.accepted.append(record.id)
         self.outcomes.append(("accepted", ""))
 
     def finish(self) -> Ack:
