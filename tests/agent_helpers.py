@@ -4,6 +4,9 @@ seq, acknowledges ``through``, answers enrolments)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import uuid
 import warnings
@@ -18,6 +21,15 @@ from protocol.identity import VerifyKey
 from protocol.messages import Ack, Rejection
 from protocol.records import GENESIS
 from tests.mqtt_broker import Broker, start_broker
+
+ODO_AGENT = str(Path(sys.executable).parent / "odo-agent")
+
+
+def odo(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+        timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([ODO_AGENT, *args], input=stdin, capture_output=True, text=True, timeout=timeout,
+                          env=full_env, check=False)
 
 
 def quiet_broker(**kw: object) -> Broker:

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,17 +17,8 @@ import pytest
 from agent import identity
 from agent.buffer import Outbox
 from protocol import records
-from tests.agent_helpers import Backend, quiet_broker, wait_for
+from tests.agent_helpers import ODO_AGENT, Backend, odo, quiet_broker, wait_for
 from tests.mqtt_broker import Broker
-
-ODO_AGENT = str(Path(sys.executable).parent / "odo-agent")
-
-
-def odo(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
-        timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([ODO_AGENT, *args], input=stdin, capture_output=True, text=True, timeout=timeout,
-                          env=full_env, check=False)
 
 
 def status(state: Path) -> dict[str, Any]:

@@ -15,11 +15,10 @@ from agent.clock import Clock
 from agent.config import load
 from agent.recorder import Recorder
 from agent.sync import Syncer, SyncSettings
-from tests.agent_helpers import Backend, quiet_broker, wait_for
+from tests.agent_helpers import Backend, odo, quiet_broker, wait_for
 from tests.fakes import FakeReading
 from tests.mqtt_broker import free_port
 from tests.secure_broker import DEPLOY, FLEET_CA, Pki, SecureBroker, broker_conf, ok
-from tests.test_agent_cli import odo
 
 
 @pytest.fixture(scope="module")
