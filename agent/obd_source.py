@@ -35,11 +35,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import obd  # type: ignore[import-untyped]
-import serial  # type: ignore[import-untyped]
-from obd.elm327 import ELM327  # type: ignore[import-untyped]
-from obd.protocols import ECU  # type: ignore[import-untyped]
-from obd.utils import OBDStatus  # type: ignore[import-untyped]
+# python-OBD redefines some of pint's units on import, which pint logs as warnings
+logging.getLogger("pint.util").setLevel(logging.ERROR)
+
+import obd  # type: ignore[import-untyped]  # noqa: E402
+import serial  # type: ignore[import-untyped]  # noqa: E402
+from obd.elm327 import ELM327  # type: ignore[import-untyped]  # noqa: E402
+from obd.protocols import ECU  # type: ignore[import-untyped]  # noqa: E402
+from obd.utils import OBDStatus  # type: ignore[import-untyped]  # noqa: E402
 
 log = logging.getLogger(__name__)
 
