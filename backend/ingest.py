@@ -229,6 +229,7 @@ class Ingest:
                 self.publish_decisions()
             except Exception:  # noqa: BLE001 - a database hiccup: try again at the next poll
                 log.exception("could not publish operators' decisions; trying again")
+        self.db.close()                            # this thread's connection
 
     def publish_decisions(self) -> int:
         """Publish decisions made since the last poll (by any process); return how many.

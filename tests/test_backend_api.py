@@ -193,3 +193,15 @@ def test_metrics_text_format() -> None:
             "odo_ingest_seconds_count 2"] == [x for x in lines if x.startswith("odo_ingest_seconds")]
     assert "odo_devices_online 3" in lines and "odo_backlog_total 12" in lines
     assert registry.records("accepted") == 2
+
+
+def test_an_unexpected_failure_is_a_json_500(db: Database, rules: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(db: Database) -> list[dict[str, Any]]:
+        raise RuntimeError("the disk is on fire")
+
+    monkeypatch.setattr("backend.devices.list_devices", broken)
+    with TestClient(create_app(AppContext(db=db, rules=rules)), raise_server_exceptions=False) as c:
+        r = c.get("/api/devices")
+    assert r.status_code == 500 and "internal error" in r.json()["error"]
+    assert "fire" not in r.text

@@ -27,13 +27,24 @@ except ImportError as exc:                       # the dashboard is optional; it
     dashboard = None  # type: ignore[assignment]
 
 
+def _is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api") or request.url.path in ("/metrics", "/healthz")
+
+
 def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    if request.url.path.startswith("/api") or request.url.path in ("/metrics", "/healthz"):
+    if _is_api(request):
         message = {404: f"no such path {request.url.path}", 405: f"{request.method} is not allowed here"}
         return JSONResponse({"error": message.get(exc.status_code, exc.detail)}, status_code=exc.status_code,
                             headers=exc.headers)
     return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+
+
+def _server_error(request: Request, exc: Exception) -> Response:
+    """Unexpected failures (logged with their traceback by Starlette); JSON on the API too."""
+    if _is_api(request):
+        return JSONResponse({"error": "internal error; the server's log has the details"}, status_code=500)
+    return PlainTextResponse("Internal Server Error", status_code=500)
 
 
 def create_app(ctx: AppContext) -> Starlette:
@@ -55,4 +66,4 @@ def create_app(ctx: AppContext) -> Starlette:
     routes: list[BaseRoute] = [*api.routes(ctx), Route("/metrics", scrape), Route("/healthz", healthz)]
     if dashboard is not None:
         routes += dashboard.routes(ctx)
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
