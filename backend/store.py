@@ -34,6 +34,7 @@ from backend.verify import (
     decide,
     estimate_time,
     parse,
+    source,
 )
 from protocol import messages
 from protocol.errors import BadFormat
@@ -197,7 +198,7 @@ class _Batch:
                 f"WHERE dev = ? AND {where} AND status = 'accepted' AND odo_m IS NOT NULL "
                 "ORDER BY seq DESC LIMIT 1", params)
             self._last[vin] = None if row is None else Reading(
-                int(row["odo_m"]), row["src"] or ("driver" if row["kind"] == "confirmation" else None),
+                int(row["odo_m"]), source(row["kind"], row["src"]),
                 int(row["t"]), row["clock"], row["boot"], int(row["mono_ms"]))
         return self._last[vin]
 

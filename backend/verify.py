@@ -152,11 +152,15 @@ class Decision:
         return self.outcome in ("accept", "reject")
 
 
-def source_of(record: Record) -> str | None:
-    src = record.fields.get("src")
+def source(kind: str, src: object) -> str | None:
+    """Where an odometer figure comes from: a record's ``src``, or the driver for a confirmation."""
     if isinstance(src, str):
         return src
-    return "driver" if record.kind == "confirmation" else None
+    return "driver" if kind == "confirmation" else None
+
+
+def source_of(record: Record) -> str | None:
+    return source(record.kind, record.fields.get("src"))
 
 
 def elapsed_ms(before: Reading, record: Record) -> int | None:
