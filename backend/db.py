@@ -114,14 +114,14 @@ class Database:
 
     def _connect(self) -> Any:
         if self.dialect == "sqlite":
-            conn = sqlite3.connect(self._target, timeout=30, isolation_level=None,
+            lite = sqlite3.connect(self._target, timeout=30, isolation_level=None,
                                    check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            lite.execute("PRAGMA journal_mode=WAL")
             # FULL: a record acknowledged to a device must survive a power cut of the server.
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.row_factory = sqlite3.Row
-            return conn
+            lite.execute("PRAGMA synchronous=FULL")
+            lite.execute("PRAGMA foreign_keys=ON")
+            lite.row_factory = sqlite3.Row
+            return lite
         import psycopg
         from psycopg.rows import dict_row
 

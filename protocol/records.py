@@ -41,7 +41,7 @@ def record_id(compact: str) -> str:
 
 def iso_week(t_ms: int) -> str:
     """ISO week of a Unix-milliseconds time, e.g. ``2026-W47`` (UTC)."""
-    day = datetime.datetime.fromtimestamp(t_ms // 1000, tz=datetime.timezone.utc).date()
+    day = datetime.datetime.fromtimestamp(t_ms // 1000, tz=datetime.UTC).date()
     year, week, _ = day.isocalendar()
     return f"{year:04d}-W{week:02d}"
 

@@ -60,8 +60,9 @@ def start_broker(extra_conf: str = "", port: int | None = None, anonymous: bool 
         + "log_type error\nlog_type warning\n"
         + extra_conf
     )
-    log = open(workdir / "mosquitto.log", "wb")  # noqa: SIM115 - kept open for the process
-    proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    with open(workdir / "mosquitto.log", "wb") as log:
+        # the child keeps its own copy of the descriptor; ours closes here
+        proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:

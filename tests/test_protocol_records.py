@@ -108,6 +108,9 @@ def test_flipping_any_byte_fails_verification(data: st.DataObject) -> None:
 
 kinds = st.sampled_from(["odometer", "trip", "confirmation", "event"])
 ints = st.integers(0, 2**53 - 1)
+HEX64 = st.text("0123456789abcdef", min_size=64, max_size=64)
+VINS = st.text("ABCDEFGHJKLMNPRSTUVWXYZ0123456789", min_size=1, max_size=17)
+DETAILS = st.none() | st.text(max_size=40) | st.dictionaries(st.text(max_size=5), ints, max_size=3)
 
 
 @st.composite
@@ -116,10 +119,10 @@ def any_payload(draw: st.DrawFn) -> dict[str, object]:
     seq = draw(st.integers(1, 2**40))
     base = {
         "dev": DEV, "seq": seq,
-        "prev": records.GENESIS if seq == 1 else draw(st.text("0123456789abcdef", min_size=64, max_size=64)),
+        "prev": records.GENESIS if seq == 1 else draw(HEX64),
         "kind": kind, "t": draw(ints), "clock": draw(st.sampled_from(records.CLOCKS)),
         "boot": draw(st.text("abcdefXYZ0123_-", min_size=1, max_size=64)),
-        "mono_ms": draw(ints), "vin": draw(st.none() | st.text("ABCDEFGHJKLMNPRSTUVWXYZ0123456789", min_size=1, max_size=17)),
+        "mono_ms": draw(ints), "vin": draw(st.none() | VINS),
     }
     if kind == "odometer":
         base.update(odo_m=draw(ints), src=draw(st.sampled_from(records.SOURCES)))
@@ -133,7 +136,7 @@ def any_payload(draw: st.DrawFn) -> dict[str, object]:
                     week=f"{draw(st.integers(2000, 2100))}-W{draw(st.integers(1, 53)):02d}")
     else:
         base.update(event=draw(st.sampled_from(["adapter_lost", "vin_changed", "buffer_pruned"])),
-                    detail=draw(st.none() | st.text(max_size=40) | st.dictionaries(st.text(max_size=5), ints, max_size=3)))
+                    detail=draw(DETAILS))
     return base
 
 
