@@ -18,7 +18,8 @@ def test_topics_roundtrip() -> None:
 
 
 def test_ack_roundtrip() -> None:
-    ack = messages.Ack(7, (messages.Rejection(8, "chain_break"), messages.Rejection(None, "bad_format")), 1500)
+    rejected = (messages.Rejection(8, "chain_break"), messages.Rejection(None, "bad_format"))
+    ack = messages.Ack(7, rejected, 1500)
     assert messages.decode_ack(messages.encode_ack(ack)) == ack
 
 
