@@ -10,6 +10,12 @@ normal states, never a reason to exit.
 The daemon also picks up what other processes wrote to the outbox: a
 confirmation from ``odo-agent confirm`` or the UI re-anchors the vehicle's
 derived odometer (``Vehicle.confirm``).
+
+A VIN other than the stored one means the dongle now sits in another car. The
+old car's trip in progress, if any, is ended at its last "on" sample and
+recorded under the old VIN; then a ``vin_changed`` event is recorded and a
+fresh vehicle (no odometer, no trip) takes over, so the new car's odometer is
+never compared with the old one's.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -92,6 +99,33 @@ class VehicleLike(Protocol):
     def trip(self) -> Mapping[str, object] | None: ...
 
 
+#: Makes a vehicle: ``None`` for a fresh one, or a snapshot to carry on from.
+VehicleFactory = Callable[[Mapping[str, object] | None], VehicleLike]
+
+
+def factory_of(vehicle: object) -> VehicleFactory | None:
+    """``type(vehicle)(vehicle.cfg, state)`` for a vehicle that has a ``cfg``, else None."""
+    cfg = getattr(vehicle, "cfg", None)
+    if cfg is None:
+        return None
+    cls: Any = type(vehicle)
+    return lambda state: cls(cfg, state)
+
+
+@dataclass(frozen=True)
+class _Unplugged:
+    """A sample of an adapter that does not answer (``agent.obd_source.Sample`` fields)."""
+
+    mono_ms: int
+    connected: bool = False
+    ecu: bool = False
+    speed_kph: int | None = None
+    rpm: int | None = None
+    odo_m: int | None = None
+    dist_since_clear_km: int | None = None
+    voltage_mv: int | None = None
+
+
 class PowerLike(Protocol):
     def poll_interval_s(self, ignition: bool) -> float: ...
     def should_shutdown(
@@ -107,9 +141,11 @@ class ObdLoop:
         clock: Clock, boot: str, retention_days: int = 30, max_records: int = 50_000,
         shutdown_command: Sequence[str] = (), run_command: Callable[[Sequence[str]], object] | None = None,
         monotonic: Callable[[], float] = time.monotonic, open_backoff: Backoff | None = None,
+        new_vehicle: VehicleFactory | None = None,
     ) -> None:
         self.source = source
         self.vehicle = vehicle
+        self.new_vehicle = new_vehicle or factory_of(vehicle)
         self.power = power
         self.recorder = recorder
         self.outbox: Outbox = recorder.outbox
@@ -178,13 +214,37 @@ class ObdLoop:
         if vin is None:
             self.recorder.vin = stored  # keep the last VIN read, not a spurious null
             return
-        self.recorder.vin = vin
-        if vin != stored:
-            if stored is not None:
-                log.warning("VIN changed from %s to %s", stored, vin)
-                self.recorder.event("vin_changed", {"from": stored, "to": vin}, {"vin": vin})
-            else:
-                self.outbox.set_state({"vin": vin})
+        if vin == stored:
+            self.recorder.vin = vin
+        elif stored is None:
+            self.recorder.vin = vin
+            self.outbox.set_state({"vin": vin})
+        else:
+            self.change_vehicle(stored, vin)
+
+    def change_vehicle(self, old_vin: str, new_vin: str) -> None:
+        """The dongle moved to another car: end the old car's trip under its VIN, record
+        ``vin_changed``, and carry on with a fresh vehicle (and save its snapshot)."""
+        log.warning("VIN changed from %s to %s: the dongle is in another car", old_vin, new_vin)
+        self.recorder.vin = old_vin
+        if self.vehicle.trip is not None:
+            # Two samples of an unplugged adapter, a day apart in the vehicle's own monotonic
+            # time, run out the ignition's off debounce: the trip ends at its last "on" sample.
+            start = mono_ms()
+            closing = [*self.vehicle.step(_Unplugged(start), now_ms()),
+                       *self.vehicle.step(_Unplugged(start + DAY_MS), now_ms())]
+            if self.vehicle.trip is not None:
+                log.warning("the old car's trip could not be ended; it is dropped")
+            self.recorder.record(closing, {"vehicle": self.vehicle.snapshot()})
+        state: dict[str, object] = {"vin": new_vin}
+        if self.new_vehicle is not None:
+            self.vehicle = self.new_vehicle(None)
+            state["vehicle"] = self.vehicle.snapshot()
+        else:
+            log.warning("no way to start a fresh vehicle: the old car's odometer state is kept")
+        self.recorder.vin = new_vin
+        self.recorder.event("vin_changed", {"from": old_vin, "to": new_vin}, state)
+        self._live_saved = None  # the live view changed: save it at the next chance
 
     def tick(self) -> float:
         """Take one sample, record what it gives; returns the seconds until the next."""

@@ -15,6 +15,7 @@ from agent.backoff import Backoff
 from agent.buffer import Outbox
 from agent.clock import Clock
 from agent.recorder import Recorder
+from agent.vehicle import Vehicle, VehicleConfig
 from protocol import records
 from protocol.identity import SigningKey
 from tests.fakes import FakePower, FakeSource, FakeVehicle
@@ -83,6 +84,41 @@ def test_a_new_vin_is_an_event_and_later_records_carry_it(tmp_path: Path) -> Non
     obd.tick()
     assert records.verify(p.outbox.records()[-1].jws, p.key.public).vin == NEW_VIN
     assert [k for k in p.kinds() if k[1] == "vin_changed"] == [("event", "vin_changed")]
+
+
+def test_another_car_starts_a_fresh_vehicle_after_ending_the_old_cars_trip(tmp_path: Path) -> None:
+    """The dongle moves from a car at 10,000 km to one at 2,000 km: the old car's trip ends under
+    its VIN, and the new car's odometer is recorded as its own, not as a jump back."""
+    p = Parts(tmp_path, start_odo_m=10_000_000)
+    p.vehicle = Vehicle(VehicleConfig())  # type: ignore[assignment]
+    obd = p.loop()
+    p.source.open()
+    obd.on_open()
+    for _ in range(8):
+        obd.tick()
+    old = [records.verify(r.jws, p.key.public) for r in p.outbox.records()]
+    old_high = max(r.fields["odo_m"] for r in old if r.kind == "odometer")
+    assert old_high >= 10_001_000 and obd.vehicle.trip is not None
+    p.source.close()                        # unplugged, and plugged into another car
+    p.source.set_vin(NEW_VIN)
+    p.source.odo_m = 2_000_000
+    p.source.open()
+    obd.on_open()
+    assert obd.vehicle is not p.vehicle and obd.vehicle.odo_m is None and obd.vehicle.trip is None
+    assert p.outbox.state("vehicle") == obd.vehicle.snapshot()
+    for _ in range(6):
+        obd.tick()
+    after = [records.verify(r.jws, p.key.public) for r in p.outbox.records()][len(old):]
+    events = [r.fields["event"] for r in old + after if r.kind == "event"]
+    assert "odometer_jump_back" not in events and "odometer_implausible" not in events
+    change = next(i for i, r in enumerate(after) if r.fields.get("event") == "vin_changed")
+    (trip,) = [r for r in after[:change] if r.kind == "trip"]
+    assert trip.vin == OLD_VIN and trip.fields["end_odo_m"] == old_high
+    assert all(r.vin == OLD_VIN for r in after[:change])
+    first = next(r for r in after[change:] if r.kind == "odometer")
+    assert first.vin == NEW_VIN and 2_000_000 < first.fields["odo_m"] < old_high
+    assert first.fields["src"] == "obd"
+    assert p.outbox.state("vin") == NEW_VIN
 
 
 def test_the_vin_is_read_again_when_the_car_wakes_up(tmp_path: Path) -> None:
