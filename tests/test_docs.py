@@ -3,11 +3,22 @@ points at (make targets, scripts, files) exists."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from agent import cli as agent_cli
+from agent import config as agent_config
+from agent.power import PowerConfig
+from agent.vehicle import VehicleConfig
+from backend import cli as backend_cli
+from backend import config as backend_config
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -144,3 +155,126 @@ def test_shell_snippets_are_valid_shell(readme: str) -> None:
     for block in re.findall(r"^```sh\n(.*?)^```", readme, flags=re.S | re.M):
         res = subprocess.run(["bash", "-n"], input=block, capture_output=True, text=True, timeout=10)
         assert res.returncode == 0, f"{res.stderr}\n{block}"
+
+
+# -- what the CLIs register and the settings they read are all documented ------------------------
+
+def leaf_commands(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> Iterator[
+        tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every runnable (sub)command of ``parser``, as its words and its own parser."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield words, parser
+    for action in subs:
+        for name, sub in action.choices.items():
+            yield from leaf_commands(sub, (*words, name))
+
+
+def registered() -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    return [*leaf_commands(agent_cli.parser(), ("odo-agent",)),
+            *leaf_commands(backend_cli.build_parser(), ("odo-backend",))]
+
+
+def test_the_parser_walk_finds_nested_commands() -> None:
+    names = {" ".join(words) for words, _ in registered()}
+    assert {"odo-agent init", "odo-agent remind", "odo-backend devices approve",
+            "odo-backend tokens add", "odo-backend operators passwd"} <= names
+    assert "odo-backend devices" not in names         # a group, not a command
+
+
+@pytest.mark.parametrize("words", [" ".join(w) for w, _ in registered()])
+def test_every_registered_command_is_shown_in_the_readme(readme: str, words: str) -> None:
+    name = words.split()
+    assert any(c[: len(name)] == name for c in command_lines(readme)), (
+        f"README.md shows no `{words}` command in a code block")
+
+
+@pytest.mark.parametrize("words", [" ".join(w) for w, _ in registered()])
+def test_every_option_of_every_command_is_named_in_the_readme(readme: str, words: str) -> None:
+    parser = dict((" ".join(w), p) for w, p in registered())[words]
+    options = {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    missing = sorted(o for o in options if not re.search(re.escape(o) + r"(?![\w-])", readme))
+    assert not missing, f"`{words}` options missing from README.md: {missing}"
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """Markdown table rows whose first cell is a backticked key: key -> the other cells."""
+    rows: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        m = re.match(r"^\|\s*`([a-z_]+)`\s*\|(.*)\|\s*$", line)
+        if m:
+            rows.setdefault(m.group(1), [c.strip() for c in m.group(2).split("|")])
+    return rows
+
+
+def _documented(value: object) -> str:
+    """A default as the README writes it: TOML-like, in backticks."""
+    text = json.dumps(value) if isinstance(value, str) else repr(value)
+    return f"`{text}`"
+
+
+AGENT_KEYS = sorted({*agent_config.KEYS, *(f.name for f in dataclasses.fields(agent_config.AgentConfig))})
+BACKEND_KEYS = sorted(backend_config.KEYS)
+
+
+def _section(readme: str, title: str, end: str) -> str:
+    return readme.split(title, 1)[1].split(end, 1)[0]
+
+
+@pytest.mark.parametrize("key", AGENT_KEYS)
+def test_every_agent_setting_has_a_row(readme: str, key: str) -> None:
+    rows = table_rows(_section(readme, "### Agent", "### Backend"))
+    assert key in rows, f"README.md's agent table has no row for `{key}`"
+
+
+AGENT_CLASSES = [agent_config.AgentConfig, agent_config.BrokerConfig, VehicleConfig, PowerConfig]
+
+
+@pytest.mark.parametrize("cls", AGENT_CLASSES, ids=lambda c: c.__name__)
+def test_documented_agent_defaults_are_the_code_defaults(readme: str, cls: type) -> None:
+    rows = table_rows(_section(readme, "### Agent", "### Backend"))
+    checked = 0
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING or f.default is None or f.default == () or f.name in ("tls",):
+            continue
+        if f.name in ("host", "port"):
+            continue
+        assert f.name in rows, f"no row for `{f.name}` ({cls.__name__})"
+        assert rows[f.name][0] == _documented(f.default), (
+            f"`{f.name}`: README says {rows[f.name][0]}, the code {_documented(f.default)}")
+        checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("key", BACKEND_KEYS)
+def test_every_backend_setting_has_a_row(readme: str, key: str) -> None:
+    rows = table_rows(_section(readme, "### Backend", "### The rules file"))
+    assert key in rows, f"README.md's backend table has no row for `{key}`"
+    if key in ("session_expiry",):
+        assert rows[key][1] == f"`{backend_config.DEFAULT_SESSION_EXPIRY_S}`"
+
+
+def test_env_names_precedence_and_exit_statuses_are_stated(readme: str) -> None:
+    config = " ".join(_section(readme, "## Configuration", "### Agent").split())
+    assert "flag > the `ODO_*` environment variable > the TOML config file" in config
+    assert "ODO_FLEET_TOKEN" in config and agent_config.ENV_PREFIX == "ODO_"
+    assert "**2 bad flags**" in readme and "**78 bad configuration**" in readme
+    assert backend_config.EX_USAGE == 2 and backend_config.EX_CONFIG == 78
+
+
+def test_every_rejection_reason_and_metric_is_documented(readme: str) -> None:
+    from protocol.messages import REASONS
+
+    rows = table_rows(_section(readme, "### Reading rejection reasons", "### Drivers"))
+    assert set(REASONS) <= set(rows), sorted(set(REASONS) - set(rows))
+    names = set(re.findall(r"\b(odo_[a-z_]+?)(?:_bucket|_sum|_count)?[{ ]",
+                           (ROOT / "backend" / "metrics.py").read_text()))
+    assert names
+    missing = sorted(n for n in names if f"`{n}" not in readme)
+    assert not missing, f"metrics missing from README.md: {missing}"
+
+
+def test_the_rules_example_in_the_readme_is_rules_example_toml(readme: str) -> None:
+    example = (ROOT / "rules" / "example.toml").read_text()
+    body = "\n".join(example.splitlines()[2:])        # the file's two comment lines at the top
+    assert body.strip() in readme
