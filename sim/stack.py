@@ -315,10 +315,20 @@ class Stack:
         result: dict[str, Any] = self.agent_cli(car, "status", "--json", check=True).json()
         return result
 
-    def start_agent(self, car: Car) -> Proc:
+    def start_agent(self, car: Car, *, wait: bool = True) -> Proc:
+        """``odo-agent run``; with ``wait``, return once it holds its state directory's lock
+        (so that another command, e.g. ``enroll``, hands its work to the daemon)."""
         car.agent_runs += 1
         argv = [*_command("odo-agent", "agent.cli"), "run", "--state-dir", str(car.state_dir)]
         car.agent = self._spawn(f"agent-{car.name}", argv)
+        deadline = time.monotonic() + 20
+        while wait and not _holds_lock(car.agent.pid, car.state_dir / "daemon.lock"):
+            if not car.agent.running():
+                raise StackError(f"odo-agent run exited with {car.agent.popen.returncode}; "
+                                 f"see {car.agent.log}")
+            if time.monotonic() > deadline:
+                raise StackError(f"odo-agent run did not take its lock within 20 s; see {car.agent.log}")
+            time.sleep(0.05)
         return car.agent
 
     def enroll(self, car: Car, wait_s: float = 20) -> AgentResult:
@@ -352,6 +362,21 @@ def _mosquitto() -> str:
         if Path(candidate).exists():
             return candidate
     raise StackError("mosquitto is not installed: run `sudo make deps` (apt-get install mosquitto)")
+
+
+def _holds_lock(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` holds a flock on ``path`` (from /proc/locks)."""
+    try:
+        inode = os.stat(path).st_ino
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return False
+    for row in table.splitlines():
+        fields = row.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[4] == str(pid) \
+                and fields[5].rsplit(":", 1)[-1] == str(inode):
+            return True
+    return False
 
 
 def _wait_port(proc: Proc, port: int, timeout: float = 10) -> None:
