@@ -18,6 +18,7 @@ systemd does not restart a service whose configuration cannot work.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import socket
@@ -43,6 +44,8 @@ _BOOL_KEYS = frozenset({"secure_cookies"})
 _NOT_SETTINGS = frozenset({"config", "command", "func", "json"})
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 DEFAULT_SESSION_EXPIRY_S = 300
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
@@ -266,8 +269,10 @@ def run_config(s: Settings) -> RunConfig:
     rules = Path(str(s.require("rules")))
     for name in ("fleet_token", "api_token"):
         value = s.get(name)
-        if value is not None and len(str(value)) < 8:
-            raise s.error(name, "must be at least 8 characters")
+        if value is not None and not str(value).strip():
+            raise s.error(name, "must not be empty")
+        if value is not None and len(str(value)) < 16:
+            log.warning("%s is shorter than 16 characters: easy to guess; use a long random one", name)
     return RunConfig(
         db=db,
         broker=BrokerConfig(host, port, tls, user, password, ca, cert, key, client_id, expiry),
