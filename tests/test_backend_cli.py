@@ -123,7 +123,7 @@ def test_run_refuses_bad_settings_before_starting(tmp_path: Path, db_file: str,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     for flag, value, status in (("--broker", "ftp://host", 2), ("--broker", "mqtt://host:99999", 2),
                                 ("--http", "8080", 2), ("--rules", str(tmp_path / "none.toml"), 78),
-                                ("--tls-ca", str(tmp_path / "none.pem"), 2), ("--fleet-token", "short", 2),
+                                ("--tls-ca", str(tmp_path / "none.pem"), 2), ("--fleet-token", "   ", 2),
                                 ("--client-id", "has space", 2)):
         got, _, err = run(capsys, *_run_args(tmp_path, db_file, **{flag: value}))
         assert got == status and (flag in err or "rules" in err), (flag, value, err)
