@@ -8,7 +8,8 @@ records are outstanding, it goes back and sends again from the first unsynced
 record (``through + 1``); each fruitless round doubles that wait (up to
 ``max_resend_after_s``), so a device the backend does not know yet
 (``unknown_device``: ``through`` does not move) is not hammering the broker
-while it waits for approval. An ``approved`` enrolment resends at once.
+while it waits for approval. Until it is approved, the daemon sends its signed
+enrolment on every connect. An ``approved`` enrolment resends at once.
 
 Reconnects use jittered, capped exponential backoff. A CONNACK refusing the
 credentials ("not authorized", "bad user name or password") stops the loop for
@@ -268,11 +269,22 @@ class Syncer:
         try:
             counts = self.outbox.counts()
             first = self.outbox.first_unsynced()
+            self._enroll_unless_approved(client)
         except StorageError as exc:
             log.error("sync: %s", exc)
             self.window.resend_now(self._mono())
             return
         self.window.restart(first, counts.last_seq, counts.synced_through, self._mono())
+
+    def _enroll_unless_approved(self, client: mqtt.Client) -> None:
+        """A daemon that is not approved yet sends its enrolment on every connect, so that
+        `init --fleet-token` plus `run` is enough; the backend answers with the current status."""
+        if self.enrollment is None:
+            return
+        if (self.outbox.state("enrollment") or {}).get("status") == "approved":
+            return
+        client.publish(topics.enroll(self.dev), self.enrollment(None), qos=1)
+        log.info("not approved yet: enrolment sent")
 
     def _go_offline(self, client: mqtt.Client) -> None:
         info = client.publish(topics.status(self.dev), messages.OFFLINE, qos=1, retain=True)

@@ -234,3 +234,13 @@ def test_enrolment_without_fleet_token_stays_pending_until_approved(stack: Stack
     recs = accepted_chain(stack, car, last)
     wait_until("the backlog sent", lambda: stack.status(car)["backlog"] == 0, timeout=30)
     assert recs[0]["seq"] == 1
+
+
+def test_run_alone_enrols_with_the_fleet_token(stack: Stack) -> None:
+    """`init --fleet-token` then `run`, with no `enroll`: the daemon enrols on connect."""
+    car = start_car(stack, CarSpec(VIN2, 30_000.0))
+    st = wait_until("approval", lambda: (s := stack.status(car))["enrolled"] == "approved" and s)
+    assert st["dev"] == car.dev
+    recs = accepted_chain(stack, car, 1)
+    assert stack.api(f"/api/devices/{car.dev}")["status"] == "approved"
+    assert recs[0]["seq"] == 1
