@@ -28,16 +28,20 @@ from collections.abc import Callable
 from typing import Any
 
 from backend import cli_ledger, cli_operators, devices, enrollment
-from backend.config import EX_USAGE, ConfigError, add_config_argument, open_database, run_config, settings
+from backend.config import (
+    EX_USAGE,
+    ConfigError,
+    UsageError,
+    add_config_argument,
+    open_database,
+    run_config,
+    settings,
+)
 from backend.db import Database, DatabaseError
 
 log = logging.getLogger(__name__)
 
 Command = Callable[[argparse.Namespace], int]
-
-
-class UsageError(Exception):
-    """Bad input on the command line; exit status 2."""
 
 
 def _now_ms() -> int:

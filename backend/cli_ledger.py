@@ -19,21 +19,16 @@ import datetime
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from backend import assignments, audit, certificate, translog
-from backend.config import EX_CONFIG, EX_USAGE, ConfigError, Settings, add_config_argument, settings
+from backend.config import EX_CONFIG, ConfigError, Settings, UsageError, add_config_argument, settings
 from backend.db import Database, DatabaseError
 from backend.rules import Rules, RulesError, load_rules
 
 log = logging.getLogger(__name__)
-
-
-class UsageError(Exception):
-    """Bad input; exit status 2."""
 
 
 def _now_ms() -> int:
@@ -193,17 +188,8 @@ def cmd_checkpoint(args: argparse.Namespace, s: Settings) -> int:
 # -- wiring -----------------------------------------------------------------------------------
 
 def _run(func: Callable[[argparse.Namespace, Settings], int]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args, settings(args))
-        except ConfigError as exc:
-            print(f"odo-backend: {exc}", file=sys.stderr)
-            return exc.status
-        except UsageError as exc:
-            print(f"odo-backend: {exc}", file=sys.stderr)
-            return EX_USAGE
-
-    return run
+    """Hand the command its settings; ``backend.cli.main`` turns errors into exit statuses."""
+    return lambda args: func(args, settings(args))
 
 
 def _common(p: argparse.ArgumentParser, *, out: bool = False, json_flag: bool = False) -> None:
@@ -263,17 +249,3 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("checkpoint", help="sign a checkpoint of the transparency log now")
     _common(p, json_flag=True)
     p.set_defaults(func=_run(cmd_checkpoint))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run these commands on their own (``python -m backend.cli_ledger drivers list …``)."""
-    parser = argparse.ArgumentParser(prog="odo-backend")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    result: int = args.func(args)
-    return result
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    sys.exit(main())

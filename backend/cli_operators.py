@@ -21,15 +21,11 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from backend.config import ConfigError, add_config_argument, open_database, settings
-from backend.db import Database, DatabaseError
+from backend.config import UsageError, add_config_argument, open_database, settings
+from backend.db import Database
 from backend.web import auth
 
 log = logging.getLogger(__name__)
-
-
-class UsageError(Exception):
-    """Bad input on the command line or stdin; exit status 2."""
 
 
 def _now_ms() -> int:
@@ -99,23 +95,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except ConfigError as exc:
-            print(f"odo-backend operators: {exc}", file=sys.stderr)
-            return exc.status
-        except UsageError as exc:
-            print(f"odo-backend operators: {exc}", file=sys.stderr)
-            return 2
-        except DatabaseError as exc:
-            print(f"odo-backend operators: {exc}", file=sys.stderr)
-            return 1
-
-    return run
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", help="sqlite:///path or postgresql://… (default: $ODO_DB)")
     add_config_argument(p)
@@ -131,22 +110,8 @@ def register(subparsers: Any) -> None:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("username")
         _common(p)
-        p.set_defaults(func=_run(func))
+        p.set_defaults(func=func)
     p = sub.add_parser("list", help="list operators", description="List operators.")
     _common(p)
     p.add_argument("--json", action="store_true", help="one JSON array")
-    p.set_defaults(func=_run(cmd_list))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``operators …`` on its own (``python -m backend.cli_operators operators add …``)."""
-    parser = argparse.ArgumentParser(prog="odo-backend")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    result: int = args.func(args)
-    return result
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    sys.exit(main())
+    p.set_defaults(func=cmd_list)

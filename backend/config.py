@@ -48,6 +48,10 @@ DEFAULT_SESSION_EXPIRY_S = 300
 log = logging.getLogger(__name__)
 
 
+class UsageError(Exception):
+    """Bad input on the command line or stdin; exit status 2 (``EX_USAGE``)."""
+
+
 class ConfigError(Exception):
     """A missing or wrong setting; ``status`` is the exit status it deserves."""
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend import cli_ledger
+import backend.cli as backend_cli
 from protocol import certificate as pc
 from protocol import checkpoint, merkle
 from protocol.identity import SigningKey, VerifyKey
@@ -144,8 +144,8 @@ def issued(db_url: str, tmp_path: Path) -> tuple[Path, Path, Car]:
     other.store(other.odometer(MONDAY))
     db.close()
     cert, key = tmp_path / "cert.json", tmp_path / "log.pem"
-    assert cli_ledger.main(["certificate", VIN, "--db", db_url, "--out", str(cert)]) == 0
-    assert cli_ledger.main(["log-key", "--db", db_url, "--out", str(key)]) == 0
+    assert backend_cli.main(["certificate", VIN, "--db", db_url, "--out", str(cert)]) == 0
+    assert backend_cli.main(["log-key", "--db", db_url, "--out", str(key)]) == 0
     return cert, key, car
 
 
@@ -218,5 +218,5 @@ def test_odo_verify_usage_errors(issued: tuple[Path, Path, Car], tmp_path: Path)
 def test_no_certificate_without_records(db_url: str, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     open_db(db_url).close()
-    assert cli_ledger.main(["certificate", "NOSUCHVIN", "--db", db_url, "--out", str(tmp_path / "c")]) == 2
+    assert backend_cli.main(["certificate", "NOSUCHVIN", "--db", db_url, "--out", str(tmp_path / "c")]) == 2
     assert "no accepted records for VIN NOSUCHVIN" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 from starlette.applications import Starlette
 
+import backend.cli as backend_cli
 from backend import cli_operators
 from backend.db import Database
 from backend.web import auth
@@ -313,7 +314,7 @@ def test_operators_cli(db_url: str, monkeypatch: pytest.MonkeyPatch,
                        capsys: pytest.CaptureFixture[str]) -> None:
     def run(*argv: str, stdin: str = "") -> int:
         monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-        return cli_operators.main(list(argv))
+        return backend_cli.main(list(argv))
 
     assert run("operators", "add", "carol", "--db", db_url, stdin=seed.PASSWORD + "\n") == 0
     assert "operator carol added" in capsys.readouterr().out

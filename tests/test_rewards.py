@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend import assignments, audit, cli_ledger, ledger, rewards
+import backend.cli as backend_cli
+from backend import assignments, audit, ledger, rewards
 from backend.db import Database
 from backend.rules import parse
 from protocol.records import iso_week
@@ -147,7 +148,7 @@ def test_audit_finds_tampering(db_url: str, tmp_path: Path, capsys: pytest.Captu
     rules_file = tmp_path / "rules.toml"
     rules_file.write_text(RULES_TOML)
     argv = ["rewards", "audit", "--db", db_url, "--rules", str(rules_file)]
-    assert cli_ledger.main(argv) == 0
+    assert backend_cli.main(argv) == 0
     assert "every credit matches" in capsys.readouterr().out
     key = f"reward:distance:{car.dev}:"
     with db.write() as tx:
@@ -156,7 +157,7 @@ def test_audit_finds_tampering(db_url: str, tmp_path: Path, capsys: pytest.Captu
     problems = audit.audit(db, RULES)
     assert any(p.startswith(f"differs: {key}") and "amount is 801, expected 800" in p for p in problems)
     assert any(p.startswith("log: transfer reward:distance") for p in problems)
-    assert cli_ledger.main(argv) == 1
+    assert backend_cli.main(argv) == 1
     assert "difference(s)" in capsys.readouterr().out
     db.close()
 
