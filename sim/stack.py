@@ -116,6 +116,7 @@ class CarSpec:
     has_a6: bool = True
     drive_s: float = 600.0
     park_s: float = 40.0
+    transport: str = "tcp"          # "tcp" (a Wi-Fi adapter) or "pty" (a serial one)
 
 
 @dataclass
@@ -280,8 +281,10 @@ class Stack:
         n = len(self.cars) + 1
         car = Car(f"car{n}", spec, self.workdir / f"agent{n}")
         argv = [sys.executable, "-m", "sim.car", "--vin", spec.vin, "--start-km", str(spec.start_km),
-                "--drive-s", str(spec.drive_s), "--park-s", str(spec.park_s), "--tcp",
+                "--drive-s", str(spec.drive_s), "--park-s", str(spec.park_s),
                 "--workdir", str(self.workdir / f"emulator{n}")]
+        if spec.transport == "tcp":
+            argv.append("--tcp")
         if not spec.has_a6:
             argv.append("--no-a6")
         car.sim = self._spawn(f"car-{n}", argv, stdout_pipe=True)

@@ -31,28 +31,41 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     assert left_running(tmp_path) == []
 
 
+def _outbox_ids(car: Car) -> dict[int, str]:
+    outbox = Outbox.open(car.state_dir / "outbox.db")
+    try:
+        return {r.seq: r.id for r in outbox.records(0, limit=1_000_000)}
+    finally:
+        outbox.close()
+
+
 def _check_complete(stack: Stack, car: Car) -> list[dict[str, Any]]:
-    """Run the agent until its backlog is 0; check the backend's chain against the outbox."""
+    """Run the agent until the backend holds every record its outbox held; check the chain.
+
+    The simulated car keeps driving, so the agent may sign another record between the
+    backlog reaching 0 and its stop: every record present at a stop must reach the backend
+    on the next run, with the same id, in seq order."""
     if car.agent is None:
         stack.start_agent(car)
     wait_until("the backlog sent", lambda: stack.status(car)["backlog"] == 0, timeout=40)
     stack.stop_agent(car)
-    recs: list[dict[str, Any]] = stack.api(f"/api/devices/{car.dev}/records")
+    held = _outbox_ids(car)
+    assert sorted(held) == list(range(1, len(held) + 1)), "a gap in the agent's own outbox"
+    stack.start_agent(car)
+    recs: list[dict[str, Any]] = wait_until(
+        f"the backend to hold seq {len(held)}",
+        lambda: (r := stack.api(f"/api/devices/{car.dev}/records")) and len(r) >= len(held) and r,
+        timeout=40)
+    stack.stop_agent(car)
     seqs = [r["seq"] for r in recs]
     assert seqs == list(range(1, len(recs) + 1)), "a gap or a duplicate in the backend's chain"
     assert len({r["id"] for r in recs}) == len(recs)
     assert [(r["seq"], r["reason"]) for r in recs if r["status"] != "accepted"] == []
-    outbox = Outbox.open(car.state_dir / "outbox.db")
-    try:
-        tip = outbox.tip()
-        assert outbox.counts().synced_through == tip[0]
-    finally:
-        outbox.close()
-    assert tip == (recs[-1]["seq"], recs[-1]["id"])
-    st = stack.status(car)
-    assert st["synced_through"] == st["last_seq"] == tip[0]
+    assert {r["seq"]: r["id"] for r in recs if r["seq"] in held} == held
+    now = _outbox_ids(car)
+    assert {seq: now[seq] for seq in held} == held, "the outbox changed a record it had already signed"
     device = next(d for d in stack.api("/api/devices") if d["dev"] == car.dev)
-    assert device["accepted"] == len(recs) and device["rejected"] == 0
+    assert device["rejected"] == 0 and device["accepted"] >= len(held)
     return recs
 
 
@@ -63,7 +76,9 @@ def _adapter_opens(car: Car) -> int:
 
 def test_agent_killed_mid_trip_twenty_times(stack: Stack) -> None:
     rng = random.Random(20261122)
-    car = stack.add_car(CarSpec("WP0ZZZ99ZTS390021", 61_000.0), settings=SETTINGS)
+    # a serial adapter: the emulator's TCP server sometimes stays silent to a new client
+    # after the old one was killed mid-query, which no real serial line does
+    car = stack.add_car(CarSpec("WP0ZZZ99ZTS390021", 61_000.0, transport="pty"), settings=SETTINGS)
     stack.start_agent(car)
     assert stack.enroll(car).returncode == 0
     tips = []
