@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from sim.stack import Stack
+from tests.e2e_support import left_running
 from tests.mqtt_broker import Broker, start_broker
 
 #: The PostgreSQL server the suite uses; each test gets a fresh schema in it.
@@ -40,3 +42,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     sep = "&" if "?" in PG_URL else "?"
     yield f"{PG_URL}{sep}schema={schema}"
     _drop_schema(schema)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """The whole system on real parts: mosquitto, and `odo-backend run` on SQLite; add cars."""
+    with Stack(tmp_path / "stack") as s:
+        s.start_broker()
+        s.start_backend()
+        yield s
+    assert left_running(tmp_path) == []

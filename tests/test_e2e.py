@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.buffer import Outbox
@@ -23,44 +20,9 @@ from protocol import canonical, jws, messages, topics
 from protocol.identity import SigningKey
 from protocol.records import record_id
 from sim.stack import ROOT, Car, CarSpec, Stack
+from tests.e2e_support import left_running, wait_until
 
 VIN1, VIN2, VIN3 = "WP0ZZZ99ZTS390011", "WVWZZZ1JZXW000012", "VF1RFB00X00000013"
-
-
-def wait_until(what: str, cond: Callable[[], Any], timeout: float = 30, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
-
-
-def left_running(path: Path) -> list[str]:
-    """Processes whose command line or working directory mentions ``path``."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-        except OSError:
-            continue
-        if str(path) in cmd or cwd.startswith(str(path)):
-            found.append(f"{pid} {cmd}")
-    return found
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    with Stack(tmp_path / "stack") as s:
-        s.start_broker()
-        s.start_backend()
-        yield s
-    assert left_running(tmp_path) == []
 
 
 def records(stack: Stack, car: Car) -> list[dict[str, Any]]:

@@ -6,29 +6,16 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from agent.buffer import Outbox
 from sim.stack import Car, CarSpec, Stack
-from tests.test_e2e import left_running, wait_until
+from tests.e2e_support import wait_until
 
 #: a record a second while moving, so that every short run has something to lose
 SETTINGS = ('clock = "synced"\nresend_after_s = 1.0\n\n'
             "[vehicle]\nrecord_every_ms = 1000\nignition_on_debounce_ms = 0\n\n[power]\non_poll_s = 0.5\n")
 KILLS = 20
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    with Stack(tmp_path / "stack") as s:
-        s.start_broker()
-        s.start_backend()
-        yield s
-    assert left_running(tmp_path) == []
 
 
 def _outbox_ids(car: Car) -> dict[int, str]:
