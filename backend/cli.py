@@ -34,6 +34,7 @@ from backend.config import (
     UsageError,
     add_config_argument,
     open_database,
+    parse_time,
     run_config,
     settings,
 )
@@ -135,7 +136,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     try:
         if args.tokens_command == "add":
             try:
-                expires = enrollment.parse_time(args.expires) if args.expires else None
+                expires = parse_time(args.expires, "--expires") if args.expires else None
                 token, row = enrollment.add_token(db, args.label, _now_ms(), expires, args.max_uses)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None

@@ -24,7 +24,15 @@ from collections.abc import Callable
 from typing import Any
 
 from backend import assignments, audit, certificate, translog
-from backend.config import EX_CONFIG, ConfigError, Settings, UsageError, add_config_argument, settings
+from backend.config import (
+    EX_CONFIG,
+    ConfigError,
+    Settings,
+    UsageError,
+    add_config_argument,
+    parse_time,
+    settings,
+)
 from backend.db import Database, DatabaseError
 from backend.rules import Rules, RulesError, load_rules
 
@@ -37,17 +45,6 @@ def _now_ms() -> int:
 
 def _iso(t_ms: int) -> str:
     return datetime.datetime.fromtimestamp(t_ms / 1000, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str) -> int:
-    """ISO 8601 (``2026-11-02``, ``2026-11-02T08:00``, ``…Z``, ``…+01:00``; UTC when no zone) → ms."""
-    try:
-        moment = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"--from {text!r}: not an ISO 8601 date or time (e.g. 2026-11-02T08:00Z)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.UTC)
-    return int(moment.timestamp() * 1000)
 
 
 def _db(s: Settings) -> Database:
@@ -94,7 +91,7 @@ def cmd_drivers_add(args: argparse.Namespace, s: Settings) -> int:
 
 def cmd_drivers_assign(args: argparse.Namespace, s: Settings) -> int:
     now = _now_ms()
-    start = parse_time(args.valid_from) if args.valid_from else now
+    start = parse_time(args.valid_from, "--from") if args.valid_from else now
     db = _db(s)
     try:
         moved = assignments.assign(db, args.driver_id, args.vin, start, now)

@@ -18,6 +18,7 @@ systemd does not restart a service whose configuration cannot work.
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import os
 import re
@@ -48,8 +49,21 @@ DEFAULT_SESSION_EXPIRY_S = 300
 log = logging.getLogger(__name__)
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad input on the command line or stdin; exit status 2 (``EX_USAGE``)."""
+
+
+def parse_time(text: str, what: str) -> int:
+    """ISO 8601 (``2026-11-02``, ``2026-11-02T08:00``, ``…Z``, ``…+01:00``; UTC when no zone) to
+    Unix ms; ``what`` names the option in the error."""
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"{what}: {text!r} is not an ISO 8601 date or time (e.g. 2026-11-02T08:00Z)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return int(moment.timestamp() * 1000)
 
 
 class ConfigError(Exception):

@@ -11,7 +11,6 @@ first enrolled it, and another key can never take it over. Every answer goes out
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import hmac
 import logging
@@ -96,17 +95,6 @@ def _token(row: Row) -> FleetToken:
 
 def list_tokens(db: Database) -> list[FleetToken]:
     return [_token(r) for r in db.query("SELECT * FROM fleet_tokens ORDER BY id")]
-
-
-def parse_time(text: str, what: str = "--expires") -> int:
-    """ISO 8601 (``2026-12-31`` or ``2026-12-31T18:00:00+01:00``; UTC when no zone) to Unix ms."""
-    try:
-        when = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"{what}: {text!r} is not an ISO 8601 date or time") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return int(when.timestamp() * 1000)
 
 
 def _use_stored_token(tx: Tx, token: str, now_ms: int) -> int | None:

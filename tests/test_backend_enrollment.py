@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from backend import devices, enrollment
+from backend.config import parse_time
 from backend.db import Database
 from backend.enrollment import Answer
 from protocol import messages
@@ -87,10 +88,10 @@ def test_bad_token_input_is_refused(db: Database) -> None:
             enrollment.add_token(db, "x", NOW, **kwargs)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="--label"):
         enrollment.add_token(db, "  ", NOW)
-    assert enrollment.parse_time("2026-12-31") == 1_798_675_200_000
-    assert enrollment.parse_time("2026-12-31T01:00:00+01:00") == 1_798_675_200_000
+    assert parse_time("2026-12-31", "--expires") == 1_798_675_200_000
+    assert parse_time("2026-12-31T01:00:00+01:00", "--expires") == 1_798_675_200_000
     with pytest.raises(ValueError, match="ISO 8601"):
-        enrollment.parse_time("next tuesday")
+        parse_time("next tuesday", "--expires")
 
 
 def test_forged_or_misplaced_enrolments_are_rejected(db: Database) -> None:
