@@ -4,10 +4,13 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from backend.db import Database
 from sim.stack import Stack
+from tests.backend_helpers import load_test_rules
 from tests.e2e_support import left_running
 from tests.mqtt_broker import Broker, start_broker
 
@@ -52,3 +55,18 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         s.start_backend()
         yield s
     assert left_running(tmp_path) == []
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    """A migrated backend database on each of SQLite and PostgreSQL."""
+    database = Database.open(db_url)
+    database.migrate()
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def rules(tmp_path: Path) -> Any:
+    """The rules file of the backend tests, loaded."""
+    return load_test_rules(tmp_path)

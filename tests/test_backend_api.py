@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from backend.web import api
 from backend.web.app import create_app
 from backend.web.context import AppContext
 from protocol import b64
-from tests.backend_helpers import FLEET_TOKEN, T0, VIN, Dongle, batch, enroll, load_test_rules
+from tests.backend_helpers import FLEET_TOKEN, T0, VIN, Dongle, batch, enroll
 
 with warnings.catch_warnings():
     # Starlette asks for the httpx2 package; plain httpx is what the project installs.
@@ -27,19 +26,6 @@ with warnings.catch_warnings():
 TOKEN = "api-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 NOW = T0 + 86_400_000
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database.open(db_url)
-    database.migrate()
-    yield database
-    database.close()
-
-
-@pytest.fixture
-def rules(tmp_path: Path) -> Any:
-    return load_test_rules(tmp_path)
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from backend import devices, enrollment
@@ -15,14 +13,6 @@ from protocol.identity import SigningKey
 from tests.backend_helpers import FLEET_TOKEN, T0, VIN, Dongle
 
 NOW = T0 + 1000
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database.open(db_url)
-    database.migrate()
-    yield database
-    database.close()
 
 
 def handle(db: Database, d: Dongle, token: str | None, configured: str | None = FLEET_TOKEN,

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from backend import devices, store
 from backend.db import Database
 from protocol import b64, messages
 from protocol.identity import SigningKey
 from protocol.messages import Ack, Rejection
-from tests.backend_helpers import OTHER_VIN, T0, Dongle, batch, enroll, load_test_rules, snapshot
+from tests.backend_helpers import OTHER_VIN, T0, Dongle, batch, enroll, snapshot
 
 NOW = T0 + 86_400_000
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database.open(db_url)
-    database.migrate()
-    yield database
-    database.close()
-
-
-@pytest.fixture
-def rules(tmp_path: Path) -> Any:
-    return load_test_rules(tmp_path)
 
 
 def ingest(db: Database, rules: Any, dev: str, body: bytes, now: int = NOW) -> Ack:
