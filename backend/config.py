@@ -24,16 +24,14 @@ import os
 import re
 import socket
 import tomllib
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backend.db import Database, DatabaseError
-
-EX_USAGE = 2
-EX_CONFIG = 78
+from backend.db import Database
+from backend.errors import EX_USAGE, ConfigError, DatabaseError, UsageError
+from common.transport import BrokerConfig, parse_broker_url, parse_listen
 
 #: Keys the config file may hold (besides the options of the command being run).
 KEYS = frozenset({
@@ -43,14 +41,10 @@ KEYS = frozenset({
 _INT_KEYS = frozenset({"session_expiry"})
 _BOOL_KEYS = frozenset({"secure_cookies"})
 _NOT_SETTINGS = frozenset({"config", "command", "func", "json"})
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 DEFAULT_SESSION_EXPIRY_S = 300
 
 log = logging.getLogger(__name__)
-
-
-class UsageError(ValueError):
-    """Bad input on the command line or stdin; exit status 2 (``EX_USAGE``)."""
 
 
 def parse_time(text: str, what: str) -> int:
@@ -64,15 +58,6 @@ def parse_time(text: str, what: str) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.UTC)
     return int(moment.timestamp() * 1000)
-
-
-class ConfigError(Exception):
-    """A missing or wrong setting; ``status`` is the exit status it deserves."""
-
-    def __init__(self, key: str, message: str, status: int = EX_CONFIG) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.status = status
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -174,35 +159,27 @@ def _from_env(key: str, text: str) -> Any:
 
 
 def open_database(s: Settings) -> Database:
-    """Open ``db`` (without connecting); a bad URL is a :class:`ConfigError`."""
+    """Open ``db`` (without connecting); a bad URL is a :class:`ConfigError` naming the setting."""
     url = s.require("db")
     try:
         return Database.open(str(url))
     except DatabaseError as exc:
-        raise s.error("db", str(exc).removeprefix("--db ").removeprefix("--db: ")) from None
+        raise s.error("db", str(exc)) from None
+
+
+def migrated_database(s: Settings) -> Database:
+    """Open ``db`` and bring its schema up to date. A bad URL is a :class:`ConfigError`; a
+    database that cannot be reached or migrated stays a :class:`DatabaseError` (exit status 1)."""
+    db = open_database(s)
+    try:
+        db.migrate()
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 # -- the daemon's settings -------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    host: str
-    port: int
-    tls: bool
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    client_id: str = "odo-backend"
-    session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
-
-    @property
-    def display(self) -> str:
-        """The URL without its password, for logs."""
-        user = f"{self.username}@" if self.username else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
-
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -214,33 +191,6 @@ class RunConfig:
     fleet_token: str | None = field(default=None, repr=False)
     api_token: str | None = field(default=None, repr=False)
     secure_cookies: bool = False
-
-
-def parse_broker(url: str) -> tuple[str, int, bool, str | None, str | None]:
-    """``mqtt://[user:password@]host[:port]`` or ``mqtts://…``; raise ValueError naming the fault."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"{url!r}: use mqtt://host:port or mqtts://host:port")
-    if not parsed.hostname:
-        raise ValueError(f"{url!r}: no host")
-    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
-        raise ValueError(f"{url!r}: only [user:password@]host:port may follow the scheme")
-    tls = parsed.scheme == "mqtts"
-    try:
-        port = parsed.port or (8883 if tls else 1883)
-    except ValueError:
-        raise ValueError(f"{url!r}: the port must be a number from 1 to 65535") from None
-    user = urllib.parse.unquote(parsed.username) if parsed.username else None
-    password = urllib.parse.unquote(parsed.password) if parsed.password is not None else None
-    return parsed.hostname, port, tls, user, password
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:8080`` for IPv6); raise ValueError naming the fault."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r}: use HOST:PORT, e.g. 127.0.0.1:8080")
-    return host.strip("[]"), int(port)
 
 
 def _existing_file(s: Settings, key: str) -> Path | None:
@@ -263,18 +213,18 @@ def run_config(s: Settings) -> RunConfig:
     """Validate the settings of ``odo-backend run``."""
     db = open_database(s)
     try:
-        host, port, tls, user, password = parse_broker(str(s.require("broker")))
+        url = parse_broker_url(str(s.require("broker")))
     except ValueError as exc:
         raise s.error("broker", str(exc)) from None
     ca, cert, key = (_existing_file(s, k) for k in ("tls_ca", "tls_cert", "tls_key"))
-    if not tls:
+    if not url.tls:
         for name, value in (("tls_ca", ca), ("tls_cert", cert), ("tls_key", key)):
             if value is not None:
                 raise s.error(name, "is set, but --broker is not mqtts://")
     if (cert is None) != (key is None):
         raise s.error("tls_cert" if cert is None else "tls_key", "tls_cert and tls_key go together")
     client_id = str(s.get("client_id") or default_client_id())
-    if not _CLIENT_ID.match(client_id):
+    if not _CLIENT_ID.fullmatch(client_id):
         raise s.error("client_id", f"{client_id!r}: use 1-128 letters, digits, '_', '.', ':' or '-'")
     expiry = s.get("session_expiry")
     expiry = DEFAULT_SESSION_EXPIRY_S if expiry is None else int(expiry)
@@ -293,7 +243,8 @@ def run_config(s: Settings) -> RunConfig:
             log.warning("%s is shorter than 16 characters: easy to guess; use a long random one", name)
     return RunConfig(
         db=db,
-        broker=BrokerConfig(host, port, tls, user, password, ca, cert, key, client_id, expiry),
+        broker=BrokerConfig(url.host, url.port, url.tls, url.username, url.password, tls_ca=ca, tls_cert=cert,
+                            tls_key=key, client_id=client_id, session_expiry_s=expiry),
         http_host=http_host, http_port=http_port, rules_path=rules,
         fleet_token=s.get("fleet_token") or None, api_token=s.get("api_token") or None,
         secure_cookies=bool(s.get("secure_cookies")),

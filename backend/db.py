@@ -17,23 +17,17 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
-import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from backend.errors import DatabaseError, IntegrityError
+from common.clock import now_ms
+
 Row = dict[str, Any]
 Params = Sequence[Any]
-
-
-class DatabaseError(Exception):
-    """A database URL or schema problem, named for the operator."""
-
-
-class IntegrityError(DatabaseError):
-    """A unique or foreign key constraint refused a write."""
 
 
 _TOKENS = {
@@ -96,7 +90,7 @@ class Database:
         if parsed.scheme == "sqlite":
             path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
             if not path:
-                raise DatabaseError(f"--db {url!r}: use sqlite:///path/to/file.db")
+                raise DatabaseError(f"{url!r}: use sqlite:///path/to/file.db")
             if path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             return cls(url, "sqlite", path, None)
@@ -104,12 +98,12 @@ class Database:
             query = urllib.parse.parse_qs(parsed.query)
             schema = query.pop("schema", [None])[0]
             if schema is not None and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
-                raise DatabaseError(f"--db: schema {schema!r} must be a plain lowercase identifier")
+                raise DatabaseError(f"{url!r}: schema {schema!r} must be a plain lowercase identifier")
             rest = urllib.parse.urlencode({k: v[0] for k, v in query.items()})
             target = urllib.parse.urlunsplit(parsed._replace(query=rest))
             return cls(url, "postgresql", target, schema)
         raise DatabaseError(
-            f"--db {url!r}: unsupported scheme {parsed.scheme!r} (use sqlite:/// or postgresql://)"
+            f"{url!r}: unsupported scheme {parsed.scheme!r} (use sqlite:/// or postgresql://)"
         )
 
     def _connect(self) -> Any:
@@ -128,7 +122,7 @@ class Database:
         try:
             conn = psycopg.connect(self._target, autocommit=True, row_factory=dict_row)
         except psycopg.OperationalError as exc:
-            raise DatabaseError(f"--db: cannot connect to PostgreSQL: {exc}".strip()) from None
+            raise DatabaseError(f"cannot connect to PostgreSQL: {exc}".strip()) from None
         if self._schema:
             conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
             conn.execute(f'SET search_path TO "{self._schema}"')
@@ -238,6 +232,6 @@ class Database:
                     if statement:
                         tx.execute(statement)
                 tx.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
-                           (name, int(time.time() * 1000)))
+                           (name, now_ms()))
                 applied.append(name)
         return applied

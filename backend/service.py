@@ -1,7 +1,7 @@
 """``odo-backend run``: the ingest and the HTTP server in one process.
 
 uvicorn serves HTTP in the main thread; paho's network loop runs in its own thread (started
-by :class:`backend.ingest.Ingest`). SIGTERM or SIGINT stops the HTTP server gracefully, then the
+by :class:`backend.records.ingest.Ingest`). SIGTERM or SIGINT stops the HTTP server gracefully, then the
 ingest (which finishes the batch in hand, disconnects and keeps its MQTT session). A broker that
 refuses the backend's credentials, or another process taking its MQTT session, stops the
 whole process with exit status 78, so that systemd does not restart it in a loop.
@@ -16,10 +16,10 @@ from types import FrameType
 
 import uvicorn
 
-from backend.config import EX_CONFIG, ConfigError, RunConfig
-from backend.db import DatabaseError
-from backend.ingest import Ingest
-from backend.rules import RulesError, load_rules
+from backend.config import RunConfig
+from backend.errors import EX_CONFIG, ConfigError, DatabaseError, RulesError
+from backend.ledger.rules import load_rules
+from backend.records.ingest import Ingest
 from backend.web.app import create_app
 from backend.web.context import AppContext
 

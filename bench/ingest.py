@@ -26,8 +26,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from backend import store
 from backend.db import Database
+from backend.records import store
 from protocol import b64, records
 from protocol.records import Record
 from tests.backend_helpers import Dongle, batch, enroll, load_test_rules, write_rules

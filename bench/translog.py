@@ -22,8 +22,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from backend import translog
 from backend.db import Database
+from backend.transparency import translog
 from protocol import merkle
 
 PG_URL = os.environ.get("ODO_TEST_PG", "postgresql://127.0.0.1:5432/test")

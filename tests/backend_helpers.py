@@ -50,7 +50,7 @@ def write_rules(directory: Path) -> Path:
 
 
 def load_test_rules(directory: Path) -> Any:
-    from backend.rules import load_rules
+    from backend.ledger.rules import load_rules
 
     return load_rules(write_rules(directory))
 
@@ -125,7 +125,7 @@ def batch(*items: Record | str, **extra: Any) -> bytes:
 
 
 def enroll(db: Database, device: Dongle, *, approved: bool = True, now_ms: int = T0) -> None:
-    from backend import enrollment
+    from backend.records import enrollment
 
     answer = enrollment.handle(db, device.dev, device.enroll_message(FLEET_TOKEN if approved else None),
                                now_ms, FLEET_TOKEN)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from backend import rewards, translog
 from backend.db import Database
-from backend.ledger import Transfer
-from backend.rules import Rules, parse
+from backend.ledger import rewards
+from backend.ledger.accounts import Transfer
+from backend.ledger.rules import Rules, parse
+from backend.transparency import translog
 from protocol import messages, records
 from protocol.identity import SigningKey
 from protocol.records import GENESIS, Record

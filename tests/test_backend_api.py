@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 from starlette.routing import Mount, Route
 
-from backend import assignments, store
 from backend.db import Database
+from backend.ledger import assignments
 from backend.metrics import Registry
+from backend.records import store
 from backend.web import api
 from backend.web.app import create_app
 from backend.web.context import AppContext
@@ -186,7 +187,7 @@ def test_an_unexpected_failure_is_a_json_500(db: Database, rules: Any,
     def broken(db: Database) -> list[dict[str, Any]]:
         raise RuntimeError("the disk is on fire")
 
-    monkeypatch.setattr("backend.devices.list_devices", broken)
+    monkeypatch.setattr("backend.records.devices.list_devices", broken)
     with TestClient(create_app(AppContext(db=db, rules=rules)), raise_server_exceptions=False) as c:
         r = c.get("/api/devices")
     assert r.status_code == 500 and "internal error" in r.json()["error"]

@@ -12,6 +12,7 @@ import pytest
 from backend import config
 from backend.cli import main
 from backend.db import Database
+from common.transport import BrokerURL, parse_broker_url, parse_listen
 from tests.backend_helpers import FLEET_TOKEN, VIN, Dongle, enroll, write_rules
 
 
@@ -142,10 +143,10 @@ def test_run_refuses_bad_settings_before_starting(tmp_path: Path, db_file: str,
 
 
 def test_settings_objects() -> None:
-    expected = ("mq.example", 8883, True, "be@x", "p:ss")
-    assert config.parse_broker("mqtts://be%40x:p%3Ass@mq.example") == expected
-    assert config.parse_broker("mqtt://h:1884") == ("h", 1884, False, None, None)
-    assert config.parse_listen("[::1]:8080") == ("::1", 8080)
+    expected = BrokerURL("mq.example", 8883, True, "be@x", "p:ss")
+    assert parse_broker_url("mqtts://be%40x:p%3Ass@mq.example") == expected
+    assert parse_broker_url("mqtt://h:1884") == BrokerURL("h", 1884, False, None, None)
+    assert parse_listen("[::1]:8080") == ("::1", 8080)
     args = argparse.Namespace(db="sqlite:///tmp/x.db", broker="mqtt://u:secret-pass@h:1883",
                               http="127.0.0.1:8", rules="r.toml", fleet_token=FLEET_TOKEN,
                               api_token="api-secret-123", config=None)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from backend import devices, enrollment
 from backend.config import parse_time
 from backend.db import Database
-from backend.enrollment import Answer
+from backend.errors import UsageError
+from backend.records import devices, enrollment
+from backend.records.enrollment import Answer
 from protocol import messages
 from protocol.identity import SigningKey
 from tests.backend_helpers import FLEET_TOKEN, T0, VIN, Dongle
@@ -80,7 +81,7 @@ def test_bad_token_input_is_refused(db: Database) -> None:
         enrollment.add_token(db, "  ", NOW)
     assert parse_time("2026-12-31", "--expires") == 1_798_675_200_000
     assert parse_time("2026-12-31T01:00:00+01:00", "--expires") == 1_798_675_200_000
-    with pytest.raises(ValueError, match="ISO 8601"):
+    with pytest.raises(UsageError, match="ISO 8601"):
         parse_time("next tuesday", "--expires")
 
 

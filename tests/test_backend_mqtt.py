@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from backend import devices
 from backend.db import Database
+from backend.records import devices
 from protocol import topics
 from protocol.messages import Ack, Rejection
 from tests.agent_helpers import quiet_broker

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from backend import devices, store
 from backend.db import Database
+from backend.records import devices, store
 from protocol import b64, messages
 from protocol.identity import SigningKey
 from protocol.messages import Ack, Rejection

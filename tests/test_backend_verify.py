@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backend.verify import (
+from backend.records.verify import (
     MIN_WALL_MS,
     Anchor,
     Chain,

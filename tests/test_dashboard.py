@@ -18,8 +18,9 @@ import pytest
 from starlette.applications import Starlette
 
 import backend.cli as backend_cli
-from backend import cli_operators
+from backend.cli import operators as cli_operators
 from backend.db import Database
+from backend.errors import AuthError, UsageError
 from backend.web import auth
 from backend.web.app import create_app
 from backend.web.context import AppContext
@@ -299,11 +300,11 @@ def test_passwords_are_salted_scrypt(db_url: str) -> None:
     assert auth.check_password(db, "one", seed.PASSWORD)
     assert not auth.check_password(db, "one", seed.PASSWORD + "x")
     assert not auth.check_password(db, "three", seed.PASSWORD)
-    with pytest.raises(auth.AuthError, match="already exists"):
+    with pytest.raises(AuthError, match="already exists"):
         auth.add_operator(db, "one", "another password", 3)
-    with pytest.raises(auth.AuthError, match="at least"):
+    with pytest.raises(AuthError, match="at least"):
         auth.add_operator(db, "four", "short", 3)
-    with pytest.raises(auth.AuthError, match="username"):
+    with pytest.raises(AuthError, match="username"):
         auth.add_operator(db, "no spaces", seed.PASSWORD, 3)
     assert db.one("SELECT password_hash FROM operators WHERE username = 'one'") == {
         "password_hash": hashes[0]}
@@ -351,5 +352,5 @@ def test_read_password_from_a_terminal() -> None:
 
     answers = iter(["secret one", "secret one", "secret one", "secret two"])
     assert cli_operators.read_password(Tty(), lambda _: next(answers)) == "secret one"
-    with pytest.raises(cli_operators.UsageError, match="did not match"):
+    with pytest.raises(UsageError, match="did not match"):
         cli_operators.read_password(Tty(), lambda _: next(answers))

@@ -19,6 +19,7 @@ from agent.power import PowerConfig
 from agent.vehicle import VehicleConfig
 from backend import cli as backend_cli
 from backend import config as backend_config
+from backend import errors as backend_errors
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -259,7 +260,7 @@ def test_env_names_precedence_and_exit_statuses_are_stated(readme: str) -> None:
     assert "flag > the `ODO_*` environment variable > the TOML config file" in config
     assert "ODO_FLEET_TOKEN" in config and agent_config.ENV_PREFIX == "ODO_"
     assert "**2 bad flags**" in readme and "**78 bad configuration**" in readme
-    assert backend_config.EX_USAGE == 2 and backend_config.EX_CONFIG == 78
+    assert backend_errors.EX_USAGE == 2 and backend_errors.EX_CONFIG == 78
 
 
 def test_every_rejection_reason_and_metric_is_documented(readme: str) -> None:

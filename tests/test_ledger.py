@@ -4,9 +4,10 @@ import threading
 
 import pytest
 
-from backend import ledger, translog
 from backend.db import Database, IntegrityError
-from backend.ledger import InsufficientFunds, InvalidKey, KeyConflict, UnknownAccount, UnknownItem
+from backend.ledger import accounts
+from backend.ledger.accounts import InsufficientFunds, InvalidKey, KeyConflict, UnknownAccount, UnknownItem
+from backend.transparency import translog
 from tests.ledger_support import make_rules, open_db
 
 RULES = make_rules()
@@ -14,7 +15,7 @@ RULES = make_rules()
 
 def _fund(db: Database, account: str, amount: int, key: str = "grant") -> None:
     with db.write() as tx:
-        assert ledger.transfer(tx, key=key, from_account="issuer", to_account=account, amount=amount,
+        assert accounts.transfer(tx, key=key, from_account="issuer", to_account=account, amount=amount,
                                now_ms=1) is not None
 
 
@@ -32,23 +33,23 @@ def test_double_entry_and_idempotency(db_url: str) -> None:
     db = open_db(db_url)
     _fund(db, "driver:alice", 700)
     with db.write() as tx:
-        again = ledger.transfer(tx, key="grant", from_account="issuer", to_account="driver:alice", amount=700,
-                                now_ms=2)
+        again = accounts.transfer(tx, key="grant", from_account="issuer", to_account="driver:alice",
+                                  amount=700, now_ms=2)
         assert again is None
-        moved = ledger.transfer(tx, key="gift", from_account="driver:alice", to_account="driver:bob",
+        moved = accounts.transfer(tx, key="gift", from_account="driver:alice", to_account="driver:bob",
                                 amount=200, now_ms=3)
         assert moved is not None and moved.amount == 200
-        assert ledger.balance(tx, "driver:alice") == 500
-        assert ledger.balance(tx, "driver:bob") == 200
-        assert ledger.balance(tx, "issuer") == -700          # only the issuer goes negative
+        assert accounts.balance(tx, "driver:alice") == 500
+        assert accounts.balance(tx, "driver:bob") == 200
+        assert accounts.balance(tx, "issuer") == -700          # only the issuer goes negative
         with pytest.raises(InsufficientFunds, match="driver:bob has 200"):
-            ledger.transfer(tx, key="too-much", from_account="driver:bob", to_account="driver:alice",
+            accounts.transfer(tx, key="too-much", from_account="driver:bob", to_account="driver:alice",
                             amount=201, now_ms=4)
         for bad in ({"amount": 0}, {"amount": -1}, {"to_account": "wallet:x"},
                     {"from_account": "driver:bob", "to_account": "driver:bob"}):
             kwargs = {"key": "k", "from_account": "issuer", "to_account": "driver:bob", "amount": 1, **bad}
             with pytest.raises(ValueError):
-                ledger.transfer(tx, now_ms=5, **kwargs)  # type: ignore[arg-type]
+                accounts.transfer(tx, now_ms=5, **kwargs)  # type: ignore[arg-type]
     # the database itself refuses a second row with one key
     with pytest.raises(IntegrityError), db.write() as tx:
         tx.execute("INSERT INTO transfers (key, from_account, to_account, amount, created_at) "
@@ -56,7 +57,7 @@ def test_double_entry_and_idempotency(db_url: str) -> None:
     # every transfer is in the transparency log, as its canonical JSON
     with db.read() as tx:
         for row in tx.query("SELECT * FROM transfers"):
-            t = ledger.Transfer.from_row(row)
+            t = accounts.Transfer.from_row(row)
             entry = tx.scalar("SELECT entry FROM translog WHERE ref = ?", (t.key,))
             assert bytes(entry) == t.entry()
     db.close()
@@ -65,20 +66,20 @@ def test_double_entry_and_idempotency(db_url: str) -> None:
 def test_wallet(db_url: str) -> None:
     db = open_db(db_url)
     _add_driver(db, "alice")
-    empty = ledger.wallet(db, "driver:alice")
+    empty = accounts.wallet(db, "driver:alice")
     assert empty == {"account": "driver:alice", "balance": 0, "transfers": []}
     _fund(db, "driver:alice", 40000)
-    ledger.redeem(db, RULES, "driver:alice", "car-wash", "k1", 10)
-    w = ledger.wallet(db, "driver:alice")
+    accounts.redeem(db, RULES, "driver:alice", "car-wash", "k1", 10)
+    w = accounts.wallet(db, "driver:alice")
     assert w["balance"] == 10000
     assert [(t["key"], t["delta"]) for t in w["transfers"]] == [("redeem:driver:alice:k1", -30000),
                                                               ("grant", 40000)]
-    assert ledger.wallet(db, "redeemed:car-wash")["balance"] == 30000
-    assert ledger.wallet(db, "issuer")["balance"] == -40000
+    assert accounts.wallet(db, "redeemed:car-wash")["balance"] == 30000
+    assert accounts.wallet(db, "issuer")["balance"] == -40000
     with pytest.raises(UnknownAccount, match="no account driver:nobody"):
-        ledger.wallet(db, "driver:nobody")
+        accounts.wallet(db, "driver:nobody")
     with pytest.raises(UnknownAccount, match="not an account name"):
-        ledger.wallet(db, "alice")
+        accounts.wallet(db, "alice")
     db.close()
 
 
@@ -86,30 +87,30 @@ def test_redeem_is_idempotent_and_never_overdraws(db_url: str) -> None:
     db = open_db(db_url)
     _add_driver(db, "alice")
     _fund(db, "driver:alice", 520000)
-    first = ledger.redeem(db, RULES, "driver:alice", "tyre-voucher", "order-1", 100)
-    again = ledger.redeem(db, RULES, "driver:alice", "tyre-voucher", "order-1", 200)
+    first = accounts.redeem(db, RULES, "driver:alice", "tyre-voucher", "order-1", 100)
+    again = accounts.redeem(db, RULES, "driver:alice", "tyre-voucher", "order-1", 200)
     assert again == first
     assert first.to_account == "redeemed:tyre-voucher" and first.amount == 500000
     assert first.rules_version == RULES.version
     with db.read() as tx:
-        assert ledger.balance(tx, "driver:alice") == 20000
+        assert accounts.balance(tx, "driver:alice") == 20000
     before = _counts(db)
     with pytest.raises(KeyConflict, match="order-1"):
-        ledger.redeem(db, RULES, "driver:alice", "car-wash", "order-1", 300)
+        accounts.redeem(db, RULES, "driver:alice", "car-wash", "order-1", 300)
     with pytest.raises(InsufficientFunds, match="driver:alice has 20000 milli-tokens; car-wash costs 30000"):
-        ledger.redeem(db, RULES, "driver:alice", "car-wash", "order-2", 300)
+        accounts.redeem(db, RULES, "driver:alice", "car-wash", "order-2", 300)
     with pytest.raises(UnknownItem, match="'moon'"):
-        ledger.redeem(db, RULES, "driver:alice", "moon", "order-3", 300)
+        accounts.redeem(db, RULES, "driver:alice", "moon", "order-3", 300)
     with pytest.raises(UnknownAccount, match="no driver 'bob'"):
-        ledger.redeem(db, RULES, "driver:bob", "car-wash", "order-4", 300)
+        accounts.redeem(db, RULES, "driver:bob", "car-wash", "order-4", 300)
     with pytest.raises(UnknownAccount, match="only a driver's account"):
-        ledger.redeem(db, RULES, "issuer", "car-wash", "order-5", 300)
+        accounts.redeem(db, RULES, "issuer", "car-wash", "order-5", 300)
     for key in ("", "has space", "x" * 201):
         with pytest.raises(InvalidKey):
-            ledger.redeem(db, RULES, "driver:alice", "car-wash", key, 300)
+            accounts.redeem(db, RULES, "driver:alice", "car-wash", key, 300)
     assert _counts(db) == before                             # nothing changed by any refusal
     with db.read() as tx:
-        assert ledger.balance(tx, "driver:alice") == 20000
+        assert accounts.balance(tx, "driver:alice") == 20000
     db.close()
 
 
@@ -125,7 +126,7 @@ def test_concurrent_redemptions_cannot_overspend(db_url: str) -> None:
         conn = Database.open(db_url)
         barrier.wait()
         try:
-            ledger.redeem(conn, RULES, "driver:alice", "tyre-voucher", f"race-{i}", 1000 + i)
+            accounts.redeem(conn, RULES, "driver:alice", "tyre-voucher", f"race-{i}", 1000 + i)
             results.append("ok")
         except InsufficientFunds:
             results.append("refused")
@@ -139,7 +140,7 @@ def test_concurrent_redemptions_cannot_overspend(db_url: str) -> None:
         t.join()
     assert sorted(results) == ["ok"] * 2 + ["refused"] * 6
     with db.read() as tx:
-        assert ledger.balance(tx, "driver:alice") == 0
+        assert accounts.balance(tx, "driver:alice") == 0
     db.close()
 
 
@@ -152,8 +153,8 @@ def test_device_balance_follows_the_assignment(db_url: str) -> None:
     with db.write() as tx:
         tx.execute("INSERT INTO assignments (driver_id, vin, valid_from, valid_to, created_at) "
                    "VALUES ('alice', 'VIN1', 1000, 5000, 1)")
-        assert ledger.device_balance(tx, dev, "VIN1", 999) == 300
-        assert ledger.device_balance(tx, dev, "VIN1", 1000) == 900
-        assert ledger.device_balance(tx, dev, "VIN1", 5000) == 300
-        assert ledger.device_balance(tx, dev, None, 2000) == 300
+        assert accounts.device_balance(tx, dev, "VIN1", 999) == 300
+        assert accounts.device_balance(tx, dev, "VIN1", 1000) == 900
+        assert accounts.device_balance(tx, dev, "VIN1", 5000) == 300
+        assert accounts.device_balance(tx, dev, None, 2000) == 300
     db.close()

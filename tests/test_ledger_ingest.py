@@ -1,10 +1,11 @@
-"""The ledger side behind the real ingest path (``backend.store.process_batch``): what ingest
+"""The ledger side behind the real ingest path (``backend.records.store.process_batch``): what ingest
 credits, the audit recomputes to the same result, and the certificate of the car verifies."""
 
 from __future__ import annotations
 
-from backend import assignments, audit, certificate, ledger, translog
-from backend.store import process_batch
+from backend.ledger import accounts, assignments, audit
+from backend.records.store import process_batch
+from backend.transparency import certificate, translog
 from protocol import certificate as pc
 from protocol import messages
 from protocol.records import Record
@@ -41,7 +42,7 @@ def test_ingest_credits_what_the_audit_recomputes(db_url: str) -> None:
     ack = _send(car, later, MONDAY + 6 * WEEK)
     assert [r.reason for r in ack.rejected] == ["odometer_rollback"] and ack.through == len(first) + 2
     with db.read() as tx:
-        assert ledger.balance(tx, "driver:alice") == ack.balance == 2 * 10000 + 20000 + 2 * 1500 + 10000
+        assert accounts.balance(tx, "driver:alice") == ack.balance == 2 * 10000 + 20000 + 2 * 1500 + 10000
     assert audit.audit(db, RULES) == []
 
     cert = certificate.build(db, car.vin or "", MONDAY + 6 * WEEK)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("protocol", "agent", "backend")
+PACKAGES = ("protocol", "common", "verifier", "agent", "backend")
 
 #: What protocol/ may never import: the other packages, and anything that does I/O.
 PROTOCOL_FORBIDDEN = {
@@ -30,7 +30,7 @@ PROTOCOL_FORBIDDEN = {
 ONLY_IN = {
     "obd": {"agent/obd_source.py"},
     "serial": {"agent/obd_source.py"},
-    "paho": {"agent/sync.py", "backend/ingest.py"},
+    "paho": {"agent/sync.py", "backend/records/ingest.py"},
     "psycopg": {"backend/db.py"},
     "sqlite3": {"backend/db.py", "agent/buffer.py"},
 }
@@ -91,8 +91,27 @@ def test_protocol_is_pure() -> None:
 
 
 def test_agent_and_backend_never_import_each_other() -> None:
-    assert offenders("agent", {"backend"}) == []
-    assert offenders("backend", {"agent"}) == []
+    assert offenders("agent", {"backend", "verifier"}) == []
+    assert offenders("backend", {"agent", "verifier"}) == []
+
+
+def test_common_and_the_verifier_stand_on_their_own() -> None:
+    """common/ is shared by agent and backend, so it imports neither; odo-verify needs protocol only."""
+    assert offenders("common", {"agent", "backend", "verifier", "protocol"}) == []
+    forbidden = {"agent", "backend", "common", "paho", "psycopg", "sqlite3", "starlette"}
+    assert offenders("verifier", forbidden) == []
+
+
+def test_odo_verify_loads_no_backend_or_agent_library() -> None:
+    """What a buyer installs: the base distribution (cryptography) is all odo-verify loads."""
+    code = ("import sys, verifier.cli\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'agent', 'backend', 'paho', 'obd', "
+            "'psycopg', 'starlette', 'uvicorn', 'jinja2', 'serial', 'sqlite3', 'prometheus_client'}))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    res = subprocess.run([sys.executable, "-I", "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("library", sorted(ONLY_IN))
@@ -152,6 +171,7 @@ def test_console_scripts_are_declared(project: dict[str, object]) -> None:
     assert set(scripts) >= {"odo-agent", "odo-backend", "odo-verify"}
     assert scripts["odo-agent"].startswith("agent.")
     assert scripts["odo-backend"].startswith("backend.")
+    assert scripts["odo-verify"].startswith("verifier.")
     for name, target in scripts.items():
         module, _, func = target.partition(":")
         assert func, f"{name}: entry point {target!r} names no function"
@@ -185,9 +205,9 @@ def test_extras_keep_the_dongle_small(project: dict[str, object]) -> None:
     assert "elm327-emulator" in names(extras["dev"])
 
 
-def test_only_the_three_packages_are_distributed() -> None:
+def test_only_the_project_packages_are_distributed() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    assert set(config["include"]) == {"protocol*", "agent*", "backend*"}  # never tests/, sim/, bench/
+    assert set(config["include"]) == {f"{p}*" for p in PACKAGES}  # never tests/, sim/, bench/
 
 
 def test_scripts_are_executable_and_parse() -> None:

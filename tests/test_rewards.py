@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import backend.cli as backend_cli
-from backend import assignments, audit, ledger, rewards
 from backend.db import Database
-from backend.rules import parse
+from backend.ledger import accounts, assignments, audit, rewards
+from backend.ledger.rules import parse
 from protocol.records import iso_week
 from tests.ledger_support import DAY, MONDAY, RULES_DOC, WEEK, Car, make_rules, open_db
 
@@ -19,7 +19,7 @@ RULES = make_rules()
 
 def _balance(db: Database, account: str) -> int:
     with db.read() as tx:
-        return ledger.balance(tx, account)
+        return accounts.balance(tx, account)
 
 
 def _keys(db: Database) -> list[str]:
@@ -168,7 +168,7 @@ def test_audit_finds_missing_extra_and_misdirected_credits(db_url: str) -> None:
     car.store(car.confirm(MONDAY))
     car.store(car.confirm(MONDAY + WEEK))
     with db.write() as tx:
-        ledger.transfer(tx, key=f"reward:weekly-confirmation:{car.dev}:2025-W40", from_account="issuer",
+        accounts.transfer(tx, key=f"reward:weekly-confirmation:{car.dev}:2025-W40", from_account="issuer",
                         to_account="driver:mallory", amount=10000, now_ms=1, rule_id="weekly-confirmation",
                         dev=car.dev, week="2025-W40", rules_version="test-1")
         tx.execute("DELETE FROM transfers WHERE key = ?", (f"reward:weekly-confirmation:{car.dev}:2026-W02",))

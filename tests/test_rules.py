@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backend.rules import DistanceRule, RulesError, StreakRule, WeeklyRule, load_rules, parse
+from backend.ledger.rules import DistanceRule, RulesError, StreakRule, WeeklyRule, load_rules, parse
 from tests.ledger_support import RULES_DOC
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "rules" / "example.toml"

@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from backend import translog
 from backend.db import Database
+from backend.transparency import translog
 from protocol import checkpoint, merkle
 from tests.ledger_support import open_db
 

@@ -20,7 +20,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from backend import devices, ledger, translog
+from backend.errors import (
+    BadRequest,
+    DeviceInputError,
+    InsufficientFunds,
+    InvalidKey,
+    KeyConflict,
+    UnknownAccount,
+    UnknownDevice,
+    UnknownItem,
+)
+from backend.ledger import accounts
+from backend.records import devices
+from backend.transparency import translog
 from backend.web.auth import db_call
 from backend.web.context import AppContext
 from backend.web.openapi import document
@@ -52,10 +64,6 @@ class BearerAuth:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-class BadRequest(Exception):
-    pass
 
 
 async def _json_body(request: Request, *, optional: bool = False) -> dict[str, Any]:
@@ -91,15 +99,15 @@ def _guarded(ctx: AppContext, handler: Handler) -> Callable[[Request], Any]:
             result = await handler(request)
         except BadRequest as exc:
             return error(400, str(exc))
-        except devices.UnknownDevice as exc:
+        except UnknownDevice as exc:
             return error(404, str(exc))
-        except devices.BadInput as exc:
+        except DeviceInputError as exc:
             return error(400, str(exc))
-        except (ledger.UnknownAccount, ledger.UnknownItem) as exc:
+        except (UnknownAccount, UnknownItem) as exc:
             return error(404, str(exc))
-        except ledger.InvalidKey as exc:
+        except InvalidKey as exc:
             return error(400, str(exc))
-        except (ledger.InsufficientFunds, ledger.KeyConflict) as exc:
+        except (InsufficientFunds, KeyConflict) as exc:
             return error(409, str(exc))
         return result if isinstance(result, Response) else JSONResponse(result)
 
@@ -133,7 +141,7 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         return await db_call(db, devices.revoke, request.path_params["dev"], ctx.clock(), "api")
 
     async def wallet(request: Request) -> Any:
-        return await db_call(db, ledger.wallet, request.path_params["account"])
+        return await db_call(db, accounts.wallet, request.path_params["account"])
 
     async def redeem(request: Request) -> Any:
         body = await _json_body(request)
@@ -148,7 +156,7 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         if ctx.rules is None:
             return error(503, "no rules file is configured, so there is no catalogue")
         account = request.path_params["account"]
-        made = await db_call(db, ledger.redeem, ctx.rules, account, item, key, ctx.clock())
+        made = await db_call(db, accounts.redeem, ctx.rules, account, item, key, ctx.clock())
         return made.to_dict()
 
     async def checkpoint(request: Request) -> Any:

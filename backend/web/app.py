@@ -11,8 +11,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from backend import devices, metrics
+from backend import metrics
 from backend.db import Database
+from backend.records import devices
 from backend.web import api
 from backend.web.auth import db_call
 from backend.web.context import AppContext

@@ -35,7 +35,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from backend.db import Database, IntegrityError
+from backend.db import Database
+from backend.errors import AuthError, IntegrityError
 from backend.web.context import AppContext
 from backend.web.render import render
 
@@ -50,10 +51,6 @@ MAX_PASSWORD = 1024
 SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P = 15, 8, 1      # 32 MiB, about 0.1 s per check
 
 _DUMMY_SALT = secrets.token_bytes(16)
-
-
-class AuthError(ValueError):
-    """A username or password that cannot be used, or an operator that already exists."""
 
 
 # -- passwords ----------------------------------------------------------------

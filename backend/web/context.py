@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from backend.db import Database
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+from common.clock import now_ms
 
 
 @dataclass(frozen=True)

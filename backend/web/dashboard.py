@@ -22,8 +22,10 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from backend import devices, ledger
 from backend.db import Database
+from backend.errors import UnknownDevice
+from backend.ledger import accounts
+from backend.records import devices
 from backend.web import auth, dashboard_data
 from backend.web.auth import Session, db_call, login_required, safe_next
 from backend.web.chart import odometer_chart
@@ -48,7 +50,7 @@ def _notice(request: Request) -> str | None:
 
 
 def decide(db: Database, dev: str, decision: str, by: str, now_ms: int) -> bool:
-    """Approve or revoke a device (:mod:`backend.devices`); False when there is no such device.
+    """Approve or revoke a device (:mod:`backend.records.devices`); False when there is no such device.
 
     Approving a device whose VIN changed approves it for the new VIN."""
     try:
@@ -56,7 +58,7 @@ def decide(db: Database, dev: str, decision: str, by: str, now_ms: int) -> bool:
             devices.approve(db, dev, now_ms, by)
         else:
             devices.revoke(db, dev, now_ms, by)
-    except devices.UnknownDevice:
+    except UnknownDevice:
         return False
     return True
 
@@ -121,7 +123,7 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
     @page
     async def wallet(request: Request, session: Session) -> Response:
         account = request.path_params["account"]
-        if not ledger.is_account(account):
+        if not accounts.is_account(account):
             return _not_found(request, session, f"{account!r} is not an account name "
                               "(issuer, driver:<id>, unassigned:<dev>, redeemed:<item>).")
         balance, rows, pg = await db_call(ctx.db, dashboard_data.wallet, account,

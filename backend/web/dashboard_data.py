@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend import assignments, ledger
 from backend.db import Database, Row, Tx
+from backend.ledger import accounts, assignments
 from protocol import canonical, jws
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def _latest_per_device(tx: Tx, where: str, params: tuple[Any, ...] = ()) -> dict
 
 def current_drivers(tx: Tx, now_ms: int) -> dict[str, str]:
     """VIN -> the driver assigned to it now (the latest assignment that has begun), for every
-    VIN at once; :func:`backend.ledger.assigned_driver` answers for one."""
+    VIN at once; :func:`backend.ledger.accounts.assigned_driver` answers for one."""
     rows = tx.query(
         "SELECT a.vin, a.driver_id, d.name FROM assignments a JOIN drivers d ON d.id = a.driver_id "
         "WHERE a.valid_from <= ? AND (a.valid_to IS NULL OR a.valid_to > ?) "
@@ -274,7 +274,7 @@ def device_view(db: Database, dev: str, page_number: int, now_ms: int) -> Device
         events = tx.query(
             "SELECT seq, t, t_est, clock, status, reason, jws FROM records WHERE dev = ? AND kind = 'event' "
             "ORDER BY seq DESC LIMIT ?", (dev, SECTION_LIMIT))
-        driver = ledger.assigned_driver(tx, device["vin"], now_ms)
+        driver = accounts.assigned_driver(tx, device["vin"], now_ms)
     enrolment = payload_of(device["enrollment"])
     if enrolment.get("fleet_token") is not None:
         enrolment["fleet_token"] = "(given, not shown)"
@@ -337,5 +337,5 @@ def wallet(db: Database, account: str, page_number: int) -> tuple[int, list[Row]
         page = page_of(page_number, total)
         rows = tx.query(f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE to_account = ? OR from_account = ? "
                         "ORDER BY id DESC LIMIT ? OFFSET ?", (account, account, page.size, page.offset))
-        balance = ledger.balance(tx, account)
+        balance = accounts.balance(tx, account)
     return balance, rows, page

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backend.devices import MAX_RECORDS_PAGE
+from backend.records.devices import MAX_RECORDS_PAGE
 
 
 def _ref(name: str) -> dict[str, str]:

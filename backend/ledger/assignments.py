@@ -13,17 +13,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from backend import ledger, translog
 from backend.db import Database, Tx
-from backend.rewards import Assignment, reading_time
+from backend.errors import AssignmentError
+from backend.ledger import accounts
+from backend.ledger.rewards import Assignment, reading_time
+from backend.transparency import translog
 
 log = logging.getLogger(__name__)
 
 VIN_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
-
-
-class AssignmentError(ValueError):
-    """A driver or an assignment the command cannot make; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ class Driver:
 
 
 def add_driver(db: Database, driver_id: str, name: str | None, now_ms: int) -> Driver:
-    if not isinstance(driver_id, str) or not ledger.DRIVER_ID.match(driver_id):
+    if not isinstance(driver_id, str) or not accounts.DRIVER_ID.match(driver_id):
         raise AssignmentError(f"driver id {driver_id!r}: 1 to 64 letters, digits, '_', '.', '@' or '-', "
                               "starting with a letter or digit")
     with db.write() as tx:
@@ -51,7 +49,7 @@ def load(tx: Tx) -> list[Assignment]:
             for r in tx.query("SELECT * FROM assignments ORDER BY vin, valid_from, id")]
 
 
-def assign(db: Database, driver_id: str, vin: str, valid_from: int, now_ms: int) -> list[ledger.Transfer]:
+def assign(db: Database, driver_id: str, vin: str, valid_from: int, now_ms: int) -> list[accounts.Transfer]:
     """Assign ``driver_id`` to ``vin`` from ``valid_from`` on; close the VIN's open assignment then.
 
     Returns the transfers that moved unassigned rewards to the driver.
@@ -79,22 +77,23 @@ def assign(db: Database, driver_id: str, vin: str, valid_from: int, now_ms: int)
     return moved
 
 
-def _move_unassigned(tx: Tx, driver_id: str, vin: str, valid_from: int, now_ms: int) -> list[ledger.Transfer]:
+def _move_unassigned(tx: Tx, driver_id: str, vin: str, valid_from: int,
+                     now_ms: int) -> list[accounts.Transfer]:
     rows = tx.query(
         "SELECT t.*, r.t AS r_t, r.t_est AS r_t_est, r.clock AS r_clock, r.vin AS r_vin, d.vin AS d_vin "
         "FROM transfers t JOIN records r ON r.id = t.record_id LEFT JOIN devices d ON d.dev = t.dev "
         "WHERE t.from_account = ? AND t.to_account LIKE 'unassigned:%' AND (r.vin = ? OR r.vin IS NULL) "
-        "ORDER BY t.id", (ledger.ISSUER, vin))
+        "ORDER BY t.id", (accounts.ISSUER, vin))
     moved = []
     for row in rows:
         if (row["r_vin"] or row["d_vin"]) != vin:
             continue
         if reading_time(row["r_clock"], int(row["r_t"]), row["r_t_est"]) < valid_from:
             continue
-        original = ledger.Transfer.from_row(row)
-        made = ledger.transfer(
+        original = accounts.Transfer.from_row(row)
+        made = accounts.transfer(
             tx, key=f"reassign:{original.key}", from_account=original.to_account,
-            to_account=ledger.driver_account(driver_id), amount=original.amount, now_ms=now_ms,
+            to_account=accounts.driver_account(driver_id), amount=original.amount, now_ms=now_ms,
             rule_id=original.rule_id, rules_version=original.rules_version, dev=original.dev,
             record_id=original.record_id, week=original.week, memo=f"assigned to {driver_id}: {original.key}")
         if made is not None:
@@ -110,8 +109,8 @@ def drivers(db: Database, now_ms: int) -> list[dict[str, Any]]:
             rows = tx.query("SELECT vin, valid_from, valid_to FROM assignments WHERE driver_id = ? "
                             "ORDER BY valid_from", (d["id"],))
             out.append({
-                "id": d["id"], "name": d["name"], "account": ledger.driver_account(d["id"]),
-                "balance": ledger.balance(tx, ledger.driver_account(d["id"])),
+                "id": d["id"], "name": d["name"], "account": accounts.driver_account(d["id"]),
+                "balance": accounts.balance(tx, accounts.driver_account(d["id"])),
                 "assignments": [{"vin": r["vin"], "from": int(r["valid_from"]),
                                  "to": None if r["valid_to"] is None else int(r["valid_to"]),
                                  "current": int(r["valid_from"]) <= now_ms

@@ -5,9 +5,9 @@
 
 Signatures are checked before the transaction (they are the costly part); inside it, under a
 per-device lock (``db.lock_key``) so that two backend processes never handle one device at
-once, the device's state is read again and each record is decided by :mod:`backend.verify`.
+once, the device's state is read again and each record is decided by :mod:`backend.records.verify`.
 Every accepted record is appended to the transparency log and credited by
-:func:`backend.rewards.credit` in the same transaction, so a record is stored, logged and
+:func:`backend.ledger.rewards.credit` in the same transaction, so a record is stored, logged and
 credited together or not at all. The ``through`` of the ack is therefore durable.
 """
 
@@ -18,9 +18,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from backend import ledger, rewards, translog
 from backend.db import Database, Row, Tx
-from backend.verify import (
+from backend.ledger import accounts, rewards
+from backend.records.verify import (
     MIN_WALL_MS,
     Anchor,
     Chain,
@@ -36,6 +36,7 @@ from backend.verify import (
     parse,
     source,
 )
+from backend.transparency import translog
 from protocol import messages
 from protocol.errors import BadFormat
 from protocol.messages import Ack, Rejection
@@ -291,5 +292,5 @@ class _Batch:
             return Ack(0, tuple(self.rejected), None)
         self.tx.execute("UPDATE devices SET through = ?, head_id = ?, last_seen = ? WHERE dev = ?",
                         (self.through, self.head_id or None, self.now_ms, self.dev))
-        balance = ledger.device_balance(self.tx, self.dev, self.device["vin"], self.now_ms)
+        balance = accounts.device_balance(self.tx, self.dev, self.device["vin"], self.now_ms)
         return Ack(self.through, tuple(self.rejected), balance)

@@ -11,17 +11,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from backend import translog
 from backend.db import Database, Tx
+from backend.errors import CertificateError
+from backend.transparency import translog
 from protocol import BadFormat, BadSignature, messages
 from protocol import certificate as pc
 from protocol.identity import VerifyKey
 
 log = logging.getLogger(__name__)
-
-
-class CertificateError(Exception):
-    """No certificate can be made; the message says why."""
 
 
 def _enrollment(row: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import secrets
 from dataclasses import dataclass
 
 from backend.db import Database, Row, Tx
-from backend.store import lock_device
+from backend.records.store import lock_device
 from protocol import messages
 from protocol.errors import BadFormat, BadSignature
 

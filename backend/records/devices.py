@@ -15,7 +15,8 @@ import re
 from typing import Any
 
 from backend.db import Database, Row, Tx
-from backend.store import lock_device
+from backend.errors import DeviceInputError, UnknownDevice
+from backend.records.store import lock_device
 from protocol import b64, canonical, jws, messages
 from protocol.errors import BadFormat
 from protocol.identity import DEV_RE
@@ -25,18 +26,6 @@ log = logging.getLogger(__name__)
 VIN_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 MAX_RECORDS_PAGE = 5000
 RECORD_FIELDS = ("seq", "id", "kind", "t", "t_est", "clock", "odo_m", "vin", "status", "reason")
-
-
-class DeviceError(Exception):
-    """Base of this module's refusals; the message names what was wrong."""
-
-
-class UnknownDevice(DeviceError, LookupError):
-    pass
-
-
-class BadInput(DeviceError, ValueError):
-    pass
 
 
 def _status_of(status_json: str | None) -> dict[str, Any]:
@@ -114,9 +103,9 @@ def records(db: Database, dev: str, after_seq: int = 0, limit: int = 500) -> lis
     """The device's stored records with ``seq > after_seq``, ascending, at most ``limit``."""
     _check_dev(dev)
     if after_seq < 0:
-        raise BadInput("after_seq: must be 0 or more")
+        raise DeviceInputError("after_seq: must be 0 or more")
     if not 1 <= limit <= MAX_RECORDS_PAGE:
-        raise BadInput(f"limit: must be 1 to {MAX_RECORDS_PAGE}")
+        raise DeviceInputError(f"limit: must be 1 to {MAX_RECORDS_PAGE}")
     with db.read() as tx:
         if tx.one("SELECT dev FROM devices WHERE dev = ?", (dev,)) is None:
             raise UnknownDevice(f"no device {dev}")
@@ -130,7 +119,7 @@ def approve(db: Database, dev: str, now_ms: int, by: str, vin: str | None = None
     for ``vin`` when given), so that its waiting records are accepted when the agent resends."""
     _check_dev(dev)
     if vin is not None and not VIN_RE.match(vin):
-        raise BadInput(f"--vin: {vin!r} is not a VIN (1 to 32 letters and digits)")
+        raise DeviceInputError(f"--vin: {vin!r} is not a VIN (1 to 32 letters and digits)")
     with db.write() as tx:
         lock_device(db, tx, dev)
         row = tx.one("SELECT vin, flagged_vin, status FROM devices WHERE dev = ?", (dev,))

@@ -25,15 +25,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from backend.errors import RulesError
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}$")
 MAX_AMOUNT = 10**15
-
-
-class RulesError(ValueError):
-    """The rules file is unreadable or wrong; the message names the file and the key."""
 
 
 @dataclass(frozen=True)

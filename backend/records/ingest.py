@@ -38,10 +38,11 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from backend import devices, enrollment, store
-from backend.config import BrokerConfig
 from backend.db import Database
 from backend.metrics import REGISTRY, Registry
+from backend.records import devices, enrollment, store
+from common.clock import now_ms
+from common.transport import BrokerConfig
 from protocol import messages, topics
 from protocol.errors import BadFormat
 
@@ -57,15 +58,13 @@ DECISION_POLL_S = 1.0
 DECISION_SKEW_MS = 10 * 60 * 1000
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Ingest:
     """Subscribe, verify and store, acknowledge. ``start()`` returns at once; ``stop()`` joins."""
 
     def __init__(self, db: Database, rules: Any, broker: BrokerConfig, fleet_token: str | None = None, *,
-                 registry: Registry = REGISTRY, clock: Callable[[], int] = _now_ms,
+                 registry: Registry = REGISTRY, clock: Callable[[], int] = now_ms,
                  on_fatal: Callable[[str], None] | None = None) -> None:
         self.db, self.rules, self.broker, self._fleet_token = db, rules, broker, fleet_token
         self.registry, self.clock, self.on_fatal = registry, clock, on_fatal
@@ -84,14 +83,16 @@ class Ingest:
 
     def _make_client(self) -> mqtt.Client:
         b = self.broker
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=b.client_id, protocol=mqtt.MQTTv5)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=b.client_id or "odo-backend",
+                             protocol=mqtt.MQTTv5)
         if log.isEnabledFor(logging.DEBUG):       # paho's own log is for debugging only
             client.enable_logger(logging.getLogger(__name__ + ".paho"))
         if b.username is not None:
             client.username_pw_set(b.username, b.password)
         if b.tls:
-            client.tls_set(ca_certs=str(b.ca) if b.ca else None, certfile=str(b.cert) if b.cert else None,
-                           keyfile=str(b.key) if b.key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            client.tls_set(ca_certs=str(b.tls_ca) if b.tls_ca else None,
+                           certfile=str(b.tls_cert) if b.tls_cert else None,
+                           keyfile=str(b.tls_key) if b.tls_key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail

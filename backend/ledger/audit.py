@@ -1,7 +1,7 @@
 """``odo-backend rewards audit``: recompute every credit from scratch and compare with the ledger.
 
 The accepted records are read back and their signatures checked again with
-their device's key; :func:`backend.rewards.recompute` decides, from them and the
+their device's key; :func:`backend.ledger.rewards.recompute` decides, from them and the
 assignments alone, every reward and whose it is. Each stored reward transfer,
 and the move of a reward to a driver assigned later (``reassign:<key>``), must
 match. The log entry of every transfer must still be the transfer, and no
@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from backend import assignments, ledger, rewards
 from backend.db import Database
-from backend.rules import Rules
+from backend.ledger import accounts, assignments, rewards
+from backend.ledger.rules import Rules
 from protocol import BadFormat, BadSignature, records
 from protocol.identity import VerifyKey
 
@@ -48,8 +48,8 @@ def _readings(db: Database, problems: list[str]) -> list[rewards.Reading]:
     return out
 
 
-def _compare(rules: Rules, expected: dict[str, rewards.Expected], stored: dict[str, ledger.Transfer],
-             moves: dict[str, ledger.Transfer]) -> list[str]:
+def _compare(rules: Rules, expected: dict[str, rewards.Expected], stored: dict[str, accounts.Transfer],
+             moves: dict[str, accounts.Transfer]) -> list[str]:
     problems = []
     for key in sorted(set(expected) - set(stored)):
         e = expected[key]
@@ -61,7 +61,7 @@ def _compare(rules: Rules, expected: dict[str, rewards.Expected], stored: dict[s
         t, e = stored[key], expected[key]
         c = e.credit
         move = moves.get(f"reassign:{key}")
-        if t.from_account != ledger.ISSUER:
+        if t.from_account != accounts.ISSUER:
             problems.append(f"differs: {key}: paid from {t.from_account}, not issuer")
         for name, got, want in (("amount", t.amount, c.amount), ("rule", t.rule_id, c.rule_id),
                                 ("device", t.dev, c.dev), ("record", t.record_id, c.record_id),
@@ -87,7 +87,7 @@ def _log_and_balances(db: Database) -> list[str]:
                   for r in tx.query("SELECT ref, entry FROM translog WHERE entry_kind = 'transfer'")}
         rows = tx.query("SELECT * FROM transfers ORDER BY id")
     for row in rows:
-        t = ledger.Transfer.from_row(row)
+        t = accounts.Transfer.from_row(row)
         sums[t.to_account] = sums.get(t.to_account, 0) + t.amount
         sums[t.from_account] = sums.get(t.from_account, 0) - t.amount
         entry = logged.get(t.key)
@@ -96,7 +96,7 @@ def _log_and_balances(db: Database) -> list[str]:
         elif entry != t.entry():
             problems.append(f"log: transfer {t.key} differs from what the transparency log holds")
     for account, total in sorted(sums.items()):
-        if total < 0 and account != ledger.ISSUER:
+        if total < 0 and account != accounts.ISSUER:
             problems.append(f"balance: {account} is below zero ({total})")
     return problems
 
@@ -107,9 +107,9 @@ def audit(db: Database, rules: Rules) -> list[str]:
     readings = _readings(db, problems)
     with db.read() as tx:
         plan = assignments.load(tx)
-        stored = {t.key: t for t in map(ledger.Transfer.from_row,
+        stored = {t.key: t for t in map(accounts.Transfer.from_row,
                                         tx.query("SELECT * FROM transfers WHERE key LIKE 'reward:%'"))}
-        moves = {t.key: t for t in map(ledger.Transfer.from_row,
+        moves = {t.key: t for t in map(accounts.Transfer.from_row,
                                        tx.query("SELECT * FROM transfers WHERE key LIKE 'reassign:%'"))}
     expected = rewards.recompute(rules, readings, plan)
     problems.extend(_compare(rules, expected, stored, moves))

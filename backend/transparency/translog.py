@@ -15,11 +15,12 @@ their format.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from backend.db import Database, Tx
+from backend.errors import TranslogError
+from common.clock import now_ms
 from protocol import checkpoint as cp
 from protocol import jws, merkle
 from protocol.identity import SigningKey, VerifyKey
@@ -32,10 +33,6 @@ LOCK = 0x0D0_7106
 KEY_SETTING = "translog.log_key"
 ENTRY_KINDS = ("record", "transfer")
 T = TypeVar("T")
-
-
-class TranslogError(Exception):
-    """An entry conflicts with the log (the log never changes what it holds)."""
 
 
 def _b(value: Any) -> bytes:
@@ -64,7 +61,7 @@ def append(tx: Tx, entry_kind: str, ref: str, entry: bytes) -> int:
     idx = _size(tx)
     leaf = merkle.leaf_hash(entry)
     tx.execute("INSERT INTO translog (idx, entry_kind, ref, entry, leaf_hash, created_at) "
-               "VALUES (?, ?, ?, ?, ?, ?)", (idx, entry_kind, ref, entry, leaf, time.time_ns() // 1_000_000))
+               "VALUES (?, ?, ?, ?, ?, ?)", (idx, entry_kind, ref, entry, leaf, now_ms()))
     level, i, h = 0, idx, leaf
     while i & 1:
         h = merkle.node_hash(_node(tx, level, i - 1), h)

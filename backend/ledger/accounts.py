@@ -25,9 +25,16 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from backend import translog
 from backend.db import Database, Tx
-from backend.rules import Rules
+from backend.errors import (
+    InsufficientFunds,
+    InvalidKey,
+    KeyConflict,
+    UnknownAccount,
+    UnknownItem,
+)
+from backend.ledger.rules import Rules
+from backend.transparency import translog
 from protocol import canonical
 
 log = logging.getLogger(__name__)
@@ -38,30 +45,6 @@ _ACCOUNT = re.compile(r"^(issuer|driver:[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}|unassig
                       r"|redeemed:[a-z0-9][a-z0-9_.-]{0,63})$")
 _KEY = re.compile(r"^[\x21-\x7e]{1,200}$")          # a client's idempotency key
 _TRANSFER_KEY = re.compile(r"^[\x21-\x7e]{1,400}$")
-
-
-class LedgerError(Exception):
-    """Base of the ledger's refusals; the message says what was wrong."""
-
-
-class UnknownAccount(LedgerError):
-    pass
-
-
-class UnknownItem(LedgerError):
-    pass
-
-
-class InsufficientFunds(LedgerError):
-    pass
-
-
-class KeyConflict(LedgerError):
-    pass
-
-
-class InvalidKey(LedgerError, ValueError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ Two steps, in this order for every record of a batch:
    ``implausible_distance``).
 
 :func:`estimate_time` gives a best wall-clock time for records signed with an unsynced clock.
-Nothing here touches a database, a clock or a socket; :mod:`backend.store` does.
+Nothing here touches a database, a clock or a socket; :mod:`backend.records.store` does.
 """
 
 from __future__ import annotations

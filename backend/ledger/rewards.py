@@ -37,9 +37,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from backend import ledger, translog
 from backend.db import Tx
-from backend.rules import DistanceRule, Rules, StreakRule, WeeklyRule
+from backend.ledger import accounts
+from backend.ledger.rules import DistanceRule, Rules, StreakRule, WeeklyRule
+from backend.transparency import translog
 from protocol.records import Record, iso_week
 
 log = logging.getLogger(__name__)
@@ -176,11 +177,11 @@ class _InDatabase:
     def week_total(self, rule_id: str, dev: str, week: str) -> int:
         return int(self.tx.scalar(
             "SELECT COALESCE(SUM(amount), 0) AS n FROM transfers WHERE dev = ? AND week = ? AND rule_id = ? "
-            "AND from_account = ?", (dev, week, rule_id, ledger.ISSUER)))
+            "AND from_account = ?", (dev, week, rule_id, accounts.ISSUER)))
 
 
 def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any],
-           now_ms: int) -> list[ledger.Transfer]:
+           now_ms: int) -> list[accounts.Transfer]:
     """Credit what ``record`` earns; call in the transaction that stored it as accepted.
 
     Returns the transfers made (none when it earns nothing or was credited before).
@@ -195,12 +196,12 @@ def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any],
     credits = decide(rules, reading, _InDatabase(tx))
     if not credits:
         return []
-    account = ledger.reward_account(tx, record.dev, reading.vin, reading.at_ms)
+    account = accounts.reward_account(tx, record.dev, reading.vin, reading.at_ms)
     made = []
     for c in credits:
-        t = ledger.transfer(tx, key=c.key, from_account=ledger.ISSUER, to_account=account, amount=c.amount,
-                            now_ms=now_ms, rule_id=c.rule_id, rules_version=rules.version, dev=c.dev,
-                            record_id=c.record_id, week=c.week, memo=c.memo)
+        t = accounts.transfer(tx, key=c.key, from_account=accounts.ISSUER, to_account=account,
+                              amount=c.amount, now_ms=now_ms, rule_id=c.rule_id, rules_version=rules.version,
+                              dev=c.dev, record_id=c.record_id, week=c.week, memo=c.memo)
         if t is not None:
             made.append(t)
             log.info("credited %d milli-tokens to %s: %s", t.amount, account, t.key)
@@ -251,6 +252,6 @@ def recompute(rules: Rules, readings: Sequence[Reading],
         for c in decide(rules, reading, tally):
             tally.add(c)
             driver = driver_at(assignments, reading.vin, reading.at_ms)
-            account = ledger.driver_account(driver) if driver else ledger.unassigned_account(c.dev)
+            account = accounts.driver_account(driver) if driver else accounts.unassigned_account(c.dev)
             out[c.key] = Expected(c, account)
     return out

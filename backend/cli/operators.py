@@ -19,17 +19,15 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TextIO
 
-from backend.config import UsageError, add_config_argument, open_database, settings
-from backend.db import Database
+from backend.cli.common import Subparsers, add_db_options, database
+from backend.errors import AuthError, UsageError
 from backend.web import auth
+from common.clock import now_ms
 
 log = logging.getLogger(__name__)
 
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def read_password(stdin: TextIO, prompt: Callable[[str], str] = getpass.getpass) -> str:
@@ -45,18 +43,13 @@ def read_password(stdin: TextIO, prompt: Callable[[str], str] = getpass.getpass)
     return line.rstrip("\r\n")
 
 
-def _open(args: argparse.Namespace) -> Database:
-    db = open_database(settings(args))
-    db.migrate()
-    return db
-
 
 def cmd_add(args: argparse.Namespace) -> int:
     password = read_password(sys.stdin)
-    db = _open(args)
+    db = database(args)
     try:
-        auth.add_operator(db, args.username, password, _now_ms())
-    except auth.AuthError as exc:
+        auth.add_operator(db, args.username, password, now_ms())
+    except AuthError as exc:
         raise UsageError(str(exc)) from None
     finally:
         db.close()
@@ -66,10 +59,10 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_passwd(args: argparse.Namespace) -> int:
     password = read_password(sys.stdin)
-    db = _open(args)
+    db = database(args)
     try:
         auth.set_password(db, args.username, password)
-    except auth.AuthError as exc:
+    except AuthError as exc:
         raise UsageError(str(exc)) from None
     finally:
         db.close()
@@ -78,9 +71,9 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    db = _open(args)
+    db = database(args)
     try:
-        operators = auth.list_operators(db, _now_ms())
+        operators = auth.list_operators(db, now_ms())
     finally:
         db.close()
     if args.json:
@@ -95,12 +88,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", help="sqlite:///path or postgresql://… (default: $ODO_DB)")
-    add_config_argument(p)
 
-
-def register(subparsers: Any) -> None:
+def register(subparsers: Subparsers) -> None:
     """Add ``operators`` to the ``odo-backend`` sub-commands; each sets ``func(args) -> int``."""
     parser = subparsers.add_parser("operators", help="dashboard operator accounts",
                                    description="Dashboard operator accounts.")
@@ -109,9 +98,9 @@ def register(subparsers: Any) -> None:
                              ("passwd", cmd_passwd, "set an operator's password (from stdin or a prompt)")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("username")
-        _common(p)
+        add_db_options(p)
         p.set_defaults(func=func)
     p = sub.add_parser("list", help="list operators", description="List operators.")
-    _common(p)
+    add_db_options(p)
     p.add_argument("--json", action="store_true", help="one JSON array")
     p.set_defaults(func=cmd_list)

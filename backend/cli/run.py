@@ -1,0 +1,46 @@
+"""``odo-backend run`` (the daemon) and ``odo-backend migrate``::
+
+    odo-backend run     --db URL --broker URL --http HOST:PORT --rules FILE
+                        [--fleet-token TOKEN] [--api-token TOKEN] [--tls-ca F --tls-cert F --tls-key F]
+                        [--client-id ID] [--session-expiry S]
+    odo-backend migrate --db URL
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from backend.cli.common import Subparsers, add_db_options, database
+from backend.config import run_config, settings
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from backend import service  # uvicorn and paho are loaded by the daemon only
+
+    return service.run(run_config(settings(args)))
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    database(args).close()
+    print("the database schema is up to date")
+    return 0
+
+
+def register(sub: Subparsers) -> None:
+    p = sub.add_parser("run", help="ingest records over MQTT and serve the HTTP API and dashboard")
+    add_db_options(p)
+    p.add_argument("--broker", help="mqtt://[user:password@]host:port or mqtts://… (also ODO_BROKER)")
+    p.add_argument("--http", metavar="HOST:PORT", help="where to serve HTTP, e.g. 127.0.0.1:8080")
+    p.add_argument("--rules", metavar="FILE", help="the fleet partner's rules file (TOML)")
+    p.add_argument("--fleet-token", help="devices enrolling with this token are approved at once")
+    p.add_argument("--api-token", help="bearer token every /api request must carry")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA certificate(s) of the broker (mqtts)")
+    p.add_argument("--tls-cert", metavar="FILE", help="client certificate (mqtts)")
+    p.add_argument("--tls-key", metavar="FILE", help="client key (mqtts)")
+    p.add_argument("--client-id", help="MQTT client id, one per backend process (default: odo-backend-HOST)")
+    p.add_argument("--session-expiry", type=int, metavar="SECONDS", help="MQTT session expiry (default 300)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("migrate", help="bring the database schema up to date")
+    add_db_options(p)
+    p.set_defaults(func=cmd_migrate)
