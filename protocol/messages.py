@@ -40,22 +40,51 @@ def _int(obj: dict[str, Any], name: str, what: str, *, nullable: bool = False) -
 
 # -- records batch -----------------------------------------------------------
 
-def encode_batch(records: list[str]) -> bytes:
+#: A device's monotonic clock, in ms since its boot: well below 2^53 (a JSON-safe integer).
+MAX_MONO_MS = 2**53 - 1
+_BOOT = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A ``records`` message: the compact JWS records, in ascending seq, and optionally the
+    device's clock when it sent them (``boot`` and ``mono_ms`` of the sending moment), which
+    lets the backend date records of an unsynced clock from their arrival."""
+
+    records: tuple[str, ...]
+    boot: str | None = None
+    mono_ms: int | None = None
+
+
+def encode_batch(records: list[str], *, boot: str | None = None, mono_ms: int | None = None) -> bytes:
     if len(records) > MAX_BATCH_RECORDS:
         raise ValueError(f"a batch holds at most {MAX_BATCH_RECORDS} records")
-    body = _dumps({"records": records})
+    if (boot is None) != (mono_ms is None):
+        raise ValueError("a batch carries boot and mono_ms together, or neither")
+    obj: dict[str, Any] = {"records": records}
+    if boot is not None and mono_ms is not None:
+        if not _BOOT.fullmatch(boot) or not 0 <= mono_ms <= MAX_MONO_MS:
+            raise ValueError(f"a batch's clock must be a boot id and 0..{MAX_MONO_MS} ms")
+        obj.update(boot=boot, mono_ms=mono_ms)
+    body = _dumps(obj)
     if len(body) > MAX_BATCH_BYTES:
         raise ValueError(f"a batch is at most {MAX_BATCH_BYTES} bytes")
     return body
 
 
+#: What ``boot`` and ``mono_ms`` add to a batch at most (keys, quotes, a 64-character boot id).
+_CLOCK_BYTES = len(',"boot":"","mono_ms":') + 64 + 16
+
+
 def batch_fits(records: list[str]) -> bool:
-    """Whether ``records`` fit in one batch (count and encoded size)."""
-    size = len('{"records":[]}') + sum(len(r) + 3 for r in records)
+    """Whether ``records`` fit in one batch (count and encoded size, with room for the clock)."""
+    size = len('{"records":[]}') + sum(len(r) + 3 for r in records) + _CLOCK_BYTES
     return len(records) <= MAX_BATCH_RECORDS and size <= MAX_BATCH_BYTES
 
 
-def decode_batch(body: bytes) -> list[str]:
+def decode_batch(body: bytes) -> Batch:
+    """The batch in ``body``; its size is checked before it is parsed. A malformed clock is
+    ignored (it only helps dating), a malformed record list is :class:`BadFormat`."""
     if len(body) > MAX_BATCH_BYTES:
         raise BadFormat(f"records batch: larger than {MAX_BATCH_BYTES} bytes")
     obj = canonical.loads_object(body, "records batch")
@@ -66,7 +95,11 @@ def decode_batch(body: bytes) -> list[str]:
         raise BadFormat(f"records batch: more than {MAX_BATCH_RECORDS} records")
     if not all(isinstance(r, str) for r in items):
         raise BadFormat("records batch: every record must be a string")
-    return items
+    boot, mono = obj.get("boot"), obj.get("mono_ms")
+    if (isinstance(boot, str) and _BOOT.fullmatch(boot) and isinstance(mono, int)
+            and not isinstance(mono, bool) and 0 <= mono <= MAX_MONO_MS):
+        return Batch(tuple(items), boot, mono)
+    return Batch(tuple(items))
 
 
 # -- ack ---------------------------------------------------------------------

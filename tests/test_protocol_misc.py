@@ -28,7 +28,21 @@ def test_batch_limits() -> None:
         messages.decode_batch(b'{"records": 3}')
     with pytest.raises(BadFormat, match="JSON"):
         messages.decode_batch(b"{not json")
-    assert messages.decode_batch(messages.encode_batch(["a.b.c"])) == ["a.b.c"]
+    assert messages.decode_batch(messages.encode_batch(["a.b.c"])) == messages.Batch(("a.b.c",))
+
+
+def test_batch_carries_the_senders_clock() -> None:
+    body = messages.encode_batch(["a.b.c"], boot="b00t", mono_ms=90_000)
+    assert messages.decode_batch(body) == messages.Batch(("a.b.c",), "b00t", 90_000)
+    with pytest.raises(ValueError, match="together"):
+        messages.encode_batch(["a.b.c"], boot="b00t")
+    # A clock that cannot be used only costs the dating: the records still count.
+    for clock in ('"boot":"b\\n","mono_ms":1', '"boot":"b","mono_ms":-1',
+                  '"boot":"b","mono_ms":9007199254740992', '"boot":"b","mono_ms":true', '"boot":7,"mono_ms":1'):
+        got = messages.decode_batch(('{"records":["a.b.c"],' + clock + "}").encode())
+        assert got == messages.Batch(("a.b.c",)), clock
+    assert messages.batch_fits(["x" * 1000] * 200)
+    assert not messages.batch_fits(["x" * 1000] * 400)
 
 
 def test_enrollment_self_signed() -> None:

@@ -39,6 +39,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from backend.db import Database
+from backend.ledger.rules import Rules
 from backend.metrics import REGISTRY, Registry
 from backend.records import devices, enrollment, store
 from common.clock import now_ms
@@ -63,7 +64,7 @@ DECISION_SKEW_MS = 10 * 60 * 1000
 class Ingest:
     """Subscribe, verify and store, acknowledge. ``start()`` returns at once; ``stop()`` joins."""
 
-    def __init__(self, db: Database, rules: Any, broker: BrokerConfig, fleet_token: str | None = None, *,
+    def __init__(self, db: Database, rules: Rules, broker: BrokerConfig, fleet_token: str | None = None, *,
                  registry: Registry = REGISTRY, clock: Callable[[], int] = now_ms,
                  on_fatal: Callable[[str], None] | None = None) -> None:
         self.db, self.rules, self.broker, self._fleet_token = db, rules, broker, fleet_token

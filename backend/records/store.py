@@ -13,13 +13,13 @@ credited together or not at all. The ``through`` of the ack is therefore durable
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from backend.db import Database, Row, Tx
 from backend.ledger import accounts, rewards
+from backend.ledger.rules import Rules
 from backend.records.verify import (
     MIN_WALL_MS,
     Anchor,
@@ -66,27 +66,6 @@ class BatchResult:
     outcomes: tuple[tuple[str, str], ...] = ()      # (status, reason) per record, for metrics
 
 
-@dataclass(frozen=True)
-class _Clock:
-    """What a batch may tell of the device's clock when it was sent: ``"boot"``, ``"mono_ms"``."""
-
-    boot: str | None = None
-    mono_ms: int | None = None
-
-
-def _batch_clock(body: bytes) -> _Clock:
-    if b'"mono_ms"' not in body:
-        return _Clock()
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return _Clock()
-    boot, mono = obj.get("boot"), obj.get("mono_ms")
-    if isinstance(boot, str) and isinstance(mono, int) and not isinstance(mono, bool) and mono >= 0:
-        return _Clock(boot, mono)
-    return _Clock()
-
-
 def _device_key(row: Row | None) -> DeviceKey | None:
     return None if row is None else DeviceKey(row["status"], bytes(row["pub"]))
 
@@ -126,13 +105,14 @@ def log_rejection(tx: Tx, dev: str, seq: int | None, reason: str, detail: str, b
                "VALUES (?, ?, ?, ?, ?, ?)", (dev, seq, reason, detail, body, now_ms))
 
 
-def process_batch(db: Database, rules: Any, dev: str, body: bytes, now_ms: int) -> BatchResult:
+def process_batch(db: Database, rules: Rules, dev: str, body: bytes, now_ms: int) -> BatchResult:
     """Verify and store one ``records`` message published on ``dev``'s topic."""
     refused_batch: Refusal | None = None
     try:
-        texts: list[str] = messages.decode_batch(body)
+        sent = messages.decode_batch(body)
     except BadFormat as exc:
-        texts, refused_batch = [], Refusal(None, "bad_format", str(exc))
+        sent, refused_batch = messages.Batch(()), Refusal(None, "bad_format", str(exc))
+    texts = list(sent.records)
     items = [parse(t) for t in texts]
     kids = {i.kid for i in items if isinstance(i, Parsed)} | {dev}
     snapshot = {kid: _device_key(db.one("SELECT status, pub FROM devices WHERE dev = ?", (kid,)))
@@ -144,7 +124,7 @@ def process_batch(db: Database, rules: Any, dev: str, body: bytes, now_ms: int) 
         fresh = _device_key(device)
         if fresh != snapshot[dev]:                          # approved or revoked meanwhile
             checked = _authenticate_all(dev, items, {**snapshot, dev: fresh})
-        batch = _Batch(tx, rules, dev, device, now_ms, _batch_clock(body),
+        batch = _Batch(tx, rules, dev, device, now_ms, sent,
                        [c for c in checked if isinstance(c, Record)])
         if refused_batch is not None:
             batch.refuse(refused_batch, body.decode("utf-8", "replace"))
@@ -160,9 +140,9 @@ def process_batch(db: Database, rules: Any, dev: str, body: bytes, now_ms: int) 
 class _Batch:
     """The records of one batch, decided in order inside one transaction."""
 
-    def __init__(self, tx: Tx, rules: Any, dev: str, device: Row | None, now_ms: int, clock: _Clock,
+    def __init__(self, tx: Tx, rules: Rules, dev: str, device: Row | None, now_ms: int, sent: messages.Batch,
                  records: list[Record]) -> None:
-        self.tx, self.rules, self.dev, self.now_ms, self.clock = tx, rules, dev, now_ms, clock
+        self.tx, self.rules, self.dev, self.now_ms, self.sent = tx, rules, dev, now_ms, sent
         self.device = dict(device) if device is not None else None
         self.through = int(device["through"]) if device else 0
         self.head_id: str = (device["head_id"] if device else None) or ""
@@ -259,7 +239,7 @@ class _Batch:
 
     def _store(self, record: Record, decision: Decision, later: Anchor | None) -> None:
         assert self.device is not None
-        mono = self.clock.mono_ms if self.clock.boot == record.boot else None
+        mono = self.sent.mono_ms if self.sent.boot == record.boot else None
         t_est = estimate_time(record, self._anchors_for(record, later), self.now_ms, mono)
         status = "accepted" if decision.outcome == "accept" else "rejected"
         self.tx.execute(

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from backend.db import Database
+from backend.ledger.rules import Rules
 from common.clock import now_ms
 
 
 @dataclass(frozen=True)
 class AppContext:
     db: Database
-    rules: Any = None                      # backend.rules.Rules, when a rules file is configured
+    rules: Rules | None = None             # when a rules file is configured
     api_token: str | None = field(default=None, repr=False)
     clock: Callable[[], int] = now_ms      # Unix milliseconds
     secure_cookies: bool = False           # set behind TLS
