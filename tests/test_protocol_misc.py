@@ -38,7 +38,8 @@ def test_batch_carries_the_senders_clock() -> None:
         messages.encode_batch(["a.b.c"], boot="b00t")
     # A clock that cannot be used only costs the dating: the records still count.
     for clock in ('"boot":"b\\n","mono_ms":1', '"boot":"b","mono_ms":-1',
-                  '"boot":"b","mono_ms":9007199254740992', '"boot":"b","mono_ms":true', '"boot":7,"mono_ms":1'):
+                  '"boot":"b","mono_ms":9007199254740992', '"boot":"b","mono_ms":true',
+                  '"boot":7,"mono_ms":1'):
         got = messages.decode_batch(('{"records":["a.b.c"],' + clock + "}").encode())
         assert got == messages.Batch(("a.b.c",)), clock
     assert messages.batch_fits(["x" * 1000] * 200)
