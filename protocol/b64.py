@@ -8,7 +8,7 @@ import re
 
 from protocol.errors import BadFormat
 
-_ALPHABET = re.compile(r"^[A-Za-z0-9_-]*$")
+_ALPHABET = re.compile(r"[A-Za-z0-9_-]*")
 
 
 def encode(data: bytes) -> str:
@@ -16,7 +16,7 @@ def encode(data: bytes) -> str:
 
 
 def decode(text: str, what: str = "value") -> bytes:
-    if not _ALPHABET.match(text) or len(text) % 4 == 1:
+    if not _ALPHABET.fullmatch(text) or len(text) % 4 == 1:
         raise BadFormat(f"{what}: not base64url")
     try:
         data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

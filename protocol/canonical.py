@@ -1,8 +1,13 @@
-"""Canonical JSON for signed payloads: sorted keys, no spaces, UTF-8, integers only."""
+"""Canonical JSON for signed payloads: sorted keys, no spaces, UTF-8, integers only.
+
+Decoding is bounded before anything is parsed: the size of the input, the depth of its
+nesting and the digits of each integer, so that no input can cost more than its size.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from protocol.errors import BadFormat
@@ -46,21 +51,62 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def loads_object(data: bytes, what: str = "payload") -> dict[str, Any]:
-    """Decode a JSON object strictly: UTF-8, no floats, no NaN, no duplicate keys."""
+#: Limits of what :func:`loads_object` reads at all.
+MAX_BYTES = 1024 * 1024
+MAX_DEPTH = 16
+MAX_INT_DIGITS = 20                # 2^64 has 20 digits; every bound of a field is far below
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON text (brackets inside strings do not
+    count). Cheap: a regular expression removes the strings, and only brackets are looped over."""
+    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    level = deepest = 0
+    for b in brackets:
+        if b in (0x5B, 0x7B):
+            level += 1
+            if level > deepest:
+                deepest = level
+        else:
+            level -= 1
+    return deepest
+
+
+def _bounded_int(text: str) -> int:
+    digits = text.lstrip("-")
+    if len(digits) > MAX_INT_DIGITS:
+        raise BadFormat(f"payload: an integer of {len(digits)} digits")
+    return int(text)
+
+
+def loads_object(data: bytes, what: str = "payload", *, max_bytes: int = MAX_BYTES,
+                 max_depth: int = MAX_DEPTH) -> dict[str, Any]:
+    """Decode a JSON object strictly: UTF-8, no floats, no NaN, no duplicate keys; at most
+    ``max_bytes`` long, ``max_depth`` deep, and integers of at most 20 digits."""
+    if len(data) > max_bytes:
+        raise BadFormat(f"{what}: larger than {max_bytes} bytes")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadFormat(f"{what}: not UTF-8 ({exc.reason})") from None
+    if depth(data) > max_depth:
+        raise BadFormat(f"{what}: nested deeper than {max_depth} levels")
     try:
         obj = json.loads(
             text,
             parse_float=_no_floats,
+            parse_int=_bounded_int,
             parse_constant=_no_constants,
             object_pairs_hook=_unique_keys,
         )
+    except BadFormat as exc:
+        raise BadFormat(f"{what}: {str(exc).removeprefix('payload: ')}") from None
     except json.JSONDecodeError as exc:
         raise BadFormat(f"{what}: not JSON ({exc.msg} at {exc.pos})") from None
+    except (ValueError, RecursionError) as exc:     # whatever json itself cannot take
+        raise BadFormat(f"{what}: not JSON ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
         raise BadFormat(f"{what}: must be a JSON object")
     return obj

@@ -37,6 +37,8 @@ from protocol.records import Record
 
 FORMAT = "odoledger-mileage-certificate"
 VERSION = 1
+#: The largest certificate read: a vehicle's whole life at one record a minute fits many times over.
+MAX_CERTIFICATE_BYTES = 2**30
 #: A figure that is not the car's own (``derived`` from speed, or typed by the driver) may fall
 #: back by this much from the device's previous one: a correction, which the backend accepts.
 #: Two OBD figures may never fall.
@@ -279,7 +281,7 @@ def verify(data: bytes | str | Mapping[str, Any], log_key: VerifyKey) -> Proven:
     else:
         raw = data.encode("utf-8") if isinstance(data, str) else data
         try:
-            cert = canonical.loads_object(raw, "certificate")
+            cert = canonical.loads_object(raw, "certificate", max_bytes=MAX_CERTIFICATE_BYTES)
         except BadFormat as exc:
             raise _fail(str(exc)) from None
     if cert.get("format") != FORMAT or cert.get("v") != VERSION:

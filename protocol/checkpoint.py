@@ -21,7 +21,7 @@ from protocol.errors import BadFormat
 from protocol.identity import SigningKey, VerifyKey
 
 VERSION = 1
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _FIELDS = {"v", "size", "root", "t"}
 MAX_INT = 2**53 - 1
 
@@ -61,7 +61,7 @@ def _validate(p: dict[str, object]) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT:
             raise BadFormat(f"checkpoint: {name} must be a non-negative integer")
     root = p.get("root")
-    if not isinstance(root, str) or not _HEX64.match(root):
+    if not isinstance(root, str) or not _HEX64.fullmatch(root):
         raise BadFormat("checkpoint: root must be 64 lowercase hex characters")
 
 

@@ -15,7 +15,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from protocol.errors import BadFormat, BadSignature
 
-DEV_RE = re.compile(r"^[0-9a-f]{32}$")
+DEV_RE = re.compile(r"[0-9a-f]{32}")
+#: A VIN (ISO 3779): 17 characters of A-H, J-N, P, R-Z and 0-9 (no I, O or Q); match with fullmatch.
+VIN_RE = re.compile(r"[A-HJ-NPR-Z0-9]{17}")
 
 
 def device_id(public_raw: bytes) -> str:
@@ -26,7 +28,7 @@ def device_id(public_raw: bytes) -> str:
 
 
 def is_device_id(text: object) -> bool:
-    return isinstance(text, str) and bool(DEV_RE.match(text))
+    return isinstance(text, str) and bool(DEV_RE.fullmatch(text))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 from protocol import b64, canonical, jws
 from protocol.errors import BadFormat
-from protocol.identity import DEV_RE, SigningKey, VerifyKey, device_id
+from protocol.identity import DEV_RE, VIN_RE, SigningKey, VerifyKey, device_id
 
 MAX_BATCH_RECORDS = 500
 MAX_BATCH_BYTES = 256 * 1024
@@ -22,7 +22,6 @@ UNSEQUENCED = frozenset(
     {"bad_format", "bad_signature", "unknown_device", "revoked_device", "dev_mismatch", "vin_mismatch"}
 )
 ENROLL_STATUSES = ("approved", "pending", "rejected")
-_VIN = re.compile(r"^[A-Za-z0-9]{1,32}$")
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
@@ -192,10 +191,10 @@ def verify_enrollment(body: bytes | str) -> Enrollment:
     payload = canonical.loads_object(jws.verify(parts, pub), "enroll")
     if payload.get("v") != 1:
         raise BadFormat("enroll: v must be 1")
-    if payload.get("dev") != device_id(pub.raw) or not DEV_RE.match(str(payload.get("dev"))):
+    if payload.get("dev") != device_id(pub.raw) or not DEV_RE.fullmatch(str(payload.get("dev"))):
         raise BadFormat("enroll: dev is not the id of pub")
     vin = payload.get("vin")
-    if vin is not None and (not isinstance(vin, str) or not _VIN.match(vin)):
+    if vin is not None and (not isinstance(vin, str) or not VIN_RE.fullmatch(vin)):
         raise BadFormat("enroll: vin malformed")
     token = payload.get("fleet_token")
     if token is not None and not isinstance(token, str):

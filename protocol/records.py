@@ -17,7 +17,7 @@ from typing import Any
 
 from protocol import canonical, jws
 from protocol.errors import BadFormat
-from protocol.identity import DEV_RE, SigningKey, VerifyKey
+from protocol.identity import DEV_RE, VIN_RE, SigningKey, VerifyKey
 
 VERSION = 1
 GENESIS = "0" * 64
@@ -25,13 +25,19 @@ KINDS = ("odometer", "trip", "confirmation", "event")
 SOURCES = ("obd", "derived", "driver")
 CLOCKS = ("synced", "unsynced")
 MAX_INT = 2**53 - 1
+#: Wall times (``t``, a trip's ``start_t`` and ``end_t``) are before 2100-01-01; a synced ``t``
+#: is after 2000-01-01. An unsynced clock may say anything earlier (a Pi boots in 1970).
+MIN_SYNCED_T = 946_684_800_000
+MAX_T = 4_102_444_800_000
+#: Odometer figures are below 10^10 m (ten million kilometres); speeds below 1000 km/h.
+MAX_ODO_M = 10**10 - 1
+MAX_KPH = 999
 
 COMMON = ("v", "dev", "seq", "prev", "kind", "t", "clock", "boot", "mono_ms", "vin")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_WEEK = re.compile(r"^[0-9]{4}-W(0[1-9]|[1-4][0-9]|5[0-3])$")
-_VIN = re.compile(r"^[A-Za-z0-9]{1,32}$")
-_BOOT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_EVENT = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_WEEK = re.compile(r"[0-9]{4}-W(0[1-9]|[1-4][0-9]|5[0-3])")
+_BOOT = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_EVENT = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 def record_id(compact: str) -> str:
@@ -82,14 +88,15 @@ class Record:
         return out
 
 
-def _int(p: Mapping[str, Any], name: str, *, minimum: int = 0, nullable: bool = False) -> None:
+def _int(p: Mapping[str, Any], name: str, *, minimum: int = 0, maximum: int = MAX_INT,
+         nullable: bool = False) -> None:
     value = p.get(name)
     if value is None and nullable and name in p:
         return
     if not isinstance(value, int) or isinstance(value, bool):
         raise BadFormat(f"{name}: must be an integer" + (" or null" if nullable else ""))
-    if not minimum <= value <= MAX_INT:
-        raise BadFormat(f"{name}: {value} out of range")
+    if not minimum <= value <= maximum:
+        raise BadFormat(f"{name}: {value} out of range ({minimum} to {maximum})")
 
 
 def _choice(p: Mapping[str, Any], name: str, allowed: tuple[str, ...]) -> None:
@@ -101,7 +108,7 @@ def _match(p: Mapping[str, Any], name: str, pattern: re.Pattern[str], *, nullabl
     value = p.get(name)
     if value is None and nullable and name in p:
         return
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise BadFormat(f"{name}: malformed value {value!r}")
 
 
@@ -126,11 +133,11 @@ def validate(p: Mapping[str, Any]) -> None:
     if p["seq"] == 1 and p["prev"] != GENESIS:
         raise BadFormat("prev: must be 64 zeros for seq 1")
     _choice(p, "kind", KINDS)
-    _int(p, "t")
     _choice(p, "clock", CLOCKS)
+    _int(p, "t", minimum=MIN_SYNCED_T if p["clock"] == "synced" else 0, maximum=MAX_T)
     _match(p, "boot", _BOOT)
     _int(p, "mono_ms")
-    _match(p, "vin", _VIN, nullable=True)
+    _match(p, "vin", VIN_RE, nullable=True)
     kind = p["kind"]
     allowed = set(COMMON) | set(_KIND_FIELDS[kind])
     extra = sorted(set(p) - allowed)
@@ -140,19 +147,22 @@ def validate(p: Mapping[str, Any]) -> None:
         if name not in p:
             raise BadFormat(f"{name}: missing for a {kind} record")
     if kind == "odometer":
-        _int(p, "odo_m")
+        _int(p, "odo_m", maximum=MAX_ODO_M)
         _choice(p, "src", SOURCES)
     elif kind == "trip":
-        for name in ("start_t", "end_t", "start_odo_m", "end_odo_m", "max_kph"):
-            _int(p, name)
+        for name in ("start_t", "end_t"):
+            _int(p, name, maximum=MAX_T)
+        for name in ("start_odo_m", "end_odo_m"):
+            _int(p, name, maximum=MAX_ODO_M)
+        _int(p, "max_kph", maximum=MAX_KPH)
         _choice(p, "src", SOURCES)
         if p["end_t"] < p["start_t"]:
             raise BadFormat("end_t: before start_t")
         if p["end_odo_m"] < p["start_odo_m"]:
             raise BadFormat("end_odo_m: below start_odo_m")
     elif kind == "confirmation":
-        _int(p, "odo_m")
-        _int(p, "device_odo_m", nullable=True)
+        _int(p, "odo_m", maximum=MAX_ODO_M)
+        _int(p, "device_odo_m", maximum=MAX_ODO_M, nullable=True)
         _match(p, "week", _WEEK)
     else:
         _match(p, "event", _EVENT)
@@ -181,7 +191,7 @@ def sign(key: SigningKey, payload: Mapping[str, Any]) -> Record:
 def open_unverified(compact: str | bytes) -> jws.Compact:
     """Split a record's JWS; the caller looks up the key by ``kid`` and verifies."""
     parts = jws.split(compact)
-    if not DEV_RE.match(parts.kid):
+    if not DEV_RE.fullmatch(parts.kid):
         raise BadFormat(f"jws header: kid {parts.kid!r} is not a device id")
     return parts
 

@@ -47,7 +47,7 @@ def parse(name: str) -> tuple[str, str]:
     if len(parts) != 4 or "/".join(parts[:2]) != PREFIX:
         raise BadFormat(f"topic {name!r}: not under {PREFIX}/<dev>/")
     dev, channel = parts[2], parts[3]
-    if not DEV_RE.match(dev):
+    if not DEV_RE.fullmatch(dev):
         raise BadFormat(f"topic {name!r}: {dev!r} is not a device id")
     if channel not in CHANNELS:
         raise BadFormat(f"topic {name!r}: unknown channel {channel!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from backend.records.verify import (
     MIN_WALL_MS,
     Anchor,
@@ -16,10 +18,10 @@ from backend.records.verify import (
     estimate_time,
     parse,
 )
-from protocol import canonical, jws
+from protocol import BadFormat, canonical, jws
 from protocol.identity import SigningKey
 from protocol.records import GENESIS, Record
-from tests.backend_helpers import OTHER_VIN, T0, VIN, Dongle
+from sim.devices import OTHER_VIN, T0, VIN, Dongle
 
 
 def _chain(d: Dongle, *, through: int | None = None, last: Reading | None = None,
@@ -162,7 +164,7 @@ def test_estimate_time() -> None:
     assert estimate_time(unsynced, [Anchor(arrival, unsynced.mono_ms - 60_000)], arrival) == arrival
     assert estimate_time(unsynced, [Anchor(5, unsynced.mono_ms)], arrival) == arrival
     assert MIN_WALL_MS < T0
-    # a "synced" clock that says 1970 is not believed
+    # a "synced" clock that says 1970 cannot even be signed: the record format bounds it
     d.t = 0
-    wrong = d.odometer(1, dt_ms=1)
-    assert estimate_time(wrong, [], arrival) == arrival
+    with pytest.raises(BadFormat, match="t: 1 out of range"):
+        d.odometer(1, dt_ms=1)

@@ -106,8 +106,8 @@ def test_the_odometer_may_not_go_back() -> None:
 
 def test_records_must_be_about_the_vin_and_by_listed_devices() -> None:
     car, recs = _chain(2)
-    other = Car(None, "WBA0OTHER00000002", register=False)  # type: ignore[arg-type]
-    with pytest.raises(pc.CertificateError, match="is about VIN WBA0OTHER00000002"):
+    other = Car(None, "WBA0THER000000002", register=False)  # type: ignore[arg-type]
+    with pytest.raises(pc.CertificateError, match="is about VIN WBA0THER000000002"):
         pc.verify(_cert([other.odometer(MONDAY)], other), LOG_KEY.public)
     cert = _cert(recs, car)
     cert["devices"][0]["dev"] = "0" * 32
@@ -140,7 +140,7 @@ def issued(db_url: str, tmp_path: Path) -> tuple[Path, Path, Car]:
     car.store(car.odometer(MONDAY + 4 * DAY, vin=None))                  # no VIN read: not in the certificate
     car.store(car.confirm(5000, clock="unsynced", week="2026-W03"), t_est=MONDAY + WEEK)   # a clock at 1970
     car.store(car.trip(MONDAY + WEEK + DAY, 120_500))
-    other = Car(db, "WBA0OTHER00000002")                                 # another car's records stay out
+    other = Car(db, "WBA0THER000000002")                                 # another car's records stay out
     other.store(other.odometer(MONDAY))
     db.close()
     cert, key = tmp_path / "cert.json", tmp_path / "log.pem"

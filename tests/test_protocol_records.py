@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import BadFormat, BadSignature, b64, records
+from protocol import BadFormat, BadSignature, b64, canonical, records
 from protocol.identity import SigningKey, VerifyKey, device_id
 
 KEY = SigningKey.generate()
@@ -58,6 +58,14 @@ def test_payload_is_verbatim_canonical_json() -> None:
         ({"seq": True}, "seq"),
         ({"extra": 1}, "unexpected"),
         ({"vin": "not a vin!"}, "vin"),
+        ({"vin": "WVWZZZ1JZXW000001\n"}, "vin"),        # a look-alike with a newline
+        ({"vin": "wvwzzz1jzxw000001"}, "vin"),          # lower case
+        ({"vin": "WVWZZZ1JZXW00001"}, "vin"),           # 16 characters
+        ({"vin": "WVWZZZ1JZXW0000O1"}, "vin"),          # O is not in a VIN (ISO 3779)
+        ({"seq": 2**53}, "seq"),
+        ({"t": 4_102_444_800_001}, "t"),                # past 2100
+        ({"t": 1000, "clock": "synced"}, "t"),          # a synced clock in 1970
+        ({"odo_m": 10**10}, "odo_m"),
     ],
 )
 def test_bad_payload_named(over: dict[str, object], message: str) -> None:
@@ -109,7 +117,9 @@ def test_flipping_any_byte_fails_verification(data: st.DataObject) -> None:
 kinds = st.sampled_from(["odometer", "trip", "confirmation", "event"])
 ints = st.integers(0, 2**53 - 1)
 HEX64 = st.text("0123456789abcdef", min_size=64, max_size=64)
-VINS = st.text("ABCDEFGHJKLMNPRSTUVWXYZ0123456789", min_size=1, max_size=17)
+VINS = st.text("ABCDEFGHJKLMNPRSTUVWXYZ0123456789", min_size=17, max_size=17)
+ODO = st.integers(0, records.MAX_ODO_M)
+WALL = st.integers(0, records.MAX_T)
 DETAILS = st.none() | st.text(max_size=40) | st.dictionaries(st.text(max_size=5), ints, max_size=3)
 
 
@@ -120,19 +130,20 @@ def any_payload(draw: st.DrawFn) -> dict[str, object]:
     base = {
         "dev": DEV, "seq": seq,
         "prev": records.GENESIS if seq == 1 else draw(HEX64),
-        "kind": kind, "t": draw(ints), "clock": draw(st.sampled_from(records.CLOCKS)),
+        "kind": kind, "clock": (clock := draw(st.sampled_from(records.CLOCKS))),
+        "t": draw(st.integers(records.MIN_SYNCED_T if clock == "synced" else 0, records.MAX_T)),
         "boot": draw(st.text("abcdefXYZ0123_-", min_size=1, max_size=64)),
         "mono_ms": draw(ints), "vin": draw(st.none() | VINS),
     }
     if kind == "odometer":
-        base.update(odo_m=draw(ints), src=draw(st.sampled_from(records.SOURCES)))
+        base.update(odo_m=draw(ODO), src=draw(st.sampled_from(records.SOURCES)))
     elif kind == "trip":
-        a, b = sorted([draw(ints), draw(ints)])
-        c, d = sorted([draw(ints), draw(ints)])
+        a, b = sorted([draw(WALL), draw(WALL)])
+        c, d = sorted([draw(ODO), draw(ODO)])
         base.update(start_t=a, end_t=b, start_odo_m=c, end_odo_m=d, max_kph=draw(st.integers(0, 400)),
                     src=draw(st.sampled_from(records.SOURCES)))
     elif kind == "confirmation":
-        base.update(odo_m=draw(ints), device_odo_m=draw(st.none() | ints),
+        base.update(odo_m=draw(ODO), device_odo_m=draw(st.none() | ODO),
                     week=f"{draw(st.integers(2000, 2100))}-W{draw(st.integers(1, 53)):02d}")
     else:
         base.update(event=draw(st.sampled_from(["adapter_lost", "vin_changed", "buffer_pruned"])),
@@ -174,3 +185,25 @@ def test_third_party_jose_signature_verifies_here() -> None:
 def test_iso_week() -> None:
     # 2026-11-19 12:00 UTC is a Thursday of ISO week 47
     assert records.iso_week(1_795_089_600_000) == "2026-W47"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[" * 990 + b"]" * 990, "nested deeper"),
+        (b'{"a":' + b"9" * 5000 + b"}", "5000 digits"),
+        (b'{"a":"' + b"x" * (2 * 1024 * 1024) + b'"}', "larger than"),
+        (b'{"a":1e400}', "floats"),
+        (b'{"a":NaN}', "NaN"),
+        (b'{"a":1,"a":2}', "duplicate"),
+        (b"\xff", "UTF-8"),
+    ],
+)
+def test_json_is_bounded_before_it_is_parsed(body: bytes, message: str) -> None:
+    with pytest.raises(BadFormat, match=message):
+        canonical.loads_object(body)
+
+
+def test_depth_ignores_brackets_inside_strings() -> None:
+    assert canonical.depth(b'{"a":[1,{"b":"[[[[{{{{"}]}') == 3
+    assert canonical.loads_object(b'{"a":"' + b"[" * 100 + b'"}') == {"a": "[" * 100}

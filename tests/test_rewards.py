@@ -110,7 +110,7 @@ def test_the_assigned_driver_gets_the_reward(db_url: str) -> None:
 def test_assignment_moves_unassigned_rewards(db_url: str) -> None:
     db = open_db(db_url)
     car = Car(db)
-    other = Car(db, vin="WBA0OTHER00000002")
+    other = Car(db, vin="WBA0THER000000002")
     early = car.store(car.confirm(MONDAY))                     # before the assignment's start
     waiting = car.store(car.confirm(MONDAY + WEEK)) + car.store(car.trip(MONDAY + WEEK + 1, 50_000))
     elsewhere = other.store(other.confirm(MONDAY + WEEK))

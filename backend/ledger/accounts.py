@@ -40,11 +40,11 @@ from protocol import canonical
 log = logging.getLogger(__name__)
 
 ISSUER = "issuer"
-DRIVER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-_ACCOUNT = re.compile(r"^(issuer|driver:[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}|unassigned:[0-9a-f]{32}"
-                      r"|redeemed:[a-z0-9][a-z0-9_.-]{0,63})$")
-_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")          # a client's idempotency key
-_TRANSFER_KEY = re.compile(r"^[\x21-\x7e]{1,400}$")
+DRIVER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+_ACCOUNT = re.compile(r"(issuer|driver:[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}|unassigned:[0-9a-f]{32}"
+                      r"|redeemed:[a-z0-9][a-z0-9_.-]{0,63})")
+_KEY = re.compile(r"[\x21-\x7e]{1,200}")          # a client's idempotency key
+_TRANSFER_KEY = re.compile(r"[\x21-\x7e]{1,400}")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class Transfer:
 
 
 def is_account(name: object) -> bool:
-    return isinstance(name, str) and bool(_ACCOUNT.match(name))
+    return isinstance(name, str) and bool(_ACCOUNT.fullmatch(name))
 
 
 def driver_account(driver_id: str) -> str:
@@ -124,7 +124,7 @@ def transfer(tx: Tx, *, key: str, from_account: str, to_account: str, amount: in
         raise ValueError("a transfer needs two different accounts")
     if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
         raise ValueError(f"amount: must be a positive integer of milli-tokens, got {amount!r}")
-    if not isinstance(key, str) or not _TRANSFER_KEY.match(key):
+    if not isinstance(key, str) or not _TRANSFER_KEY.fullmatch(key):
         raise ValueError(f"key: malformed idempotency key {key!r}")
     if by_key(tx, key) is not None:
         return None
@@ -208,7 +208,7 @@ def redeem(db: Database, rules: Rules, account: str, item: str, idempotency_key:
     the insert happen in one write transaction under the account's lock, so two
     processes can never overspend.
     """
-    if not isinstance(idempotency_key, str) or not _KEY.match(idempotency_key):
+    if not isinstance(idempotency_key, str) or not _KEY.fullmatch(idempotency_key):
         raise InvalidKey("idempotency_key: 1 to 200 printable ASCII characters, no spaces")
     if not is_account(account) or not account.startswith("driver:"):
         raise UnknownAccount(f"{account!r}: only a driver's account (driver:<id>) can redeem")

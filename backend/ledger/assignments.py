@@ -9,7 +9,6 @@ assignment covering their reading time is made (key ``reassign:<original key>``)
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +17,10 @@ from backend.errors import AssignmentError
 from backend.ledger import accounts
 from backend.ledger.rewards import Assignment, reading_time
 from backend.transparency import translog
+from protocol.identity import VIN_RE
 
 log = logging.getLogger(__name__)
 
-VIN_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class Driver:
 
 
 def add_driver(db: Database, driver_id: str, name: str | None, now_ms: int) -> Driver:
-    if not isinstance(driver_id, str) or not accounts.DRIVER_ID.match(driver_id):
+    if not isinstance(driver_id, str) or not accounts.DRIVER_ID.fullmatch(driver_id):
         raise AssignmentError(f"driver id {driver_id!r}: 1 to 64 letters, digits, '_', '.', '@' or '-', "
                               "starting with a letter or digit")
     with db.write() as tx:
@@ -54,8 +53,8 @@ def assign(db: Database, driver_id: str, vin: str, valid_from: int, now_ms: int)
 
     Returns the transfers that moved unassigned rewards to the driver.
     """
-    if not VIN_RE.match(vin):
-        raise AssignmentError(f"VIN {vin!r}: 1 to 32 letters and digits")
+    if not VIN_RE.fullmatch(vin):
+        raise AssignmentError(f"VIN {vin!r}: not a VIN (17 characters of A-H, J-N, P, R-Z and 0-9)")
     with db.write() as tx:
         # The lock every crediting transaction holds: a reward credited by another process
         # either sees this assignment, or is committed before it and moved below.

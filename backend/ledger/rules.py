@@ -29,8 +29,8 @@ from backend.errors import RulesError
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}")
 MAX_AMOUNT = 10**15
 
 
@@ -105,7 +105,7 @@ class _Table:
             return None
         if not isinstance(value, str):
             raise RulesError(f"{self.where}{key}: must be a string, got {_show(value)}")
-        if not pattern.match(value):
+        if not pattern.fullmatch(value):
             raise RulesError(f"{self.where}{key}: {value!r} is not a valid name")
         return value
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 
 from backend.db import Database, Row, Tx
@@ -19,11 +18,10 @@ from backend.errors import DeviceInputError, UnknownDevice
 from backend.records.store import lock_device
 from protocol import b64, canonical, jws, messages
 from protocol.errors import BadFormat
-from protocol.identity import DEV_RE
+from protocol.identity import DEV_RE, VIN_RE
 
 log = logging.getLogger(__name__)
 
-VIN_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 MAX_RECORDS_PAGE = 5000
 RECORD_FIELDS = ("seq", "id", "kind", "t", "t_est", "clock", "odo_m", "vin", "status", "reason")
 
@@ -66,7 +64,7 @@ def list_devices(db: Database) -> list[dict[str, Any]]:
 
 
 def _check_dev(dev: str) -> None:
-    if not DEV_RE.match(dev):
+    if not DEV_RE.fullmatch(dev):
         raise UnknownDevice(f"no device {dev!r} (a device id is 32 lowercase hex characters)")
 
 
@@ -118,8 +116,8 @@ def approve(db: Database, dev: str, now_ms: int, by: str, vin: str | None = None
     """Approve a device. A device flagged for reading another VIN is approved for that VIN (or
     for ``vin`` when given), so that its waiting records are accepted when the agent resends."""
     _check_dev(dev)
-    if vin is not None and not VIN_RE.match(vin):
-        raise DeviceInputError(f"--vin: {vin!r} is not a VIN (1 to 32 letters and digits)")
+    if vin is not None and not VIN_RE.fullmatch(vin):
+        raise DeviceInputError(f"--vin: {vin!r} is not a VIN (17 characters of A-H, J-N, P, R-Z and 0-9)")
     with db.write() as tx:
         lock_device(db, tx, dev)
         row = tx.one("SELECT vin, flagged_vin, status FROM devices WHERE dev = ?", (dev,))

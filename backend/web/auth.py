@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 COOKIE = "odo_session"
 LOGIN_COOKIE = "odo_login_csrf"
 SESSION_TTL_MS = 12 * 3600 * 1000
-USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 MIN_PASSWORD = 10
 MAX_PASSWORD = 1024
 SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P = 15, 8, 1      # 32 MiB, about 0.1 s per check
@@ -91,7 +91,7 @@ def verify_password(stored: str | None, password: str) -> bool:
 
 
 def _check_new(username: str, password: str) -> None:
-    if not USERNAME_RE.match(username):
+    if not USERNAME_RE.fullmatch(username):
         raise AuthError(f"username {username!r}: use 1-64 letters, digits, '.', '_', '@' or '-'")
     if len(password) < MIN_PASSWORD:
         raise AuthError(f"password: at least {MIN_PASSWORD} characters")
