@@ -148,4 +148,12 @@ CREATE TABLE translog_nodes (                -- complete subtrees of the log, fo
 CREATE INDEX transfers_dev_week ON transfers (dev, week);
 CREATE INDEX transfers_record ON transfers (record_id)
 """),
+    ("102_evidence_budget", """
+CREATE TABLE evidence_budget (               -- how much refused content each device has had kept
+    bucket      TEXT PRIMARY KEY,              -- a device id, or *unknown* for every unenrolled topic
+    kept        {bigint} NOT NULL,
+    kept_bytes  {bigint} NOT NULL,
+    dropped     {bigint} NOT NULL              -- refused afterwards: counted, not stored
+)
+"""),
 ]

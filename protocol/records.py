@@ -218,4 +218,6 @@ def peek_seq(compact: str | bytes) -> int | None:
     except Exception:  # noqa: BLE001 - a best-effort read of a rejected record
         return None
     seq = payload.get("seq")
-    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+    if isinstance(seq, int) and not isinstance(seq, bool) and 1 <= seq <= MAX_INT:
+        return seq
+    return None

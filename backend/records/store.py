@@ -13,6 +13,7 @@ credited together or not at all. The ``through`` of the ack is therefore durable
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 from backend.db import Database, Row, Tx
 from backend.ledger import accounts, rewards
 from backend.ledger.rules import Rules
+from backend.records import evidence
+from backend.records.evidence import DEFAULT_LIMITS, MAX_LOGGED_BODY, EvidenceLimits
 from backend.records.verify import (
     MIN_WALL_MS,
     Anchor,
@@ -43,9 +46,6 @@ from protocol.messages import Ack, Rejection
 from protocol.records import Record
 
 log = logging.getLogger(__name__)
-
-MAX_LOGGED_BODY = 64 * 1024
-
 
 def device_lock_key(dev: str) -> int:
     """The advisory-lock key that serialises every writer of one device (60 bits of its id)."""
@@ -94,18 +94,8 @@ def _later_anchors(checked: list[Record | Refusal]) -> list[Anchor | None]:
     return out[::-1]
 
 
-def log_rejection(tx: Tx, dev: str, seq: int | None, reason: str, detail: str, body: str,
-                  now_ms: int) -> None:
-    """Keep a refused record for operators, once per device, reason and content."""
-    body = body[:MAX_LOGGED_BODY]
-    if tx.one("SELECT 1 AS x FROM rejections WHERE dev = ? AND reason = ? AND body = ?",
-              (dev, reason, body)) is not None:
-        return
-    tx.execute("INSERT INTO rejections (dev, seq, reason, detail, body, received_at) "
-               "VALUES (?, ?, ?, ?, ?, ?)", (dev, seq, reason, detail, body, now_ms))
-
-
-def process_batch(db: Database, rules: Rules, dev: str, body: bytes, now_ms: int) -> BatchResult:
+def process_batch(db: Database, rules: Rules, dev: str, body: bytes, now_ms: int,
+                  limits: EvidenceLimits = DEFAULT_LIMITS) -> BatchResult:
     """Verify and store one ``records`` message published on ``dev``'s topic."""
     refused_batch: Refusal | None = None
     try:
@@ -124,13 +114,13 @@ def process_batch(db: Database, rules: Rules, dev: str, body: bytes, now_ms: int
         fresh = _device_key(device)
         if fresh != snapshot[dev]:                          # approved or revoked meanwhile
             checked = _authenticate_all(dev, items, {**snapshot, dev: fresh})
-        batch = _Batch(tx, rules, dev, device, now_ms, sent,
+        batch = _Batch(tx, rules, dev, device, now_ms, sent, limits,
                        [c for c in checked if isinstance(c, Record)])
         if refused_batch is not None:
             batch.refuse(refused_batch, body.decode("utf-8", "replace"))
         for text, item, later in zip(texts, checked, _later_anchors(checked), strict=True):
             if isinstance(item, Refusal):
-                batch.refuse(item, text)
+                batch.refuse(item, text if isinstance(text, str) else json.dumps(text)[:MAX_LOGGED_BODY])
             else:
                 batch.take(item, later)
         ack = batch.finish()
@@ -141,8 +131,10 @@ class _Batch:
     """The records of one batch, decided in order inside one transaction."""
 
     def __init__(self, tx: Tx, rules: Rules, dev: str, device: Row | None, now_ms: int, sent: messages.Batch,
+                 limits: EvidenceLimits,
                  records: list[Record]) -> None:
-        self.tx, self.rules, self.dev, self.now_ms, self.sent = tx, rules, dev, now_ms, sent
+        self.tx, self.rules, self.dev, self.now_ms = tx, rules, dev, now_ms
+        self.sent, self.limits = sent, limits
         self.device = dict(device) if device is not None else None
         self.through = int(device["through"]) if device else 0
         self.head_id: str = (device["head_id"] if device else None) or ""
@@ -161,7 +153,8 @@ class _Batch:
         self.rejected.append(Rejection(refusal.seq, refusal.reason))
         self.outcomes.append(("rejected", refusal.reason))
         log.info("%s: refused record seq=%s: %s (%s)", self.dev, refusal.seq, refusal.reason, refusal.detail)
-        log_rejection(self.tx, self.dev, refusal.seq, refusal.reason, refusal.detail, body, self.now_ms)
+        evidence.keep(self.tx, self.dev, self.device is not None, refusal.seq, refusal.reason, refusal.detail,
+                      body, self.now_ms, self.limits)
 
     # -- authenticated records -----------------------------------------------------------------
 
@@ -216,8 +209,8 @@ class _Batch:
                 self.device["flagged_vin"] = record.vin
                 log.warning("%s: now reads VIN %s, approved for %s: its records wait for an operator",
                             self.dev, record.vin, self.device["vin"])
-            log_rejection(self.tx, self.dev, record.seq, "vin_mismatch", decision.detail, record.jws,
-                          self.now_ms)
+            evidence.keep(self.tx, self.dev, True, record.seq, "vin_mismatch", decision.detail, record.jws,
+                          self.now_ms, self.limits)
             self._reject(record, decision)
         else:
             self._store(record, decision, later)
