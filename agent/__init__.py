@@ -1,13 +1,16 @@
 """The agent that runs in the car: OBD reading → odometer and trips → signed
 records → the SQLite outbox → MQTT sync. Imports :mod:`protocol`, never the backend.
 
-Exceptions (each module's own, caught by the CLI and the daemon)::
+Exceptions (all in :mod:`agent.errors`; caught by the CLI and the daemon)::
 
-    ConfigError     agent.config    a missing or bad setting (exit 2 for flags, 78 otherwise)
-    IdentityError   agent.identity  no usable device key (exit 78)
-    StorageError    agent.buffer    the outbox could not be written; nothing stored changed
-    AuthRefused     agent.sync      the broker refused the device's credentials
-    Unreachable     agent.sync      the broker could not be reached
+    AgentError
+    ├── Exit            an odo-agent command ends with this status and message
+    ├── ConfigError     a missing or bad setting (exit 2 for flags, 78 otherwise)
+    ├── IdentityError   no usable device key (exit 78)
+    ├── StorageError    the outbox could not be written; nothing stored changed
+    └── BrokerError     the MQTT broker could not be used
+        ├── AuthRefused     it refused the device's credentials (not retried)
+        └── Unreachable     it could not be reached or did not accept the connection
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -1,11 +1,12 @@
 """The outbox: every signed record, kept in SQLite until the backend acknowledges it.
 
-One table of records and a small key/value table of state (the vehicle
-snapshot, the chain tip, the last ack and balance, the VIN, the enrolment, the
-last confirmation). Writes take ``BEGIN IMMEDIATE``, so the write lock is held
-from reading the chain tip to inserting the record that extends it: the
-daemon and ``odo-agent confirm`` (another process) can both append, and seqs
-stay unique and gap-free. Schema changes are named, ordered migrations.
+One table of records and a small key/value table of state (the vehicle snapshot,
+the chain tip, the last ack and balance, the VIN, the enrolment, the last
+confirmation: every key and its value type are in :mod:`agent.state`; this
+module only gets and puts its JSON values). Writes take ``BEGIN IMMEDIATE``, so
+the write lock is held from reading the chain tip to inserting the record that
+extends it: the daemon and ``odo-agent confirm`` (another process) can both
+append, and seqs stay unique and gap-free. Schema changes are named, ordered migrations.
 
 ``synchronous=FULL``: in WAL mode, ``NORMAL`` only fsyncs at checkpoints, so a
 power cut (the normal way a car turns a dongle off) can roll back the last
@@ -39,8 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.errors import StorageError
+from agent.state import ACK, LAST_REJECTION, TIP, LastAck, LastRejection, Tip, Writes, writes
 from protocol.messages import UNSEQUENCED, Ack, Rejection
-from protocol.records import GENESIS, Record
+from protocol.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +68,6 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
 
 Builder = Callable[[int, str], Record]
 """Signs the record for (seq, prev); called inside the write transaction."""
-
-
-class StorageError(Exception):
-    """The outbox could not be written (disk full, I/O error, lock timeout)."""
 
 
 @dataclass(frozen=True)
@@ -179,9 +178,9 @@ class Outbox:
     # -- state ----------------------------------------------------------------------------------
 
     @staticmethod
-    def _get(c: sqlite3.Connection, key: str, default: Any = None) -> Any:
+    def _get(c: sqlite3.Connection, key: str) -> object:
         row = c.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
+        return json.loads(row[0]) if row else None
 
     @staticmethod
     def _put(c: sqlite3.Connection, values: Mapping[str, object]) -> None:
@@ -190,21 +189,23 @@ class Outbox:
                       (key, json.dumps(value, separators=(",", ":"))))
 
     def state(self, key: str, default: Any = None) -> Any:
+        """The JSON value of ``key`` (low level: the agent reads it through :mod:`agent.state`)."""
         rows = self._read("SELECT value FROM state WHERE key = ?", (key,))
         return json.loads(rows[0][0]) if rows else default
 
     def set_state(self, values: Mapping[str, object]) -> None:
+        """Save JSON values in one transaction (low level: see :mod:`agent.state`)."""
         with self._write() as c:
             self._put(c, values)
 
     # -- appending ------------------------------------------------------------------------------
 
-    def append(self, builders: Sequence[Builder], state: Mapping[str, object] | None = None) -> list[Record]:
+    def append(self, builders: Sequence[Builder], state: Writes | None = None) -> list[Record]:
         """Sign and insert records at the chain tip, and save ``state``, in ONE transaction."""
         out: list[Record] = []
         with self._write() as c:
-            tip = self._get(c, "tip", {"seq": 0, "id": GENESIS})
-            seq, prev = int(tip["seq"]), str(tip["id"])
+            tip = TIP.load(self._get(c, TIP.name))
+            seq, prev = tip.seq, tip.id
             for build in builders:
                 rec = build(seq + 1, prev)
                 if rec.seq != seq + 1 or rec.prev != prev:
@@ -215,12 +216,12 @@ class Outbox:
                 )
                 seq, prev = rec.seq, rec.id
                 out.append(rec)
-            self._put(c, {"tip": {"seq": seq, "id": prev}, **(state or {})})
+            self._put(c, {**writes(TIP.entry(Tip(seq, prev))), **(state or {})})
         return out
 
     def tip(self) -> tuple[int, str]:
-        tip = self.state("tip", {"seq": 0, "id": GENESIS})
-        return int(tip["seq"]), str(tip["id"])
+        tip = TIP.get(self)
+        return tip.seq, tip.id
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -251,8 +252,8 @@ class Outbox:
     def counts(self) -> Counts:
         rows = self._read("SELECT COUNT(*), COALESCE(SUM(synced = 0), 0) FROM records")
         last_seq, _ = self.tip()
-        ack = self.state("ack") or {}
-        return Counts(int(rows[0][0]), int(rows[0][1]), last_seq, int(ack.get("through", 0)))
+        ack = ACK.get(self)
+        return Counts(int(rows[0][0]), int(rows[0][1]), last_seq, ack.through if ack is not None else 0)
 
     def backlog(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM records WHERE synced = 0")[0][0])
@@ -269,9 +270,9 @@ class Outbox:
         """
         pending: list[Rejection] = []
         with self._write() as c:
-            prev = self._get(c, "ack", {}) or {}
-            through = max(int(prev.get("through", 0)), ack.through)
-            tip = int(self._get(c, "tip", {"seq": 0})["seq"])
+            prev = ACK.load(self._get(c, ACK.name))
+            through = max(prev.through if prev is not None else 0, ack.through)
+            tip = TIP.load(self._get(c, TIP.name)).seq
             if ack.through > tip:
                 log.warning("ack through %d is beyond this device's last seq %d", ack.through, tip)
             cur = c.execute(
@@ -284,12 +285,12 @@ class Outbox:
                     c.execute("UPDATE records SET rejected = ? WHERE seq = ?", (rej.reason, rej.seq))
                 else:
                     pending.append(rej)
-            update: dict[str, object] = {"ack": {"through": through, "t": now_ms, "balance": ack.balance}}
+            update = writes(ACK.entry(LastAck(through, now_ms, ack.balance)))
             if pending:
                 last = pending[-1]
-                update["last_rejection"] = {"seq": last.seq, "reason": last.reason, "t": now_ms}
+                update.update([LAST_REJECTION.entry(LastRejection(last.seq, last.reason, now_ms))])
             elif newly:
-                update["last_rejection"] = None
+                update.update([LAST_REJECTION.entry(None)])
             self._put(c, update)
         return AckOutcome(through, newly, tuple(pending))
 

@@ -12,32 +12,25 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from agent import __version__, identity
+from agent import __version__, enrol, identity
 from agent import summary as summ
-from agent.buffer import Outbox, StorageError
-from agent.clock import Clock, boot_id, now_ms
-from agent.config import CONFIG_FILE, ENV_PREFIX, AgentConfig, ConfigError, build_table, load, write_file
+from agent.buffer import Outbox
+from agent.clock import Clock, boot_id
+from agent.config import CONFIG_FILE, ENV_PREFIX, AgentConfig, build_table, load, write_file
+from agent.errors import BrokerError, ConfigError, Exit, IdentityError, StorageError
 from agent.recorder import Recorder
+from agent.state import CONFIRMATION_DUE, VEHICLE, VIN, ConfirmationDue
+from common.clock import now_ms
 from protocol.identity import SigningKey
 from protocol.messages import sign_enrollment
-
-if TYPE_CHECKING:
-    from agent.sync import EnrollResult
 
 log = logging.getLogger(__name__)
 
 EX_PENDING = 3
 EX_CONFIG = 78
-
-
-class Exit(Exception):
-    def __init__(self, code: int, message: str = "") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _km(text: str) -> int:
@@ -114,7 +107,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 def _open(cfg: AgentConfig) -> tuple[SigningKey, Outbox]:
     try:
         key = identity.load(cfg.state_dir)
-    except identity.IdentityError as exc:
+    except IdentityError as exc:
         raise Exit(EX_CONFIG, str(exc)) from None
     try:
         return key, Outbox.open(cfg.db_path)
@@ -155,16 +148,15 @@ def cmd_enroll(args: argparse.Namespace, cfg: AgentConfig) -> int:
     dev = key.public.id
     if daemon.running(cfg.state_dir):
         # The broker takes one connection per client id: let the daemon send it.
-        result = _enroll_via_daemon(outbox, args.wait, cfg.fleet_token)
+        result = enrol.request_via_daemon(outbox, args.wait, cfg.fleet_token)
     else:
         try:
-            result = sync.enroll(cfg.broker, key, vin=outbox.state("vin"), fleet_token=cfg.fleet_token,
+            result = sync.enroll(cfg.broker, key, vin=VIN.get(outbox), fleet_token=cfg.fleet_token,
                                  wait_s=args.wait)
-        except (sync.AuthRefused, sync.Unreachable) as exc:
+        except BrokerError as exc:
             raise Exit(1, str(exc)) from None
         if result.status is not None:
-            answer = {"status": result.status, "reason": result.reason, "t": now_ms()}
-            outbox.set_state({"enrollment": answer})
+            enrol.save_answer(outbox, result.status, result.reason)
     if result.status == "approved":
         print(f"device {dev} is approved")
         return 0
@@ -172,29 +164,12 @@ def cmd_enroll(args: argparse.Namespace, cfg: AgentConfig) -> int:
         raise Exit(1, f"device {dev} was rejected: {result.reason or 'no reason given'}")
     if result.status == "pending":
         print(f"device {dev} is pending: an operator must approve it (odo-backend devices approve {dev})")
-    elif outbox.state("enroll_request"):
+    elif enrol.request_pending(outbox):
         print(f"the running daemon is not connected to the broker; it will send the enrolment of {dev} "
               "when it is")
     else:
         print(f"no answer from the backend within {args.wait:.0f} s; the enrolment was sent as device {dev}")
     return EX_PENDING
-
-
-def _enroll_via_daemon(outbox: Outbox, wait_s: float, fleet_token: str | None) -> EnrollResult:
-    from agent.sync import EnrollResult
-
-    asked = now_ms()
-    outbox.set_state({"enroll_request": {"t": asked, "fleet_token": fleet_token}})
-    deadline = time.monotonic() + max(wait_s, 1.0)
-    answer: dict[str, Any] | None = None
-    while time.monotonic() < deadline:
-        got = outbox.state("enrollment") or {}
-        if got.get("t", 0) >= asked:
-            answer = got
-            if got.get("status") in ("approved", "rejected"):
-                break
-        time.sleep(0.2)
-    return EnrollResult(answer["status"], answer.get("reason")) if answer else EnrollResult(None)
 
 
 def cmd_run(args: argparse.Namespace, cfg: AgentConfig) -> int:
@@ -214,8 +189,8 @@ def cmd_run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     clock = Clock(cfg.clock)
     boot = boot_id()
     recorder = Recorder(outbox, key, clock=clock, boot=boot, max_records=cfg.max_records,
-                        vin=outbox.state("vin"))
-    vehicle = Vehicle(vcfg, outbox.state("vehicle"))
+                        vin=VIN.get(outbox))
+    vehicle = Vehicle(vcfg, VEHICLE.get(outbox))
     source = ObdSource(cfg.obd_port, baudrate=cfg.obd_baudrate)
     obd = daemon.ObdLoop(
         source, vehicle, PowerPolicy(pcfg), recorder, clock=clock, boot=boot,
@@ -252,7 +227,7 @@ def cmd_confirm(args: argparse.Namespace, cfg: AgentConfig) -> int:
     if clock.state() != "synced":
         print("warning: the clock is not synchronised; the week may be wrong", file=sys.stderr)
     recorder = Recorder(outbox, key, clock=clock, boot=boot_id(), max_records=cfg.max_records,
-                        vin=outbox.state("vin"))
+                        vin=VIN.get(outbox))
     try:
         rec = recorder.confirm(odo, device)
     except StorageError as exc:
@@ -264,7 +239,7 @@ def cmd_confirm(args: argparse.Namespace, cfg: AgentConfig) -> int:
 def _ask(s: summ.Summary, km_flag: int | None, tolerance_m: int) -> int:
     print(f"Device odometer:   {summ.km(s.odo_m)}" + (f" ({s.src})" if s.src else ""))
     if s.confirmed:
-        print(f"Last confirmed:    {summ.km(int(s.confirmed['odo_m']))} in week {s.confirmed['week']}")
+        print(f"Last confirmed:    {summ.km(s.confirmed.odo_m)} in week {s.confirmed.week}")
         print(f"Since then:        {summ.km(s.since_confirmed_m)}")
     else:
         print("Last confirmed:    never")
@@ -315,7 +290,7 @@ def cmd_remind(args: argparse.Namespace, cfg: AgentConfig) -> int:
     if not s.confirmation_due:
         print(f"week {s.week} is already confirmed")
         return 0
-    outbox.set_state({"confirmation_due": {"week": s.week, "t": now_ms()}})
+    CONFIRMATION_DUE.put(outbox, ConfirmationDue(s.week, now_ms()))
     print(f"confirmation due for week {s.week}: run `odo-agent confirm` or open the driver's page")
     return 0
 
@@ -345,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = {"flag": "", "env": " (from the environment)", "file": " (in the config file)"}[exc.source]
         print(f"odo-agent {args.command}: {exc}{where}", file=sys.stderr)
         return exc.exit_code
-    except identity.IdentityError as exc:
+    except IdentityError as exc:
         print(f"odo-agent {args.command}: {exc}", file=sys.stderr)
         return EX_CONFIG
     except Exit as exc:

@@ -13,6 +13,8 @@ The clock counts as synchronised when, in this order:
 
 Once synchronised it stays so for the rest of the process: a later loss of the
 NTP server leaves a clock that is still close to right.
+
+The wall clock itself is read with :func:`common.clock.now_ms`, as the backend reads it.
 """
 
 from __future__ import annotations
@@ -27,11 +29,6 @@ log = logging.getLogger(__name__)
 
 TIMESYNC_FLAG = Path("/run/systemd/timesync/synchronized")
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
-
-
-def now_ms() -> int:
-    """Wall-clock Unix milliseconds."""
-    return time.time_ns() // 1_000_000
 
 
 def mono_ms() -> int:

@@ -1,7 +1,8 @@
 """The agent's configuration: a TOML file, ``ODO_*`` environment variables and flags.
 
 Flags win over the environment, which wins over the file. Everything is read
-once at start and validated into frozen dataclasses; secrets (the fleet token,
+once at start and validated into frozen dataclasses (the broker's is
+:class:`common.transport.BrokerConfig`, shared with the backend); secrets (the fleet token,
 the broker password) never show in ``repr``. A bad value raises
 :class:`ConfigError` naming the key and where it came from: the CLI exits 2 for
 a bad flag and 78 (``EX_CONFIG``, which systemd is told not to restart on) for
@@ -40,6 +41,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from agent.errors import ConfigError
+from common.transport import BrokerConfig, BrokerURL, parse_broker_url, parse_listen
+
 CONFIG_FILE = "agent.toml"
 ENV_PREFIX = "ODO_"
 CLOCK_MODES = ("auto", "synced", "unsynced")
@@ -51,41 +55,6 @@ MQTT_VERSIONS = ("5", "3.1.1")
 #: a day. Measured: an odometer record's JWS is ~560 bytes and a row takes ~810
 #: bytes of the SQLite file with its indexes, so the cap is ~40 MB on disk.
 DEFAULT_MAX_RECORDS = 50_000
-
-
-class ConfigError(Exception):
-    """A missing or bad setting; ``key`` names it, ``source`` says where it came from."""
-
-    def __init__(self, key: str, message: str, source: str = "file") -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.source = source  # "flag" | "env" | "file"
-
-    @property
-    def exit_code(self) -> int:
-        return 2 if self.source == "flag" else 78
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    """Where and how to reach the MQTT broker."""
-
-    host: str
-    port: int
-    tls: bool = False
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    mqtt_version: str = "5"
-    keepalive_s: int = 30
-
-    @property
-    def display(self) -> str:
-        """The URL without its password, for messages and logs."""
-        user = f"{self.username}@" if self.username else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -162,35 +131,23 @@ def _command(value: object) -> tuple[str, ...]:
 
 
 def _listen(value: object) -> str:
-    host, port = split_listen(_text(value))
+    host, port = parse_listen(_text(value))
     return f"{host}:{port}"
 
 
-def split_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` → (host, port); raises ValueError naming what is wrong."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"must be HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
-
-
-def parse_broker_url(url: str) -> tuple[bool, str, int, str | None, str | None]:
-    """``mqtt[s]://[user:password@]host[:port]`` → (tls, host, port, user, password)."""
-    parts = urllib.parse.urlsplit(url.strip())
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"must start with mqtt:// or mqtts://, got {url!r}")
+def _broker_url(text: str) -> BrokerURL:
+    """:func:`common.transport.parse_broker_url`, with a password in the URL masked in its message."""
     try:
-        port = parts.port
-    except ValueError:
-        raise ValueError("has a bad port") from None
-    if not parts.hostname:
-        raise ValueError("has no host")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError("must be mqtt[s]://[user:password@]host:port with nothing after the port")
-    tls = parts.scheme == "mqtts"
-    user = urllib.parse.unquote(parts.username) if parts.username else None
-    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
-    return tls, parts.hostname, port or (8883 if tls else 1883), user, password
+        return parse_broker_url(text)
+    except ValueError as exc:
+        message = str(exc)
+        try:
+            password = urllib.parse.urlsplit(text.strip()).password
+        except ValueError:
+            password = None
+        if password:
+            message = message.replace(f":{password}@", ":***@")
+        raise ValueError(message) from None
 
 
 _SIMPLE: dict[str, Callable[[object], Any]] = {
@@ -295,13 +252,13 @@ def load(
     broker = None
     if "broker" in values:
         try:
-            tls, host, port, user, password = parse_broker_url(values.pop("broker"))
+            url = _broker_url(values.pop("broker"))
         except ValueError as exc:
             raise ConfigError("broker", str(exc), sources["broker"]) from None
         tls_files = {
             k: Path(values.pop(k)).expanduser() for k in ("tls_ca", "tls_cert", "tls_key") if k in values
         }
-        if tls_files and not tls:
+        if tls_files and not url.tls:
             key = next(iter(tls_files))
             raise ConfigError(key, "TLS files need an mqtts:// broker URL", sources[key])
         if ("tls_cert" in tls_files) != ("tls_key" in tls_files):
@@ -311,7 +268,7 @@ def load(
             if not path.is_file():
                 raise ConfigError(key, f"{path} is not a readable file", sources[key])
         broker = BrokerConfig(
-            host=host, port=port, tls=tls, username=user, password=password,
+            host=url.host, port=url.port, tls=url.tls, username=url.username, password=url.password,
             tls_ca=tls_files.get("tls_ca"), tls_cert=tls_files.get("tls_cert"),
             tls_key=tls_files.get("tls_key"),
             mqtt_version=values.pop("mqtt_version", "5"), keepalive_s=values.pop("keepalive_s", 30),

@@ -7,7 +7,10 @@ the watchdog while the OBD loop is not stuck in one call, and stops both
 cleanly. The car being off, the adapter unplugged or the broker away are
 normal states, never a reason to exit.
 
-The daemon also picks up what other processes wrote to the outbox: a
+After each sample the OBD loop also prunes the outbox (:mod:`agent.retention`)
+and acts on the power policy (:mod:`agent.shutdown`). It keeps the vehicle
+snapshot and a live view for ``status`` and the UI in the outbox's state
+(:mod:`agent.state`), and picks up what other processes wrote there: a
 confirmation from ``odo-agent confirm`` or the UI re-anchors the vehicle's
 derived odometer (``Vehicle.confirm``).
 
@@ -23,7 +26,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,16 +35,31 @@ from typing import IO, Any, Protocol
 
 from agent import sdnotify
 from agent.backoff import Backoff
-from agent.buffer import Outbox, StorageError
-from agent.clock import Clock, mono_ms, now_ms
+from agent.buffer import Outbox
+from agent.clock import Clock, mono_ms
+from agent.errors import StorageError
 from agent.recorder import ReadingLike, Recorder
+from agent.retention import Retention
+from agent.shutdown import PowerLike, Shutdown
+from agent.state import (
+    CLOCK_SYNCED_BOOT,
+    CONFIRM_APPLIED,
+    LIVE,
+    VEHICLE,
+    VIN,
+    Entry,
+    Live,
+    Writes,
+    save,
+    writes,
+)
 from agent.sync import Syncer
+from common.clock import now_ms
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "daemon.lock"
 LIVE_EVERY_S = 10.0
-PRUNE_EVERY_S = 600.0
 DAY_MS = 86_400_000
 
 
@@ -66,13 +83,6 @@ def running(state_dir: Path) -> bool:
         return True
     fh.close()
     return False
-
-
-class SampleLike(Protocol):
-    @property
-    def mono_ms(self) -> int: ...
-    @property
-    def voltage_mv(self) -> int | None: ...
 
 
 class SourceLike(Protocol):
@@ -126,13 +136,6 @@ class _Unplugged:
     voltage_mv: int | None = None
 
 
-class PowerLike(Protocol):
-    def poll_interval_s(self, ignition: bool) -> float: ...
-    def should_shutdown(
-        self, *, now_mono_ms: int, ignition: bool, voltage_mv: int | None, backlog: int
-    ) -> str | None: ...
-
-
 class ObdLoop:
     """The OBD side: one :meth:`tick` per sample; :meth:`run` adds opening with backoff."""
 
@@ -151,24 +154,26 @@ class ObdLoop:
         self.outbox: Outbox = recorder.outbox
         self.clock = clock
         self.boot = boot
-        self.retention_ms = retention_days * DAY_MS
-        self.max_records = max_records
-        self.shutdown_command = tuple(shutdown_command)
-        self._run_command = run_command or _run_shutdown
+        self.retention = Retention(recorder, retention_days=retention_days, max_records=max_records,
+                                   monotonic=monotonic)
+        self.shutdown = Shutdown(power, recorder, command=shutdown_command, run_command=run_command)
         self._mono = monotonic
         self._backoff = open_backoff or Backoff(1.0, 60.0)
         self.busy_since: float | None = None     # set while inside an adapter call
-        self.shutdown_reason: str | None = None
         self._live_at = -LIVE_EVERY_S
-        self._live_saved: dict[str, object] | None = None
-        self._clock_announced = self.outbox.state("clock_synced_boot") == boot
-        self._pruned_at = -PRUNE_EVERY_S
+        self._live_saved: Live | None = None
+        self._clock_announced = CLOCK_SYNCED_BOOT.get(self.outbox) == boot
         self._vin_read = False
-        self._confirm_seen = int(self.outbox.state("confirm_applied", 0) or 0)
+        self._confirm_seen = CONFIRM_APPLIED.get(self.outbox)
 
     @property
     def obd_state(self) -> str:
         return self.source.state
+
+    @property
+    def shutdown_reason(self) -> str | None:
+        """Why the power policy shut the device down, once it did."""
+        return self.shutdown.reason
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         self.busy_since = self._mono()
@@ -208,7 +213,7 @@ class ObdLoop:
         vin = self._call(self.source.vin)
         self._vin_read = vin is not None
         a6 = self._call(self.source.supports_a6)
-        stored = self.outbox.state("vin")
+        stored = VIN.get(self.outbox)
         log.info("OBD adapter open: VIN %s, odometer PID A6 %s", vin or "unreadable",
                  {True: "supported", False: "not supported", None: "unknown"}[a6])
         if vin is None:
@@ -218,7 +223,7 @@ class ObdLoop:
             self.recorder.vin = vin
         elif stored is None:
             self.recorder.vin = vin
-            self.outbox.set_state({"vin": vin})
+            VIN.put(self.outbox, vin)
         else:
             self.change_vehicle(stored, vin)
 
@@ -235,15 +240,15 @@ class ObdLoop:
                        *self.vehicle.step(_Unplugged(start + DAY_MS), now_ms())]
             if self.vehicle.trip is not None:
                 log.warning("the old car's trip could not be ended; it is dropped")
-            self.recorder.record(closing, {"vehicle": self.vehicle.snapshot()})
-        state: dict[str, object] = {"vin": new_vin}
+            self.recorder.record(closing, writes(VEHICLE.entry(self.vehicle.snapshot())))
+        state: list[Entry] = [VIN.entry(new_vin)]
         if self.new_vehicle is not None:
             self.vehicle = self.new_vehicle(None)
-            state["vehicle"] = self.vehicle.snapshot()
+            state.append(VEHICLE.entry(self.vehicle.snapshot()))
         else:
             log.warning("no way to start a fresh vehicle: the old car's odometer state is kept")
         self.recorder.vin = new_vin
-        self.recorder.event("vin_changed", {"from": old_vin, "to": new_vin}, state)
+        self.recorder.event("vin_changed", {"from": old_vin, "to": new_vin}, writes(*state))
         self._live_saved = None  # the live view changed: save it at the next chance
 
     def tick(self) -> float:
@@ -255,49 +260,48 @@ class ObdLoop:
             self.on_open()  # the car woke up: the VIN may be readable now, and may be new
         wall = now_ms()
         readings = list(self.vehicle.step(sample, wall))
-        extra: dict[str, object] = {}
+        extra: list[Entry] = []
         if not self._clock_announced and self.clock.state() == "synced":
             readings.append(_Event("clock_synced", {"boot": self.boot}))
-            extra["clock_synced_boot"] = self.boot
+            extra.append(CLOCK_SYNCED_BOOT.entry(self.boot))
         if readings:
             live = self._live(wall)
-            if self.recorder.record(readings, {"vehicle": self.vehicle.snapshot(), "live": live, **extra}):
+            if self.recorder.record(readings, writes(VEHICLE.entry(self.vehicle.snapshot()), LIVE.entry(live),
+                                                     *extra)):
                 self._clock_announced = self._clock_announced or bool(extra)
                 self._saved(live)
         else:
             self.save_live(force=False)
-        self._check_power(sample)
-        self._prune()
+        self.shutdown.check(sample, ignition=self.vehicle.ignition, state=lambda: self._state(now_ms()))
+        self.retention.tick()
         return self.power.poll_interval_s(self.vehicle.ignition)
 
     # -- state other processes read -------------------------------------------------------------
 
-    def _live(self, wall: int) -> dict[str, object]:
+    def _live(self, wall: int) -> Live:
         trip = self.vehicle.trip
-        return {
-            "odo_m": self.vehicle.odo_m, "src": self.vehicle.src, "ignition": self.vehicle.ignition,
-            "trip": dict(trip) if trip is not None else None, "obd": self.source.state,
-            "error": self.recorder.error, "t": wall,
-        }
+        return Live(self.vehicle.odo_m, self.vehicle.src, self.vehicle.ignition,
+                    dict(trip) if trip is not None else None, self.source.state, self.recorder.error, wall)
 
-    def _state(self, wall: int) -> dict[str, object]:
-        return {"vehicle": self.vehicle.snapshot(), "live": self._live(wall)}
+    def _state(self, wall: int, *more: Entry) -> Writes:
+        """The vehicle snapshot and the live view (and ``more``), to save in one transaction."""
+        return writes(*more, VEHICLE.entry(self.vehicle.snapshot()), LIVE.entry(self._live(wall)))
 
     def save_live(self, *, force: bool) -> None:
         """Save the vehicle snapshot and the live view (for status/UI) when the view
         changed, at most every few seconds."""
         live = self._live(now_ms())
-        same = {k: v for k, v in live.items() if k != "t"} == self._live_saved
+        same = live.same_view(self._live_saved)
         if not force and (self._mono() - self._live_at < LIVE_EVERY_S or same):
             return
         try:
-            self.outbox.set_state({"vehicle": self.vehicle.snapshot(), "live": live})
+            save(self.outbox, writes(VEHICLE.entry(self.vehicle.snapshot()), LIVE.entry(live)))
             self._saved(live)
         except StorageError as exc:
             log.error("cannot save the live state: %s", exc)
 
-    def _saved(self, live: Mapping[str, object]) -> None:
-        self._live_saved = {k: v for k, v in live.items() if k != "t"}
+    def _saved(self, live: Live) -> None:
+        self._live_saved = live
         self._live_at = self._mono()
 
     def apply_confirmation(self) -> None:
@@ -309,50 +313,9 @@ class ObdLoop:
         self.vehicle.confirm(latest.odo_m)
         self._confirm_seen = latest.seq
         try:
-            self.outbox.set_state({"confirm_applied": latest.seq, **self._state(now_ms())})
+            save(self.outbox, self._state(now_ms(), CONFIRM_APPLIED.entry(latest.seq)))
         except StorageError as exc:
             log.error("cannot save the re-anchored odometer: %s", exc)
-
-    # -- power and housekeeping ------------------------------------------------------------------
-
-    def _check_power(self, sample: Any) -> None:
-        if self.shutdown_reason is not None:
-            return
-        try:
-            backlog = self.outbox.backlog()
-        except StorageError as exc:
-            log.error("cannot count the backlog: %s", exc)
-            return
-        reason = self.power.should_shutdown(
-            now_mono_ms=getattr(sample, "mono_ms", mono_ms()), ignition=self.vehicle.ignition,
-            voltage_mv=getattr(sample, "voltage_mv", None), backlog=backlog,
-        )
-        if reason is None:
-            return
-        self.shutdown_reason = reason
-        if not self.shutdown_command:
-            log.warning("power policy says shut down (%s), but no shutdown_command is configured", reason)
-            return
-        log.warning("shutting down (%s): %s", reason, " ".join(self.shutdown_command))
-        self.recorder.event("shutdown", {"reason": reason}, self._state(now_ms()))
-        self._run_command(self.shutdown_command)
-
-    def _prune(self) -> None:
-        if self._mono() - self._pruned_at < PRUNE_EVERY_S:
-            return
-        self._pruned_at = self._mono()
-        try:
-            expired, over = self.outbox.prune(now_ms(), retention_ms=self.retention_ms,
-                                              max_records=self.max_records)
-        except StorageError as exc:
-            log.error("cannot prune the outbox: %s", exc)
-            return
-        if expired:
-            log.info("deleted %d synced records older than the retention period", expired)
-        if over:
-            log.warning("outbox over %d records: deleted the %d oldest synced records",
-                        self.max_records, over)
-            self.recorder.event("buffer_pruned", {"deleted_synced": over, "max_records": self.max_records})
 
 
 class _Event:
@@ -360,14 +323,6 @@ class _Event:
 
     def __init__(self, name: str, detail: object) -> None:
         self.fields = {"event": name, "detail": detail}
-
-
-def _run_shutdown(command: Sequence[str]) -> object:
-    try:
-        return subprocess.run(list(command), timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        log.error("shutdown command failed: %s", exc)
-        return None
 
 
 def run(obd: ObdLoop, syncer: Syncer | None, stop: threading.Event, *, install_signals: bool = True) -> int:

@@ -1,6 +1,7 @@
 """The device key on disk (DESIGN §2): PKCS#8 PEM, mode 0600, in the state directory.
 
-The private key never leaves the device: nothing here sends or prints it.
+The private key never leaves the device: nothing here sends or prints it. A missing or
+unusable key is an :class:`agent.errors.IdentityError`.
 """
 
 from __future__ import annotations
@@ -10,16 +11,13 @@ import os
 import stat
 from pathlib import Path
 
+from agent.errors import IdentityError
 from protocol.errors import BadFormat
 from protocol.identity import SigningKey
 
 log = logging.getLogger(__name__)
 
 KEY_FILE = "device.key"
-
-
-class IdentityError(Exception):
-    """No usable device key (missing, unreadable, or not an Ed25519 PKCS#8 key)."""
 
 
 def key_path(state_dir: Path) -> Path:

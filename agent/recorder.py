@@ -27,9 +27,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agent.buffer import Builder, Outbox, StorageError
-from agent.clock import Clock, mono_ms, now_ms
+from agent.buffer import Builder, Outbox
+from agent.clock import Clock, mono_ms
 from agent.config import DEFAULT_MAX_RECORDS
+from agent.errors import StorageError
+from agent.state import CONFIRMATION_DUE, CONFIRMED, Confirmed, Writes, save, writes
+from common.clock import now_ms
 from protocol import records
 from protocol.errors import BadFormat
 from protocol.identity import SigningKey
@@ -140,9 +143,7 @@ class Recorder:
 
     # -- writing --------------------------------------------------------------------------------
 
-    def record(
-        self, readings: Sequence[ReadingLike], state: Mapping[str, object] | None = None
-    ) -> list[Record]:
+    def record(self, readings: Sequence[ReadingLike], state: Writes | None = None) -> list[Record]:
         """Record readings (and save ``state``) in one transaction; [] on a storage error."""
         fresh = [i for r in readings if (i := self.stamp(r.kind, r.fields)) is not None]
         try:
@@ -154,7 +155,7 @@ class Recorder:
         if not items:
             if state:
                 try:
-                    self.outbox.set_state(state)
+                    save(self.outbox, state)
                 except StorageError as exc:
                     self._fail(exc, [])
             return []
@@ -178,9 +179,7 @@ class Recorder:
             items = items[-HOLD_LIMIT:]
         self._held = items
 
-    def event(
-        self, name: str, detail: object = None, state: Mapping[str, object] | None = None
-    ) -> list[Record]:
+    def event(self, name: str, detail: object = None, state: Writes | None = None) -> list[Record]:
         return self.record([Item("event", {"event": name, "detail": detail})], state)
 
     def confirm(self, odo_m: int, device_odo_m: int | None, week: str | None = None) -> Record:
@@ -190,8 +189,9 @@ class Recorder:
         item = self.stamp("confirmation", {"odo_m": odo_m, "device_odo_m": device_odo_m, "week": week})
         if item is None:
             raise ValueError("confirmation: odo_m must be a non-negative whole number of metres")
-        confirmed = {"odo_m": odo_m, "device_odo_m": device_odo_m, "week": week, "t": item.t}
-        (rec,) = self.outbox.append([self._builder(item)], {"confirmed": confirmed, "confirmation_due": None})
+        confirmed = Confirmed(odo_m, device_odo_m, week, item.t)
+        (rec,) = self.outbox.append([self._builder(item)],
+                                    writes(CONFIRMED.entry(confirmed), CONFIRMATION_DUE.entry(None)))
         return rec
 
     @property

@@ -1,5 +1,5 @@
 """What ``odo-agent status``, ``confirm``, ``remind`` and the driver's page show, read
-from the outbox (the daemon keeps its live view there)."""
+from the outbox's state (:mod:`agent.state`; the daemon keeps its live view there)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import datetime
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
+from agent import state
 from agent.buffer import Outbox
-from agent.clock import Clock, now_ms
+from agent.clock import Clock
+from agent.state import Confirmed, LastRejection
+from common.clock import now_ms
 from protocol.records import iso_week
 
 
@@ -24,18 +26,18 @@ class Summary:
     odo_m: int | None             # the device's current odometer (the daemon's live view)
     src: str | None
     obd: str                      # adapter state, or "unknown" when the daemon never ran
-    trip: Mapping[str, Any] | None
+    trip: Mapping[str, object] | None
     balance: int | None           # milli-tokens, from the last ack
     last_ack_t: int | None
     clock: str
     week: str                     # the current ISO week
-    confirmed: Mapping[str, Any] | None   # the last confirmation: odo_m, device_odo_m, week, t
+    confirmed: Confirmed | None   # the last confirmation
     confirmation_due: bool
     enrolled: str | None          # approved | pending | rejected | None (never asked)
     enrollment_reason: str | None
     live_t: int | None            # when the daemon last saved its live view
     error: str | None
-    last_rejection: Mapping[str, Any] | None
+    last_rejection: LastRejection | None
     confirmation_rejected: str | None = None   # the backend's reason, if it rejected the last one
     sync: str | None = None       # the daemon's broker connection: online | offline | auth_refused
     sync_refusal: str | None = None
@@ -44,9 +46,9 @@ class Summary:
     def since_confirmed_m(self) -> int | None:
         if self.odo_m is None or not self.confirmed:
             return None
-        return self.odo_m - int(self.confirmed["odo_m"])
+        return self.odo_m - self.confirmed.odo_m
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> dict[str, object]:
         return {
             "dev": self.dev, "vin": self.vin, "last_seq": self.last_seq,
             "synced_through": self.synced_through, "backlog": self.backlog, "odo_m": self.odo_m,
@@ -54,9 +56,9 @@ class Summary:
             "trip": dict(self.trip) if self.trip else None, "last_ack_t": self.last_ack_t,
             "clock": self.clock, "confirmation_due": self.confirmation_due, "enrolled": self.enrolled,
             "enrollment_reason": self.enrollment_reason, "week": self.week,
-            "confirmed": dict(self.confirmed) if self.confirmed else None,
+            "confirmed": self.confirmed.as_json() if self.confirmed else None,
             "since_confirmed_m": self.since_confirmed_m, "live_t": self.live_t, "error": self.error,
-            "last_rejection": dict(self.last_rejection) if self.last_rejection else None,
+            "last_rejection": self.last_rejection.as_json() if self.last_rejection else None,
             "sync": self.sync, "sync_refusal": self.sync_refusal,
             "confirmation_rejected": self.confirmation_rejected,
         }
@@ -65,22 +67,25 @@ class Summary:
 def read(outbox: Outbox, dev: str, clock: Clock, now: int | None = None) -> Summary:
     now = now_ms() if now is None else now
     counts = outbox.counts()
-    live = outbox.state("live") or {}
-    ack = outbox.state("ack") or {}
-    enrollment = outbox.state("enrollment") or {}
-    confirmed = outbox.state("confirmed")
-    sync = outbox.state("sync") or {}
+    live = state.LIVE.get(outbox)
+    ack = state.ACK.get(outbox)
+    enrollment = state.ENROLLMENT.get(outbox)
+    confirmed = state.CONFIRMED.get(outbox)
+    sync = state.SYNC.get(outbox)
     last = outbox.latest("confirmation")
     week = iso_week(now)
     return Summary(
-        dev=dev, vin=outbox.state("vin"), last_seq=counts.last_seq,
-        synced_through=counts.synced_through, backlog=counts.unsynced, odo_m=live.get("odo_m"),
-        src=live.get("src"), obd=live.get("obd") or "unknown", trip=live.get("trip"),
-        balance=ack.get("balance"), last_ack_t=ack.get("t"), clock=clock.state(), week=week,
-        confirmed=confirmed, confirmation_due=not confirmed or confirmed.get("week") != week,
-        enrolled=enrollment.get("status"), enrollment_reason=enrollment.get("reason"),
-        live_t=live.get("t"), error=live.get("error"), last_rejection=outbox.state("last_rejection"),
-        sync=sync.get("state"), sync_refusal=sync.get("refusal"),
+        dev=dev, vin=state.VIN.get(outbox), last_seq=counts.last_seq,
+        synced_through=counts.synced_through, backlog=counts.unsynced,
+        odo_m=live.odo_m if live else None, src=live.src if live else None,
+        obd=(live.obd if live else None) or "unknown", trip=live.trip if live else None,
+        balance=ack.balance if ack else None, last_ack_t=ack.t if ack else None, clock=clock.state(),
+        week=week, confirmed=confirmed, confirmation_due=not confirmed or confirmed.week != week,
+        enrolled=enrollment.status if enrollment else None,
+        enrollment_reason=enrollment.reason if enrollment else None,
+        live_t=live.t if live else None, error=live.error if live else None,
+        last_rejection=state.LAST_REJECTION.get(outbox),
+        sync=sync.state if sync else None, sync_refusal=sync.refusal if sync else None,
         confirmation_rejected=last.rejected if last is not None else None,
     )
 
@@ -136,7 +141,7 @@ def text(s: Summary) -> str:
         f"clock        {s.clock}",
     ]
     if s.confirmed:
-        lines.append(f"confirmed    {km(int(s.confirmed['odo_m']))} in week {s.confirmed['week']}"
+        lines.append(f"confirmed    {km(s.confirmed.odo_m)} in week {s.confirmed.week}"
                      f" ({km(s.since_confirmed_m)} since)")
         if s.confirmation_rejected:
             lines.append(f"             rejected by the backend: {s.confirmation_rejected}")
@@ -144,8 +149,8 @@ def text(s: Summary) -> str:
         lines.append("confirmed    never")
     lines.append(f"this week    {s.week}: " + ("confirmation due" if s.confirmation_due else "confirmed"))
     if s.last_rejection:
-        lines.append(f"waiting      backend did not take seq {s.last_rejection.get('seq')}: "
-                     f"{s.last_rejection.get('reason')}")
+        lines.append(f"waiting      backend did not take seq {s.last_rejection.seq}: "
+                     f"{s.last_rejection.reason}")
     if s.error:
         lines.append(f"ERROR        {s.error}")
     return "\n".join(lines)

@@ -8,12 +8,18 @@ records are outstanding, it goes back and sends again from the first unsynced
 record (``through + 1``); each fruitless round doubles that wait (up to
 ``max_resend_after_s``), so a device the backend does not know yet
 (``unknown_device``: ``through`` does not move) is not hammering the broker
-while it waits for approval. Until it is approved, the daemon sends its signed
-enrolment on every connect. An ``approved`` enrolment resends at once.
+while it waits for approval. An ``approved`` enrolment resends at once.
+
+Beside records, the session carries the retained status (built by
+:mod:`agent.status`) and the enrolment (decided by :mod:`agent.enrol`: sent on
+connect until approved, on request of ``odo-agent enroll``, and by
+:func:`enroll` on a connection of its own); acks are applied to the outbox by
+:meth:`agent.buffer.Outbox.apply_ack`, and the connection state is kept for
+``odo-agent status`` (:data:`agent.state.SYNC`).
 
 Reconnects use jittered, capped exponential backoff. A CONNACK refusing the
 credentials ("not authorized", "bad user name or password") stops the loop for
-good: retrying cannot help, and the log says so.
+good (:class:`agent.errors.AuthRefused`): retrying cannot help, and the log says so.
 """
 
 from __future__ import annotations
@@ -28,11 +34,15 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from agent import __version__
 from agent.backoff import Backoff
-from agent.buffer import Outbox, StorageError
-from agent.clock import now_ms
-from agent.config import BrokerConfig
+from agent.buffer import Outbox
+from agent.enrol import AnswerWait, Enroller, EnrollResult, Publish
+from agent.errors import AuthRefused, StorageError, Unreachable
+from agent.state import SYNC, Connection
+from agent.status import StatusReport
+from agent.window import SendWindow
+from common.clock import now_ms
+from common.transport import BrokerConfig
 from protocol import messages, topics
 from protocol.errors import BadFormat
 from protocol.identity import SigningKey
@@ -40,14 +50,6 @@ from protocol.identity import SigningKey
 log = logging.getLogger(__name__)
 
 AUTH_REFUSALS = frozenset({"Not authorized", "Bad user name or password"})
-
-
-class AuthRefused(Exception):
-    """The broker refused this device's credentials; retrying will not help."""
-
-
-class Unreachable(Exception):
-    """The broker could not be reached or did not accept the connection."""
 
 
 @dataclass(frozen=True)
@@ -94,59 +96,6 @@ def _close(client: mqtt.Client) -> None:
         client.loop(timeout=0.05)
 
 
-class SendWindow:
-    """Which seq to send next, and when to go back and send again. Pure logic."""
-
-    def __init__(self, settings: SyncSettings, now: float) -> None:
-        self.settings = settings
-        self.next_seq = 1
-        self.acked = 0
-        self.last_progress = now
-        self.stalls = 0
-
-    def restart(self, first_unsynced: int | None, tip: int, acked: int, now: float) -> None:
-        self.acked = max(self.acked, acked)
-        self.next_seq = first_unsynced if first_unsynced is not None else tip + 1
-        self.last_progress = now
-
-    def on_ack(self, through: int, now: float) -> None:
-        if through > self.acked:
-            self.acked = through
-            self.last_progress = now
-            self.stalls = 0
-        self.next_seq = max(self.next_seq, self.acked + 1)
-
-    @property
-    def outstanding(self) -> bool:
-        return self.next_seq - 1 > self.acked
-
-    def room(self) -> int:
-        return max(0, self.settings.window_records - (self.next_seq - 1 - self.acked))
-
-    def sent(self, last_seq: int, now: float) -> None:
-        if not self.outstanding:
-            self.last_progress = now
-        self.next_seq = last_seq + 1
-
-    def resend_delay(self) -> float:
-        s = self.settings
-        return min(s.max_resend_after_s, s.resend_after_s * float(2 ** min(self.stalls, 16)))
-
-    def timed_out(self, now: float) -> bool:
-        """True (and rewinds) when outstanding records have waited too long for an ack."""
-        if not self.outstanding or now - self.last_progress < self.resend_delay():
-            return False
-        self.next_seq = self.acked + 1
-        self.last_progress = now
-        self.stalls += 1
-        return True
-
-    def resend_now(self, now: float) -> None:
-        self.next_seq = self.acked + 1
-        self.last_progress = now
-        self.stalls = 0
-
-
 class Syncer:
     """Runs the sync loop in the calling thread until ``stop`` is set or the broker
     refuses the credentials. ``obd_state`` gives the adapter's state for status, and
@@ -154,9 +103,8 @@ class Syncer:
 
     The connection state is also kept in the outbox (``sync``) for ``odo-agent status``.
     ``enrollment(fleet_token)`` signs an enrolment (with the daemon's own token when
-    None), published when ``odo-agent enroll`` asks the running daemon to (state
-    ``enroll_request``): the broker takes one connection per client id, so the
-    command must not connect beside the daemon."""
+    None), published on connect until approved and when ``odo-agent enroll`` asks the
+    running daemon to (:class:`agent.enrol.Enroller`)."""
 
     def __init__(
         self, broker: BrokerConfig, dev: str, outbox: Outbox, *,
@@ -167,18 +115,15 @@ class Syncer:
         self.broker = broker
         self.dev = dev
         self.outbox = outbox
-        self.obd_state = obd_state
-        self.error = error
-        self.enrollment = enrollment
-        self._requests_at = 0.0
+        self.enroller = Enroller(outbox, enrollment)
         self.settings = settings or SyncSettings()
+        self.status = StatusReport(outbox, obd_state=obd_state, error=error,
+                                   every_s=self.settings.status_every_s)
         self._mono = monotonic
         self.window = SendWindow(self.settings, monotonic())
         self._state = "offline"        # offline | online | auth_refused
         self.refusal: str | None = None
         self._connected = False
-        self._last_status: tuple[object, ...] | None = None
-        self._status_at = 0.0
 
     @property
     def state(self) -> str:
@@ -190,7 +135,7 @@ class Syncer:
             return
         self._state = value
         try:
-            self.outbox.set_state({"sync": {"state": value, "refusal": self.refusal, "t": now_ms()}})
+            SYNC.put(self.outbox, Connection(value, self.refusal, now_ms()))
         except StorageError as exc:
             log.error("sync: %s", exc)
 
@@ -265,26 +210,21 @@ class Syncer:
         client.subscribe([(topics.ack(self.dev), 1), (topics.enrolled(self.dev), 1)])
         self._connected = True
         self.state = "online"
-        self._last_status = None
+        self.status.reset()
         try:
             counts = self.outbox.counts()
             first = self.outbox.first_unsynced()
-            self._enroll_unless_approved(client)
+            self.enroller.on_connect(self._enroll_publisher(client))
         except StorageError as exc:
             log.error("sync: %s", exc)
             self.window.resend_now(self._mono())
             return
         self.window.restart(first, counts.last_seq, counts.synced_through, self._mono())
 
-    def _enroll_unless_approved(self, client: mqtt.Client) -> None:
-        """A daemon that is not approved yet sends its enrolment on every connect, so that
-        `init --fleet-token` plus `run` is enough; the backend answers with the current status."""
-        if self.enrollment is None:
-            return
-        if (self.outbox.state("enrollment") or {}).get("status") == "approved":
-            return
-        client.publish(topics.enroll(self.dev), self.enrollment(None), qos=1)
-        log.info("not approved yet: enrolment sent")
+    def _enroll_publisher(self, client: mqtt.Client) -> Publish:
+        def publish(body: str) -> None:
+            client.publish(topics.enroll(self.dev), body, qos=1)
+        return publish
 
     def _go_offline(self, client: mqtt.Client) -> None:
         info = client.publish(topics.status(self.dev), messages.OFFLINE, qos=1, retain=True)
@@ -302,8 +242,10 @@ class Syncer:
                 log.info("no ack progress past seq %d; sending again from %d (next try in %.0f s)",
                          self.window.acked, self.window.next_seq, self.window.resend_delay())
             self._send(client, now)
-            self._publish_status(client, now)
-            self._serve_requests(client, now)
+            status = self.status.due(now)
+            if status is not None:
+                client.publish(topics.status(self.dev), status, qos=1, retain=True)
+            self.enroller.serve(self._enroll_publisher(client), now)
         except StorageError as exc:
             log.error("sync: %s", exc)
 
@@ -325,32 +267,6 @@ class Syncer:
         log.debug("published seqs %d..%d", rows[0][0], last)
         self.window.sent(last, now)
 
-    def _publish_status(self, client: mqtt.Client, now: float) -> None:
-        """On connect, then when something in it changed, at most every ``status_every_s``."""
-        if self._last_status is not None and now - self._status_at < self.settings.status_every_s:
-            return
-        self._status_at = now
-        counts = self.outbox.counts()
-        key = (counts.unsynced, counts.last_seq, self.obd_state(), self.error())
-        if key == self._last_status:
-            return
-        fields: dict[str, object] = {"t": now_ms(), "backlog": key[0], "last_seq": key[1], "obd": key[2],
-                                     "version": __version__}
-        if key[3]:
-            fields["error"] = key[3]
-        client.publish(topics.status(self.dev), messages.encode_status(**fields), qos=1, retain=True)
-        self._last_status = key
-
-    def _serve_requests(self, client: mqtt.Client, now: float) -> None:
-        if self.enrollment is None or now - self._requests_at < 0.5:
-            return
-        self._requests_at = now
-        request = self.outbox.state("enroll_request")
-        if request:
-            client.publish(topics.enroll(self.dev), self.enrollment(request.get("fleet_token")), qos=1)
-            self.outbox.set_state({"enroll_request": None})
-            log.info("enrolment sent, as asked by odo-agent enroll")
-
     # -- receiving ------------------------------------------------------------------------------
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
@@ -358,11 +274,7 @@ class Syncer:
             if msg.topic == topics.ack(self.dev):
                 self._on_ack(messages.decode_ack(bytes(msg.payload)))
             elif msg.topic == topics.enrolled(self.dev):
-                status, reason = messages.decode_enrolled(bytes(msg.payload))
-                before = (self.outbox.state("enrollment") or {}).get("status")
-                self.outbox.set_state({"enrollment": {"status": status, "reason": reason, "t": now_ms()}})
-                log.info("enrolment %s%s", status, f" ({reason})" if reason else "")
-                if status == "approved" and before != "approved":
+                if self.enroller.on_answer(*messages.decode_enrolled(bytes(msg.payload))):
                     self.window.resend_now(self._mono())
         except BadFormat as exc:
             log.warning("ignoring a malformed message on %s: %s", msg.topic, exc)
@@ -379,30 +291,17 @@ class Syncer:
             log.debug("ack through %d: %d records synced", outcome.through, outcome.newly_synced)
 
 
-# -- enrolment -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class EnrollResult:
-    status: str | None          # approved | pending | rejected | None (no answer)
-    reason: str | None = None
-
+# -- enrolment on a connection of its own ---------------------------------------------------------
 
 def enroll(
     broker: BrokerConfig, key: SigningKey, *, vin: str | None, fleet_token: str | None, wait_s: float,
     republish_s: float = 10.0,
 ) -> EnrollResult:
-    """Publish the signed enrolment and wait for the backend's answer.
-
-    Returns at once on ``approved`` or ``rejected``; otherwise after ``wait_s``
-    with the last answer (``pending``), or ``status=None`` if none came. A
-    retained answer from an earlier attempt counts only when no fresh one comes.
-    Raises :class:`AuthRefused` or :class:`Unreachable`.
-    """
+    """Publish the signed enrolment and wait for the backend's answer, as
+    :class:`agent.enrol.AnswerWait` decides. Raises :class:`AuthRefused` or :class:`Unreachable`."""
     dev = key.public.id
     client = make_client(broker, dev)
     refused: list[str] = []
-    fresh: list[tuple[str, str | None]] = []
-    retained: list[tuple[str, str | None]] = []
     subscribed = threading.Event()
 
     def on_connect(c: mqtt.Client, u: object, f: object, rc: Any, p: object) -> None:
@@ -413,19 +312,18 @@ def enroll(
 
     def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
         try:
-            answer = messages.decode_enrolled(bytes(m.payload))
+            status, reason = messages.decode_enrolled(bytes(m.payload))
         except BadFormat as exc:
             log.warning("ignoring a malformed enrolment answer: %s", exc)
             return
-        (retained if m.retain else fresh).append(answer)
+        wait.answer(status, reason, retained=bool(m.retain))
 
     client.on_connect = on_connect
     client.on_message = on_message
     client.on_subscribe = lambda *a: subscribed.set()
     _connect(client, broker)
     start = time.monotonic()
-    deadline = start + max(wait_s, 1.0)
-    published_at: float | None = None
+    wait = AnswerWait(wait_s, republish_s, start)
     try:
         while True:
             now = time.monotonic()
@@ -439,15 +337,12 @@ def enroll(
                 if now - start > 10:
                     raise Unreachable(f"no answer from the broker at {broker.display}")
                 continue
-            if published_at is None or (not fresh and now - published_at >= republish_s):
+            if wait.publish_due(now):
                 body = messages.sign_enrollment(key, vin, fleet_token, now_ms())
                 client.publish(topics.enroll(dev), body, qos=1)
-                published_at = now
-            final = [a for a in fresh if a[0] != "pending"] + [a for a in retained if a[0] == "approved"]
-            if final:
-                return EnrollResult(*final[-1])
-            if now >= deadline:
-                answers = fresh or retained
-                return EnrollResult(*answers[-1]) if answers else EnrollResult(None)
+                wait.published(now)
+            result = wait.result(now)
+            if result is not None:
+                return result
     finally:
         _close(client)

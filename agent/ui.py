@@ -29,10 +29,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from agent import summary as summ
-from agent.buffer import Outbox, StorageError
+from agent.buffer import Outbox
 from agent.clock import Clock, boot_id
-from agent.config import AgentConfig, split_listen
+from agent.config import AgentConfig
+from agent.errors import StorageError
 from agent.recorder import Recorder
+from common.transport import parse_listen
 from protocol.identity import SigningKey
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,7 @@ class App:
         if s.confirmation_due:
             banner = ('<div class="banner" id="due">Please confirm your dashboard odometer '
                       f"for week {s.week}.</div>")
-        confirmed = (f"{summ.km(int(s.confirmed['odo_m']))} (week {html.escape(str(s.confirmed['week']))})"
+        confirmed = (f"{summ.km(s.confirmed.odo_m)} (week {html.escape(s.confirmed.week)})"
                      if s.confirmed else "never")
         if s.confirmation_rejected:
             confirmed += f" — not accepted: {html.escape(s.confirmation_rejected.replace('_', ' '))}"
@@ -225,7 +227,7 @@ class Handler(BaseHTTPRequestHandler):
 def make_server(
     cfg: AgentConfig, key: SigningKey, outbox: Outbox, listen: str | None = None
 ) -> ThreadingHTTPServer:
-    host, port = split_listen(listen or cfg.ui_listen)
+    host, port = parse_listen(listen or cfg.ui_listen)
     handler = type("BoundHandler", (Handler,), {"app": App(cfg, key, outbox)})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.buffer import Outbox, StorageError
+from agent.buffer import Outbox
 from agent.clock import Clock
+from agent.errors import StorageError
 from agent.recorder import Recorder
 from protocol import records
 from protocol.identity import SigningKey

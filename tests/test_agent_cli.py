@@ -17,8 +17,8 @@ import pytest
 from agent import identity
 from agent.buffer import Outbox
 from protocol import records
-from tests.agent_helpers import ODO_AGENT, Backend, odo, quiet_broker, wait_for
-from tests.mqtt_broker import Broker
+from sim.broker import Broker, quiet_broker
+from tests.agent_helpers import ODO_AGENT, Backend, odo, wait_for
 
 
 def status(state: Path) -> dict[str, Any]:
@@ -73,8 +73,8 @@ def test_enroll_waits_for_the_backend_and_says_how_it_went(tmp_path: Path, broke
 
 def test_enroll_beside_a_running_daemon_goes_through_the_daemon(tmp_path: Path, broker: Broker) -> None:
     from agent import daemon
-    from agent.config import BrokerConfig
     from agent.sync import Syncer
+    from common.transport import BrokerConfig
     from protocol.messages import sign_enrollment
 
     state, dev = init(tmp_path, broker)

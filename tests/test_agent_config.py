@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from agent import cli, identity
-from agent.config import ConfigError, build_table, load
+from agent.config import build_table, load
+from agent.errors import ConfigError
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

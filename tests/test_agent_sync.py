@@ -14,13 +14,15 @@ import pytest
 
 from agent.buffer import Outbox
 from agent.clock import Clock
-from agent.config import BrokerConfig
 from agent.recorder import Recorder
-from agent.sync import SendWindow, Syncer, SyncSettings
+from agent.sync import Syncer, SyncSettings
+from agent.window import SendWindow
+from common.transport import BrokerConfig
 from protocol.identity import SigningKey
-from tests.agent_helpers import Backend, quiet_broker, wait_for
+from sim.broker import Broker, quiet_broker
+from sim.processes import free_port
+from tests.agent_helpers import Backend, wait_for
 from tests.fakes import FakeReading, Ticker
-from tests.mqtt_broker import Broker, free_port
 
 ODO = FakeReading("odometer", {"odo_m": 1000, "src": "obd"})
 FAST = SyncSettings(resend_after_s=0.5, max_resend_after_s=2.0, status_every_s=0.05, backoff_base_s=0.1,

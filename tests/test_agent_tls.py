@@ -15,9 +15,10 @@ from agent.clock import Clock
 from agent.config import load
 from agent.recorder import Recorder
 from agent.sync import Syncer, SyncSettings
-from tests.agent_helpers import Backend, odo, quiet_broker, wait_for
+from sim.broker import quiet_broker
+from sim.processes import free_port
+from tests.agent_helpers import Backend, odo, wait_for
 from tests.fakes import FakeReading
-from tests.mqtt_broker import free_port
 from tests.secure_broker import DEPLOY, FLEET_CA, Pki, SecureBroker, broker_conf, ok
 
 

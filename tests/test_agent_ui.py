@@ -17,7 +17,7 @@ from agent import identity, ui
 from agent.buffer import Outbox
 from agent.config import load
 from protocol.messages import Ack, Rejection
-from tests.mqtt_broker import free_port
+from sim.processes import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 INSTALL = "sudo apt-get update && sudo apt-get install -y chromium   (or: sudo make deps)"
