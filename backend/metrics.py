@@ -1,92 +1,111 @@
-"""Prometheus metrics in the text exposition format (version 0.0.4), written by hand.
+"""Prometheus metrics, through ``prometheus-client``.
 
 Counters and the histogram live in this process (:data:`REGISTRY`, fed by the ingest); the
-fleet gauges are read from the database at each scrape::
+fleet gauges are read from the database at each scrape by :class:`FleetCollector`. Exposed::
 
-    odo_records_total{status="accepted",reason=""} 1234
-    odo_ingest_seconds_bucket{le="0.01"} 17
-    odo_devices_online 12
-    odo_backlog_total 40
+    odo_records_total{reason="",status="accepted"} 1234.0
+    odo_ingest_errors_total 0.0
+    odo_ingest_seconds_bucket{le="0.01"} 17.0
+    odo_devices_online 12.0
+    odo_backlog_total 40.0
+
+Each :class:`Registry` has its own :class:`prometheus_client.CollectorRegistry`, never the
+library's global one, so tests can make as many as they like.
 """
 
 from __future__ import annotations
 
-import math
-import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+# No ``*_created`` series: the metrics are exactly the ones listed above. (A process-wide switch
+# of the library; this process exports nothing else.)
+disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves it unannotated
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4     # the text format every Prometheus reads
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+#: Reads (devices online, total backlog the agents last reported) from the database; blocking.
+FleetSource = Callable[[], tuple[int, int]]
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+_ONLINE_HELP = "Devices whose agent is connected (last status message)."
+_BACKLOG_HELP = "Records waiting on the agents, as they last reported."
 
 
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
+class FleetCollector(Collector):
+    """The fleet gauges, read through ``source`` at each scrape; none while there is no source.
+
+    ``collect`` blocks on the database: call it (through ``generate_latest``) off the event loop.
+    """
+
+    def __init__(self, source: FleetSource | None = None) -> None:
+        self.source = source
+
+    def describe(self) -> Iterable[Metric]:
+        # What the registry checks for clashes, without touching the database.
+        return [GaugeMetricFamily("odo_devices_online", _ONLINE_HELP),
+                GaugeMetricFamily("odo_backlog_total", _BACKLOG_HELP)]
+
+    def collect(self) -> Iterable[Metric]:
+        source = self.source
+        if source is None:
+            return
+        online, backlog = source()
+        yield GaugeMetricFamily("odo_devices_online", _ONLINE_HELP, value=online)
+        yield GaugeMetricFamily("odo_backlog_total", _BACKLOG_HELP, value=backlog)
 
 
 class Registry:
-    """The ingest's counters and its batch-time histogram; safe across threads."""
+    """The ingest's counters and its batch-time histogram, plus the fleet gauges; safe across threads."""
 
-    def __init__(self, buckets: Sequence[float] = BUCKETS) -> None:
-        self._lock = threading.Lock()
-        self._records: dict[tuple[str, str], int] = {}
-        self._errors = 0
-        self._buckets = tuple(buckets)
-        self._counts = [0] * len(self._buckets)
-        self._sum = 0.0
-        self._n = 0
+    def __init__(self, buckets: Sequence[float] = BUCKETS, fleet: FleetSource | None = None) -> None:
+        self.registry = CollectorRegistry()
+        # Counters are named as exposed: the library drops a trailing ``_total`` and adds it back on output.
+        r = self.registry
+        self._records = Counter("odo_records_total", "Records handled by this process's ingest, by outcome.",
+                                ["status", "reason"], registry=r)
+        self._errors = Counter("odo_ingest_errors_total",
+                               "Batches that failed with an internal error (no ack sent).", registry=r)
+        self._seconds = Histogram("odo_ingest_seconds",
+                                  "Time to verify, store and credit one batch of records.",
+                                  buckets=tuple(buckets), registry=r)
+        self.fleet = FleetCollector(fleet)
+        self.registry.register(self.fleet)
+
+    def watch_fleet(self, source: FleetSource | None) -> None:
+        """Read the fleet gauges through ``source`` from now on (the last call wins; ``None``: no gauges)."""
+        self.fleet.source = source
 
     def count_records(self, outcomes: Iterable[tuple[str, str]]) -> None:
-        with self._lock:
-            for key in outcomes:
-                self._records[key] = self._records.get(key, 0) + 1
+        for status, reason in outcomes:
+            self._records.labels(status, reason).inc()
 
     def count_error(self) -> None:
-        with self._lock:
-            self._errors += 1
+        self._errors.inc()
 
     def observe_batch(self, seconds: float) -> None:
-        with self._lock:
-            self._n += 1
-            self._sum += seconds
-            for i, bound in enumerate(self._buckets):
-                if seconds <= bound:
-                    self._counts[i] += 1
+        self._seconds.observe(seconds)
 
     def records(self, status: str, reason: str = "") -> int:
-        with self._lock:
-            return self._records.get((status, reason), 0)
+        """How many records this process counted with that outcome (never reads the database)."""
+        wanted = {"status": status, "reason": reason}
+        return sum(int(sample.value) for family in self._records.collect() for sample in family.samples
+                   if sample.name == "odo_records_total" and sample.labels == wanted)
 
-    def render(self, devices_online: int | None = None, backlog_total: int | None = None) -> str:
-        with self._lock:
-            records = sorted(self._records.items())
-            counts, total, n, errors = list(self._counts), self._sum, self._n, self._errors
-        out = ["# HELP odo_records_total Records handled by this process's ingest, by outcome.",
-               "# TYPE odo_records_total counter"]
-        out += [f'odo_records_total{{status="{_label(s)}",reason="{_label(r)}"}} {v}'
-                for (s, r), v in records]
-        out += ["# HELP odo_ingest_errors_total Batches that failed with an internal error (no ack sent).",
-                "# TYPE odo_ingest_errors_total counter", f"odo_ingest_errors_total {errors}",
-                "# HELP odo_ingest_seconds Time to verify, store and credit one batch of records.",
-                "# TYPE odo_ingest_seconds histogram"]
-        out += [f'odo_ingest_seconds_bucket{{le="{_number(b)}"}} {c}' for b, c in zip(self._buckets, counts,
-                                                                                      strict=True)]
-        out += [f'odo_ingest_seconds_bucket{{le="+Inf"}} {n}', f"odo_ingest_seconds_sum {_number(total)}",
-                f"odo_ingest_seconds_count {n}"]
-        if devices_online is not None:
-            out += ["# HELP odo_devices_online Devices whose agent is connected (last status message).",
-                    "# TYPE odo_devices_online gauge", f"odo_devices_online {devices_online}"]
-        if backlog_total is not None:
-            out += ["# HELP odo_backlog_total Records waiting on the agents, as they last reported.",
-                    "# TYPE odo_backlog_total gauge", f"odo_backlog_total {backlog_total}"]
-        return "\n".join(out) + "\n"
+    def exposition(self) -> bytes:
+        """The text exposition (:data:`CONTENT_TYPE`); reads the database if a fleet source is set."""
+        return generate_latest(self.registry)
 
 
 #: This process's metrics.

@@ -7,17 +7,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Mount, Route
 
+from backend import metrics
 from backend.db import Database
 from backend.ledger import assignments
 from backend.metrics import Registry
-from backend.records import store
+from backend.records import devices, store
+from backend.records import ingest as ingest_module
+from backend.records.ingest import Ingest
 from backend.web import api
 from backend.web.app import create_app
 from backend.web.context import AppContext
-from protocol import b64
-from tests.backend_helpers import FLEET_TOKEN, T0, VIN, Dongle, batch, enroll
+from protocol import b64, messages
+from sim.devices import FLEET_TOKEN, T0, VIN, Dongle, batch, enroll
 
 with warnings.catch_warnings():
     # Starlette asks for the httpx2 package; plain httpx is what the project installs.
@@ -161,25 +166,84 @@ def test_openapi_documents_every_route(client: TestClient, db: Database, rules: 
 def test_metrics_and_health(client: TestClient, device: Dongle) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/metrics")
-    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert r.headers["content-type"] == CONTENT_TYPE_PLAIN_0_0_4
     for line in ("# TYPE odo_records_total counter", "# TYPE odo_ingest_seconds histogram",
-                 "odo_devices_online 0", "odo_backlog_total 0"):
+                 "odo_devices_online 0.0", "odo_backlog_total 0.0"):
         assert line in r.text.splitlines()
 
 
 def test_metrics_text_format() -> None:
-    registry = Registry(buckets=(0.01, 0.1))
+    registry = Registry(buckets=(0.01, 0.1), fleet=lambda: (3, 12))
     registry.count_records([("accepted", ""), ("accepted", ""), ("rejected", 'odd"reason')])
     registry.observe_batch(0.05)
     registry.observe_batch(0.5)
-    lines = registry.render(3, 12).splitlines()
-    assert 'odo_records_total{status="accepted",reason=""} 2' in lines
-    assert 'odo_records_total{status="rejected",reason="odd\\"reason"} 1' in lines
-    assert ['odo_ingest_seconds_bucket{le="0.01"} 0', 'odo_ingest_seconds_bucket{le="0.1"} 1',
-            'odo_ingest_seconds_bucket{le="+Inf"} 2', "odo_ingest_seconds_sum 0.55",
-            "odo_ingest_seconds_count 2"] == [x for x in lines if x.startswith("odo_ingest_seconds")]
-    assert "odo_devices_online 3" in lines and "odo_backlog_total 12" in lines
-    assert registry.records("accepted") == 2
+    text = registry.exposition().decode()
+    lines = text.splitlines()
+    assert 'odo_records_total{reason="",status="accepted"} 2.0' in lines
+    assert 'odo_records_total{reason="odd\\"reason",status="rejected"} 1.0' in lines
+    assert "odo_ingest_errors_total 0.0" in lines
+    assert ['odo_ingest_seconds_bucket{le="0.01"} 0.0', 'odo_ingest_seconds_bucket{le="0.1"} 1.0',
+            'odo_ingest_seconds_bucket{le="+Inf"} 2.0', "odo_ingest_seconds_count 2.0",
+            "odo_ingest_seconds_sum 0.55"] == [x for x in lines if x.startswith("odo_ingest_seconds")]
+    assert "odo_devices_online 3.0" in lines and "odo_backlog_total 12.0" in lines
+    assert "_total_total" not in text and "_created" not in text
+    assert registry.records("accepted") == 2 and registry.records("rejected", 'odd"reason') == 1
+    assert "odo_devices_online" not in Registry().exposition().decode()    # no database, no gauges
+
+
+class _AckSink:
+    """Stands in for the ingest's MQTT client: keeps the acks instead of publishing them."""
+
+    def __init__(self) -> None:
+        self.published: list[str] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+        self.published.append(topic)
+
+
+def test_metrics_scrape_parses_after_an_ingest(db: Database, rules: Any, device: Dongle,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = Registry(buckets=(0.01, 0.1))
+    monkeypatch.setattr(metrics, "REGISTRY", registry)             # the app and the ingest use this one
+    ingest = Ingest(db, rules, ingest_module.BrokerConfig("localhost", 1883), registry=registry,
+                    clock=lambda: NOW)
+    ingest.client = _AckSink()  # type: ignore[assignment]
+    stranger = Dongle()                                           # never enrolled
+    body = batch(device.odometer(1), device.odometer(1))
+    assert ingest.handle_records(device.dev, body).ack.through == 5
+    ingest.handle_records(device.dev, body)                       # redelivered: two duplicates
+    first = ingest.handle_records(stranger.dev, batch(stranger.odometer(1)))
+    assert first.ack.through == 0
+    devices.update_status(db, device.dev, messages.encode_status(backlog=4), NOW)
+
+    with TestClient(create_app(AppContext(db=db, rules=rules, clock=lambda: NOW))) as c:
+        r = c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"] == CONTENT_TYPE_PLAIN_0_0_4
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    types = {name: f.type for name, f in families.items()}         # the parser drops counters' _total
+    assert types == {"odo_records": "counter", "odo_ingest_errors": "counter",
+                     "odo_ingest_seconds": "histogram", "odo_devices_online": "gauge",
+                     "odo_backlog_total": "gauge"}
+
+    def samples(family: str) -> list[tuple[str, float]]:
+        return [(s.name, s.value) for s in families[family].samples]
+
+    records = {(s.labels["status"], s.labels["reason"]): s.value for s in families["odo_records"].samples}
+    assert {s.name for s in families["odo_records"].samples} == {"odo_records_total"}
+    assert records == {("accepted", ""): 2.0, ("duplicate", ""): 2.0, ("rejected", "unknown_device"): 1.0}
+    assert samples("odo_ingest_errors") == [("odo_ingest_errors_total", 0.0)]
+
+    seconds = {(s.name, s.labels.get("le")): s.value for s in families["odo_ingest_seconds"].samples}
+    assert set(seconds) == {("odo_ingest_seconds_bucket", "0.01"), ("odo_ingest_seconds_bucket", "0.1"),
+                            ("odo_ingest_seconds_bucket", "+Inf"), ("odo_ingest_seconds_count", None),
+                            ("odo_ingest_seconds_sum", None)}
+    assert seconds[("odo_ingest_seconds_bucket", "+Inf")] == seconds[("odo_ingest_seconds_count", None)]
+    assert seconds[("odo_ingest_seconds_count", None)] == 3.0                       # three batches
+    assert seconds[("odo_ingest_seconds_sum", None)] > 0
+
+    assert samples("odo_devices_online") == [("odo_devices_online", 1.0)]     # read from the database
+    assert samples("odo_backlog_total") == [("odo_backlog_total", 4.0)]
+    assert "_total_total" not in r.text and "_created" not in r.text
 
 
 def test_an_unexpected_failure_is_a_json_500(db: Database, rules: Any,

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -49,9 +50,18 @@ def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(ctx: AppContext) -> Starlette:
+    def fleet() -> tuple[int, int]:
+        """The fleet gauges, read at each scrape in the scrape's worker thread (see ``db_call``)."""
+        try:
+            return devices.fleet_gauges(ctx.db)
+        finally:
+            ctx.db.close()
+
+    metrics.REGISTRY.watch_fleet(fleet)
+
     async def scrape(request: Request) -> Response:
-        online, backlog = await db_call(ctx.db, devices.fleet_gauges)
-        return PlainTextResponse(metrics.REGISTRY.render(online, backlog), media_type=metrics.CONTENT_TYPE)
+        body = await run_in_threadpool(metrics.REGISTRY.exposition)    # the collector blocks on the database
+        return Response(body, media_type=metrics.CONTENT_TYPE)
 
     async def healthz(request: Request) -> Response:
         def check(db: Database) -> Any:
