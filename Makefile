@@ -1,8 +1,8 @@
 # odoledger: one entry point for the demo, the tests and the checks, locally and in CI.
 #
 #   make demo    system packages, the venv, then the simulated car and backend
-#   make test    system packages, the venv, then the whole pytest suite and ruff
-#   make check   ruff and mypy
+#   make test    system packages, the venv, make check, then the whole pytest suite
+#   make check   ruff and mypy --strict on every package
 #   make bench   every benchmark in bench/
 #
 # `make deps` needs root for what is missing (it says so); everything else runs as any user.
@@ -37,12 +37,11 @@ $(STAMP): pyproject.toml
 
 # Every test runs: a missing mosquitto or PostgreSQL is a failure, never a skip. The log check
 # keeps it that way should a skip for either ever creep in.
-test: deps venv
+test: deps venv check
 	@mkdir -p $(ARTIFACTS)
 	$(BIN)/pytest $(PYTEST_ARGS) 2>&1 | tee $(ARTIFACTS)/pytest.log
 	@if grep -Ei '^SKIPPED.*(mosquitto|postgres|psycopg|broker)' $(ARTIFACTS)/pytest.log; then \
 		echo "test: tests that need mosquitto or PostgreSQL were skipped: that is a failure" >&2; exit 1; fi
-	$(BIN)/ruff check .
 
 check: venv
 	$(BIN)/ruff check .
@@ -51,10 +50,13 @@ check: venv
 demo: deps venv
 	$(BIN)/python -m sim.demo
 
+# Each bench/<name>.py (but __init__.py) runs as the module bench.<name>, from the repository
+# root, so that it imports bench/, sim/ and the project as the tests do.
 bench: deps venv
-	@shopt -s nullglob; files=(bench/*.py); \
+	@shopt -s nullglob; files=(bench/[!_]*.py); \
 	if [ $${#files[@]} -eq 0 ]; then echo "bench: no benchmarks in bench/ yet"; fi; \
-	for f in "$${files[@]}"; do echo "== $$f"; $(BIN)/python "$$f"; done
+	for f in "$${files[@]}"; do m="bench.$$(basename "$$f" .py)"; echo "== python -m $$m"; \
+		$(BIN)/python -m "$$m"; done
 
 clean:
 	rm -rf build dist $(ARTIFACTS) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

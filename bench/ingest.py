@@ -17,7 +17,6 @@ import os
 import platform
 import queue
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -27,10 +26,13 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from backend.db import Database
+from backend.ledger.rules import Rules
 from backend.records import store
 from protocol import b64, records
 from protocol.records import Record
-from tests.backend_helpers import Dongle, batch, enroll, load_test_rules, write_rules
+from sim.devices import FLEET_TOKEN, Dongle, batch, enroll, load_test_rules, write_rules
+from sim.mqtt_device import MqttDevice
+from sim.stack import Stack
 
 PG_URL = os.environ.get("ODO_TEST_PG", "postgresql://127.0.0.1:5432/test")
 
@@ -52,8 +54,8 @@ def _verify_alone(chains: list[tuple[Dongle, list[Record]]]) -> float:
             head, body, sig = r.jws.split(".")
             work.append((key, b64.decode(sig), f"{head}.{body}".encode()))
     start = time.perf_counter()
-    for key, sig, data in work:
-        key.verify(sig, data)
+    for key, signature, data in work:
+        key.verify(signature, data)
     return len(work) / (time.perf_counter() - start)
 
 
@@ -67,7 +69,7 @@ def _protocol_verify(chains: list[tuple[Dongle, list[Record]]]) -> float:
 
 
 def _store(url: str, chains: list[tuple[Dongle, list[Record]]], size: int,
-           rules: object) -> tuple[float, float]:
+           rules: Rules) -> tuple[float, float]:
     """(new records per second, replayed records per second) through ``store.process_batch``."""
     db = Database.open(url)
     db.migrate()
@@ -88,14 +90,11 @@ def _store(url: str, chains: list[tuple[Dongle, list[Record]]], size: int,
 
 def _end_to_end(chains: list[tuple[Dongle, list[Record]]], size: int, tmp: Path) -> float:
     """Records per second through ``odo-backend run``: publish a batch, wait for its ack."""
-    from tests.agent_helpers import quiet_broker
-    from tests.backend_process import Agent, start_backend
-
-    broker = quiet_broker()
-    be = start_backend(tmp, f"sqlite:///{tmp}/e2e.db", broker.url, "--client-id",
-                       f"odo-bench-{uuid.uuid4().hex}")
-    try:
-        agents = [Agent(d, broker.host, broker.port).__enter__() for d, _ in chains]
+    with Stack(tmp / "e2e", rules=write_rules(tmp), fleet_token=FLEET_TOKEN) as stack:
+        stack.start_broker()
+        stack.start_backend()
+        assert stack.backend is not None
+        agents = [MqttDevice(d, "127.0.0.1", stack.broker_port).__enter__() for d, _ in chains]
         for a in agents:
             assert a.enroll()[0] == "approved"
         start = time.perf_counter()
@@ -106,13 +105,10 @@ def _end_to_end(chains: list[tuple[Dongle, list[Record]]], size: int, tmp: Path)
                 try:
                     a.acks.get(timeout=60)
                 except queue.Empty:
-                    raise SystemExit(f"no ack:\n{be.log.read_text()}") from None
+                    raise SystemExit(f"no ack:\n{stack.backend.log.read_text()}") from None
         elapsed = time.perf_counter() - start
         for a in agents:
             a.__exit__()
-    finally:
-        be.stop()
-        broker.stop()
     return sum(len(recs) for _, recs in chains) / elapsed
 
 
@@ -122,7 +118,8 @@ def _row(name: str, ours: float, base_name: str, base: float) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.ingest",
+                              description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--devices", type=int, default=4)
     ap.add_argument("--records", type=int, default=2000, help="per device")
     ap.add_argument("--batch", type=int, default=400, help="400 odometer records fill about 210 KiB")
@@ -159,5 +156,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
 

@@ -1,6 +1,6 @@
 """Transparency log: appends, roots and proofs from stored subtrees, against naive recomputation.
 
-    .venv/bin/python -m bench.translog [--sizes 1000,10000,100000] [--no-pg]
+    .venv/bin/python -m bench.translog [--sizes 1000,10000,100000] [--pg-sizes 1000,10000] [--no-pg]
 
 At each log size it measures, as rates: an append in its own write transaction
 (as ingest makes it) beside a bare one-row insert transaction; the root from
@@ -114,7 +114,8 @@ def measure(db: Database, label: str, sizes: list[int]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.translog",
+                                  description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000", help="log sizes for SQLite")
     parser.add_argument("--pg-sizes", default="1000,10000", help="log sizes for PostgreSQL")
     parser.add_argument("--no-pg", action="store_true", help="SQLite only")

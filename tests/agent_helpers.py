@@ -1,6 +1,6 @@
-"""Helpers for the agent's tests on real parts: a quiet mosquitto, and a small
-stand-in for the backend (verifies each record, takes only the next expected
-seq, acknowledges ``through``, answers enrolments)."""
+"""Helpers for the agent's tests on real parts (the mosquitto is :mod:`sim.broker`'s): the
+``odo-agent`` command, waiting for a condition, and a small stand-in for the backend (verifies
+each record, takes only the next expected seq, acknowledges ``through``, answers enrolments)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import uuid
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from protocol import messages, records, topics
 from protocol.identity import VerifyKey
 from protocol.messages import Ack, Rejection
 from protocol.records import GENESIS
-from tests.mqtt_broker import Broker, start_broker
+from sim.broker import Broker
 
 ODO_AGENT = str(Path(sys.executable).parent / "odo-agent")
 
@@ -30,13 +29,6 @@ def odo(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([ODO_AGENT, *args], input=stdin, capture_output=True, text=True, timeout=timeout,
                           env=full_env, check=False)
-
-
-def quiet_broker(**kw: object) -> Broker:
-    """``start_broker`` leaves its log file to the garbage collector; keep that quiet."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        return start_broker(**kw)  # type: ignore[arg-type]
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -90,7 +82,7 @@ class Backend:
                 c.publish(topics.enrolled(self.dev), messages.encode_enrolled(status, reason), qos=1)
             return
         rejected = []
-        for jws in messages.decode_batch(m.payload):
+        for jws in messages.decode_batch(m.payload).records:
             rec = records.verify(jws, self.pub)
             self.received.append(rec.seq)
             if not self.approved:

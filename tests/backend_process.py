@@ -1,26 +1,25 @@
-"""``odo-backend run`` as a real process, and test devices that talk MQTT to it."""
+"""``odo-backend run`` as a real process, and reading its HTTP answers and metrics.
+
+The devices that talk MQTT to it are :class:`sim.mqtt_device.MqttDevice`."""
 
 from __future__ import annotations
 
 import json
 import os
-import queue
+import re
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
 
-from protocol import messages, topics
-from protocol.records import Record
-from tests.backend_helpers import FLEET_TOKEN, Dongle, write_rules
-from tests.mqtt_broker import free_port
+from sim.devices import FLEET_TOKEN, write_rules
+from sim.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 API_TOKEN = "api-token-for-tests"
@@ -81,69 +80,13 @@ def start_backend(tmp_path: Path, db_url: str, broker_url: str, *extra: str, nam
     return backend
 
 
-@dataclass
-class Agent:
-    """A device's MQTT side, as the agent would do it: enrol, send batches, read acks."""
-
-    device: Dongle
-    host: str
-    port: int
-    acks: queue.Queue[messages.Ack] = field(default_factory=queue.Queue)
-    answers: queue.Queue[tuple[str, str | None]] = field(default_factory=queue.Queue)
-    client: Any = None
-
-    def __enter__(self) -> Agent:
-        dev = self.device.dev
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=dev, protocol=mqtt.MQTTv5)
-        subscribed = queue.Queue[bool]()
-
-        def on_message(client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-            if msg.topic == topics.ack(dev):
-                self.acks.put(messages.decode_ack(msg.payload))
-            elif msg.topic == topics.enrolled(dev):
-                self.answers.put(messages.decode_enrolled(msg.payload))
-
-        c.on_message = on_message
-        c.on_connect = lambda client, *a: client.subscribe([(topics.ack(dev), 1), (topics.enrolled(dev), 1)])
-        c.on_subscribe = lambda *a: subscribed.put(True)
-        c.connect(self.host, self.port)
-        c.loop_start()
-        subscribed.get(timeout=5)
-        self.client = c
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        # as the agent does on a clean stop (the will covers the other cases)
-        self.client.publish(topics.status(self.device.dev), messages.OFFLINE, qos=1,
-                            retain=True).wait_for_publish(5)
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def enroll(self, token: str | None = FLEET_TOKEN, timeout: float = 15) -> tuple[str, str | None]:
-        """Publish the enrolment until an answer comes (the backend may still be subscribing)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.client.publish(topics.enroll(self.device.dev), self.device.enroll_message(token), qos=1)
-            try:
-                return self.answers.get(timeout=0.5)
-            except queue.Empty:
-                continue
-        raise AssertionError("no answer to the enrolment")
-
-    def send(self, records: list[Record], timeout: float = 10) -> messages.Ack:
-        self.client.publish(topics.records(self.device.dev), messages.encode_batch([r.jws for r in records]),
-                            qos=1)
-        return self.acks.get(timeout=timeout)
-
-    def status(self, **fields: Any) -> None:
-        self.client.publish(topics.status(self.device.dev), messages.encode_status(**fields), qos=1,
-                            retain=True).wait_for_publish(5)
-
-
-def metrics_value(text: str, line_start: str) -> int:
-    """The sum of the samples whose line starts with ``line_start``."""
-    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-               if line.startswith(line_start))
+def metrics_value(text: str, selector: str) -> int:
+    """The sum of the samples named as ``selector`` says (``name`` or ``name{label="value",…}``,
+    the labels a subset of the sample's, in any order), read with Prometheus' own parser."""
+    name = selector.split("{", 1)[0]
+    labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', selector))
+    return sum(int(s.value) for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and labels.items() <= s.labels.items())
 
 
 def as_json(response: httpx.Response) -> Any:

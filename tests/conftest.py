@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from backend.db import Database
+from sim.broker import Broker, start_broker
+from sim.devices import load_test_rules
 from sim.stack import Stack
-from tests.backend_helpers import load_test_rules
 from tests.e2e_support import left_running
-from tests.mqtt_broker import Broker, start_broker
 
 #: The PostgreSQL server the suite uses; each test gets a fresh schema in it.
 PG_URL = os.environ.get("ODO_TEST_PG", "postgresql://127.0.0.1:5432/test")

@@ -13,7 +13,7 @@ from backend import config
 from backend.cli import main
 from backend.db import Database
 from common.transport import BrokerURL, parse_broker_url, parse_listen
-from tests.backend_helpers import FLEET_TOKEN, VIN, Dongle, enroll, write_rules
+from sim.devices import FLEET_TOKEN, VIN, Dongle, enroll, write_rules
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from backend.records import devices, enrollment
 from backend.records.enrollment import Answer
 from protocol import messages
 from protocol.identity import SigningKey
-from tests.backend_helpers import FLEET_TOKEN, T0, VIN, Dongle
+from sim.devices import FLEET_TOKEN, T0, VIN, Dongle
 
 NOW = T0 + 1000
 

@@ -17,10 +17,10 @@ from backend.db import Database
 from backend.records import devices
 from protocol import topics
 from protocol.messages import Ack, Rejection
-from tests.agent_helpers import quiet_broker
-from tests.backend_helpers import T0, Dongle, batch
-from tests.backend_process import ROOT, Agent, as_json, metrics_value, start_backend
-from tests.mqtt_broker import Broker
+from sim.broker import Broker, quiet_broker
+from sim.devices import T0, Dongle, batch
+from sim.mqtt_device import MqttDevice
+from tests.backend_process import ROOT, as_json, metrics_value, start_backend
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_enrol_send_and_get_acks(db_url: str, broker: Broker, tmp_path: Path) ->
     be = start_backend(tmp_path, db_url, broker.url, "--client-id", _client_id())
     try:
         d = Dongle()
-        with Agent(d, broker.host, broker.port) as agent:
+        with MqttDevice(d, broker.host, broker.port) as agent:
             assert agent.enroll() == ("approved", None)
             recs = [d.odometer(1) for _ in range(5)] + [d.confirmation("2026-W39")]
             ack = agent.send(recs)
@@ -63,7 +63,7 @@ def test_enrol_send_and_get_acks(db_url: str, broker: Broker, tmp_path: Path) ->
 
         # a device nobody approved yet: refused, then approved by an operator in another process
         u = Dongle()
-        with Agent(u, broker.host, broker.port) as agent:
+        with MqttDevice(u, broker.host, broker.port) as agent:
             first = u.odometer(1)
             assert agent.send([first]) == Ack(0, (Rejection(1, "unknown_device"),), None)
             status, reason = agent.enroll(token=None)
@@ -90,7 +90,7 @@ def test_a_restart_gets_what_was_sent_while_it_was_down(db_url: str, broker: Bro
     client_id = _client_id()
     be = start_backend(tmp_path, db_url, broker.url, "--client-id", client_id)
     d = Dongle()
-    with Agent(d, broker.host, broker.port) as agent:
+    with MqttDevice(d, broker.host, broker.port) as agent:
         assert agent.enroll()[0] == "approved"
         assert agent.send([d.odometer(1)]).through == 1
         assert be.stop(signal.SIGINT) == 0

@@ -11,7 +11,7 @@ import pytest
 from backend.db import Database
 from backend.records import evidence, store
 from backend.records.evidence import EvidenceLimits
-from protocol import b64, canonical, jws
+from protocol import b64, canonical
 from protocol.messages import Ack
 from sim.devices import T0, Dongle, batch, enroll
 
@@ -65,7 +65,8 @@ def test_a_poison_record_is_its_own_bad_format_and_the_rest_is_decided(
     assert ack.through == 3, ack
     assert [r.reason for r in ack.rejected] == ["bad_format"]
     assert ack.rejected[0].seq is None or 1 <= ack.rejected[0].seq < 2**53
-    assert [r["seq"] for r in db.query("SELECT seq FROM records WHERE dev = ? ORDER BY seq", (d.dev,))] == [1, 2, 3]
+    stored = db.query("SELECT seq FROM records WHERE dev = ? ORDER BY seq", (d.dev,))
+    assert [r["seq"] for r in stored] == [1, 2, 3]
 
 
 def test_refused_content_is_kept_within_each_devices_budget(db: Database, rules: Any) -> None:
@@ -77,8 +78,8 @@ def test_refused_content_is_kept_within_each_devices_budget(db: Database, rules:
         ack = store.process_batch(db, rules, d.dev, batch(f"not-a-record-{i}"), NOW, limits).ack
         assert ack == Ack(0, ack.rejected, ack.balance) and ack.rejected[0].reason == "bad_format"
     with db.read() as tx:
-        assert evidence.budget(tx, d.dev) == {"kept": 3, "kept_bytes": evidence.budget(tx, d.dev)["kept_bytes"],
-                                              "dropped": 7}
+        kept = evidence.budget(tx, d.dev)
+    assert (kept["kept"], kept["dropped"]) == (3, 7) and kept["kept_bytes"] > 0
     assert scalar(db, "SELECT COUNT(*) FROM rejections WHERE dev = ?", (d.dev,)) == 3
     # another device's budget is its own: it is still kept, and its records still count
     ack = store.process_batch(db, rules, other.dev, batch("junk", other.odometer(1)), NOW, limits).ack

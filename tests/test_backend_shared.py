@@ -14,10 +14,10 @@ import pytest
 from backend.db import Database
 from protocol import topics
 from protocol.records import Record, iso_week
-from tests.agent_helpers import quiet_broker
-from tests.backend_helpers import Dongle, batch
-from tests.backend_process import Agent, metrics_value, start_backend
-from tests.mqtt_broker import Broker
+from sim.broker import Broker, quiet_broker
+from sim.devices import Dongle, batch
+from sim.mqtt_device import MqttDevice
+from tests.backend_process import metrics_value, start_backend
 
 DEVICES = 8
 RECORDS = 60
@@ -43,7 +43,7 @@ def _records(d: Dongle) -> list[Record]:
     return out
 
 
-def _drive(agent: Agent, recs: list[Record], errors: list[str]) -> None:
+def _drive(agent: MqttDevice, recs: list[Record], errors: list[str]) -> None:
     """Send from ``through + 1`` on, every batch twice (at-least-once delivery), until all is acked."""
     through, deadline = 0, time.monotonic() + 60
     while through < len(recs) and time.monotonic() < deadline:
@@ -75,7 +75,7 @@ def test_two_backends_share_the_load(db_url: str, broker: Broker, tmp_path: Path
     plans = {d.dev: _records(d) for d in fleet}
     errors: list[str] = []
     try:
-        agents = [Agent(d, broker.host, broker.port).__enter__() for d in fleet]
+        agents = [MqttDevice(d, broker.host, broker.port).__enter__() for d in fleet]
         try:
             for agent in agents:
                 assert agent.enroll()[0] == "approved"

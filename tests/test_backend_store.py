@@ -9,7 +9,8 @@ from backend.records import devices, store
 from protocol import b64, messages
 from protocol.identity import SigningKey
 from protocol.messages import Ack, Rejection
-from tests.backend_helpers import OTHER_VIN, T0, Dongle, batch, enroll, snapshot
+from sim.devices import OTHER_VIN, T0, Dongle, batch, enroll
+from tests.backend_helpers import snapshot
 
 NOW = T0 + 86_400_000
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from protocol import messages, topics
-from tests.agent_helpers import quiet_broker
-from tests.backend_helpers import Dongle, batch
+from sim.broker import quiet_broker
+from sim.devices import Dongle, batch
+from sim.processes import free_port
 from tests.backend_process import start_backend
-from tests.mqtt_broker import free_port
 from tests.secure_broker import DEPLOY, FLEET_CA, Client, Pki, SecureBroker, broker_conf, ok
 
 DEVICE = Dongle()

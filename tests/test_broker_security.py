@@ -20,7 +20,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from protocol import topics
 from protocol.identity import SigningKey
-from tests.mqtt_broker import free_port, start_broker
+from sim.broker import start_broker
+from sim.processes import free_port
 from tests.secure_broker import (
     DEPLOY,
     FLEET_CA,

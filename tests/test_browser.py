@@ -20,8 +20,8 @@ from backend.db import Database
 from backend.web import auth
 from backend.web.app import create_app
 from backend.web.context import AppContext
+from sim.processes import free_port
 from tests import dashboard_seed as seed
-from tests.mqtt_broker import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 INSTALL = "sudo apt-get update && sudo apt-get install -y chromium chromium-driver   (or: sudo make deps)"

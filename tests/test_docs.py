@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from agent.vehicle import VehicleConfig
 from backend import cli as backend_cli
 from backend import config as backend_config
 from backend import errors as backend_errors
+from common.transport import BrokerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -142,14 +144,21 @@ def test_the_readme_test_command_is_what_ci_runs() -> None:
     assert re.search(r"^make test\b", ci, flags=re.M), ".ci/run must run `make test`"
 
 
-def test_make_test_runs_deps_venv_pytest_with_args_then_ruff() -> None:
+def test_make_test_runs_deps_venv_check_then_pytest_with_args() -> None:
     res = subprocess.run(["make", "-n", "-W", "pyproject.toml", "test", "PYTEST_ARGS=-x -k thing"],
                          cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
     lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
     order = [next(i for i, ln in enumerate(lines) if needle in ln)
-             for needle in ("scripts/deps.sh", "pip install", "bin/pytest -x -k thing", "bin/ruff check")]
+             for needle in ("scripts/deps.sh", "pip install", "bin/ruff check", "bin/mypy",
+                            "bin/pytest -x -k thing")]
     assert order == sorted(order), lines
+
+
+def test_mypy_is_strict_on_every_package() -> None:
+    mypy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    assert mypy["strict"] is True
+    assert set(mypy["packages"]) == {"protocol", "common", "verifier", "agent", "backend"}
 
 
 def test_shell_snippets_are_valid_shell(readme: str) -> None:
@@ -228,7 +237,7 @@ def test_every_agent_setting_has_a_row(readme: str, key: str) -> None:
     assert key in rows, f"README.md's agent table has no row for `{key}`"
 
 
-AGENT_CLASSES = [agent_config.AgentConfig, agent_config.BrokerConfig, VehicleConfig, PowerConfig]
+AGENT_CLASSES = [agent_config.AgentConfig, BrokerConfig, VehicleConfig, PowerConfig]
 
 
 @pytest.mark.parametrize("cls", AGENT_CLASSES, ids=lambda c: c.__name__)
@@ -240,6 +249,8 @@ def test_documented_agent_defaults_are_the_code_defaults(readme: str, cls: type)
             continue
         if f.name in ("host", "port"):
             continue
+        if cls is BrokerConfig and f.name not in AGENT_KEYS:
+            continue  # shared with the backend: only what the agent reads is an agent setting
         assert f.name in rows, f"no row for `{f.name}` ({cls.__name__})"
         assert rows[f.name][0] == _documented(f.default), (
             f"`{f.name}`: README says {rows[f.name][0]}, the code {_documented(f.default)}")
@@ -264,12 +275,14 @@ def test_env_names_precedence_and_exit_statuses_are_stated(readme: str) -> None:
 
 
 def test_every_rejection_reason_and_metric_is_documented(readme: str) -> None:
+    from backend.metrics import Registry
     from protocol.messages import REASONS
 
     rows = table_rows(_section(readme, "### Reading rejection reasons", "### Drivers"))
     assert set(REASONS) <= set(rows), sorted(set(REASONS) - set(rows))
-    names = set(re.findall(r"\b(odo_[a-z_]+?)(?:_bucket|_sum|_count)?[{ ]",
-                           (ROOT / "backend" / "metrics.py").read_text()))
+    # every metric the backend exposes, the fleet gauges included, by its exposed name
+    exposed = Registry(fleet=lambda: (0, 0)).exposition().decode()
+    names = set(re.findall(r"^# TYPE (odo_[a-z_]+) ", exposed, re.MULTILINE))
     assert names
     missing = sorted(n for n in names if f"`{n}" not in readme)
     assert not missing, f"metrics missing from README.md: {missing}"
