@@ -6,6 +6,7 @@ Exceptions (all in :mod:`agent.errors`; caught by the CLI and the daemon)::
     AgentError
     ├── Exit            an odo-agent command ends with this status and message
     ├── ConfigError     a missing or bad setting (exit 2 for flags, 78 otherwise)
+    ├── ClockError       this boot's id cannot be read
     ├── IdentityError   no usable device key (exit 78)
     ├── StorageError    the outbox could not be written; nothing stored changed
     └── BrokerError     the MQTT broker could not be used

@@ -20,7 +20,7 @@ from agent import summary as summ
 from agent.buffer import Outbox
 from agent.clock import Clock, boot_id
 from agent.config import CONFIG_FILE, ENV_PREFIX, AgentConfig, build_table, load, write_file
-from agent.errors import BrokerError, ConfigError, Exit, IdentityError, StorageError
+from agent.errors import BrokerError, ClockError, ConfigError, Exit, IdentityError, StorageError
 from agent.recorder import Recorder
 from agent.state import CONFIRMATION_DUE, VEHICLE, VIN, ConfirmationDue
 from common.clock import now_ms
@@ -200,7 +200,7 @@ def cmd_run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     syncer = Syncer(
         cfg.broker, key.public.id, outbox, obd_state=lambda: obd.obd_state, error=lambda: recorder.error,
         enrollment=lambda token: sign_enrollment(key, recorder.vin, token or fleet_token, now_ms()),
-        settings=SyncSettings(resend_after_s=cfg.resend_after_s),
+        settings=SyncSettings(resend_after_s=cfg.resend_after_s), boot=boot,
     )
     log.info("odo-agent %s: device %s, adapter %s, broker %s", __version__, key.public.id, cfg.obd_port,
              cfg.broker.display)
@@ -323,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IdentityError as exc:
         print(f"odo-agent {args.command}: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except ClockError as exc:
+        print(f"odo-agent {args.command}: {exc}", file=sys.stderr)
+        return 1
     except Exit as exc:
         if str(exc):
             print(f"odo-agent {args.command}: {exc}", file=sys.stderr)

@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.errors import ClockError
+
 log = logging.getLogger(__name__)
 
 TIMESYNC_FLAG = Path("/run/systemd/timesync/synchronized")
@@ -37,12 +39,18 @@ def mono_ms() -> int:
 
 
 def boot_id(path: Path = BOOT_ID) -> str:
-    """This boot's id without dashes, or ``unknown`` where the kernel has none."""
+    """This boot's id (the kernel's, without dashes). Raises :class:`ClockError` when it cannot
+    be read: a made-up id would let the backend compare monotonic times across reboots, and
+    judge good readings after a restart as implausibly fast. (systemd's ``ProcSubset=pid``
+    hides ``/proc/sys``; the shipped units do not use it.)"""
     try:
         text = path.read_text().strip().replace("-", "")
-    except OSError:
-        return "unknown"
-    return text if text.isalnum() and 0 < len(text) <= 64 else "unknown"
+    except OSError as exc:
+        raise ClockError(f"cannot read this boot's id from {path} ({exc.strerror or exc}); "
+                         "the agent needs /proc/sys visible (no ProcSubset=pid in its unit)") from None
+    if not (text.isascii() and text.isalnum() and 0 < len(text) <= 64):
+        raise ClockError(f"{path} holds no boot id ({text[:40]!r})")
+    return text.lower()
 
 
 def _run(args: list[str]) -> str | None:

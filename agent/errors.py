@@ -32,6 +32,10 @@ class ConfigError(AgentError):
         return 2 if self.source == "flag" else 78
 
 
+class ClockError(AgentError):
+    """This boot's id cannot be read: records could not be ordered across reboots."""
+
+
 class IdentityError(AgentError):
     """No usable device key (missing, unreadable, or not an Ed25519 PKCS#8 key)."""
 

@@ -53,7 +53,7 @@ if _obd_handler is not None:
 # protocol search; this module reports the adapter's state itself.
 logging.getLogger("obd").setLevel(logging.CRITICAL)
 
-VIN_RE = re.compile(r"^[A-HJ-NPR-Z0-9]{17}$")
+VIN_RE = re.compile(r"[A-HJ-NPR-Z0-9]{17}")
 SOCKET_BAUDRATE = 38400          # pyserial's socket:// cannot detect a baud rate; any value works
 _CAR_RETRY_S = 5.0               # how often to look for the ECU again while it does not answer
 _A6_BIT = 0x04                   # PID A6 in the 01A0 bitmap: byte 0, 6th PID of A1-C0
@@ -86,7 +86,7 @@ def decode_vin(payload: bytes) -> str | None:
         text = body[-17:].decode("ascii")
     except UnicodeDecodeError:
         return None
-    return text if VIN_RE.match(text) else None
+    return text if VIN_RE.fullmatch(text) else None
 
 
 def decode_voltage_mv(line: str) -> int | None:

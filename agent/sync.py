@@ -36,6 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from agent.backoff import Backoff
 from agent.buffer import Outbox
+from agent.clock import mono_ms
 from agent.enrol import AnswerWait, Enroller, EnrollResult, Publish
 from agent.errors import AuthRefused, StorageError, Unreachable
 from agent.state import SYNC, Connection
@@ -110,9 +111,10 @@ class Syncer:
         self, broker: BrokerConfig, dev: str, outbox: Outbox, *,
         obd_state: Callable[[], str] = lambda: "unknown", error: Callable[[], str | None] = lambda: None,
         enrollment: Callable[[str | None], str] | None = None, settings: SyncSettings | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = time.monotonic, boot: str | None = None,
     ) -> None:
         self.broker = broker
+        self.boot = boot               # with mono_ms(), the clock each batch says it was sent at
         self.dev = dev
         self.outbox = outbox
         self.enroller = Enroller(outbox, enrollment)
@@ -263,7 +265,8 @@ class Syncer:
             last = seq
         if not batch:
             return
-        client.publish(topics.records(self.dev), messages.encode_batch(batch), qos=1)
+        body = messages.encode_batch(batch, boot=self.boot, mono_ms=None if self.boot is None else mono_ms())
+        client.publish(topics.records(self.dev), body, qos=1)
         log.debug("published seqs %d..%d", rows[0][0], last)
         self.window.sent(last, now)
 

@@ -34,6 +34,7 @@ from agent.clock import Clock, boot_id
 from agent.config import AgentConfig
 from agent.errors import StorageError
 from agent.recorder import Recorder
+from agent.state import VIN
 from common.transport import parse_listen
 from protocol.identity import SigningKey
 
@@ -99,7 +100,7 @@ class App:
         self.outbox = outbox
         self.clock = Clock(cfg.clock)
         self.recorder = Recorder(outbox, key, clock=self.clock, boot=boot_id(),
-                                 max_records=cfg.max_records)
+                                 max_records=cfg.max_records, vin=VIN.get(outbox))
         self.token = secrets.token_urlsafe(24)
         self.lock = threading.Lock()
 

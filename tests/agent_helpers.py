@@ -56,6 +56,7 @@ class Backend:
         self.through = 0
         self.head = GENESIS
         self.received: list[int] = []
+        self.clocks: list[tuple[str | None, int | None]] = []   # each batch's boot and mono_ms
         self.statuses: list[dict[str, object]] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"backend-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv5)
@@ -82,7 +83,10 @@ class Backend:
                 c.publish(topics.enrolled(self.dev), messages.encode_enrolled(status, reason), qos=1)
             return
         rejected = []
-        for jws in messages.decode_batch(m.payload).records:
+        sent = messages.decode_batch(m.payload)
+        self.clocks.append((sent.boot, sent.mono_ms))
+        for jws in sent.records:
+            assert isinstance(jws, str)
             rec = records.verify(jws, self.pub)
             self.received.append(rec.seq)
             if not self.approved:

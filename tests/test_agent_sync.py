@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.buffer import Outbox
-from agent.clock import Clock
+from agent.clock import Clock, boot_id, mono_ms
 from agent.recorder import Recorder
 from agent.sync import Syncer, SyncSettings
 from agent.window import SendWindow
@@ -41,10 +41,10 @@ class Agent:
                  user: str | None = None) -> None:
         self.key = SigningKey.generate()
         self.outbox = Outbox.open(tmp / f"{self.key.public.id}.db")
-        self.recorder = Recorder(self.outbox, self.key, clock=Clock("synced"), boot="t")
+        self.recorder = Recorder(self.outbox, self.key, clock=Clock("synced"), boot=boot_id())
         cfg = BrokerConfig(broker.host, broker.port, mqtt_version=version, username=user, password=password)
         self.syncer = Syncer(cfg, self.key.public.id, self.outbox, obd_state=lambda: "connected",
-                             settings=FAST)
+                             settings=FAST, boot=boot_id())
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.syncer.run, args=(self.stop,), daemon=True)
 
@@ -83,6 +83,11 @@ def test_records_are_marked_synced_only_when_acked(agent: Agent, broker: Broker)
     assert wait_for(lambda: agent.outbox.backlog() == 0)
     assert agent.outbox.counts().synced_through == 3
     assert agent.outbox.state("ack")["balance"] == 300
+    # each batch says when it was sent, on the clock its records carry (DESIGN §4)
+    assert all(boot == boot_id() for boot, _ in backend.clocks)
+    monos = [mono for _, mono in backend.clocks]
+    assert all(isinstance(m, int) for m in monos) and monos == sorted(monos)
+    assert all(m is not None and m <= mono_ms() for m in monos)
     backend.close()
 
 

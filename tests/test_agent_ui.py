@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import threading
 import urllib.parse
@@ -16,6 +17,8 @@ import pytest
 from agent import identity, ui
 from agent.buffer import Outbox
 from agent.config import load
+from agent.state import VIN
+from protocol import b64
 from protocol.messages import Ack, Rejection
 from sim.processes import free_port
 
@@ -23,6 +26,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 INSTALL = "sudo apt-get update && sudo apt-get install -y chromium   (or: sudo make deps)"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
+CAR_VIN = "WVWZZZ1JZXW000001"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
@@ -69,6 +73,7 @@ def page(tmp_path: Path) -> Iterator[Page]:
     outbox = Outbox.open(cfg.db_path)
     outbox.set_state({"live": {"odo_m": 45_000_000, "src": "obd", "obd": "connected", "t": 1}})
     outbox.apply_ack(Ack(0, (), 12_500), 1)
+    VIN.put(outbox, CAR_VIN)                  # the car this dongle last read a VIN from
     server = ui.make_server(cfg, key, outbox, f"127.0.0.1:{free_port()}")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -89,6 +94,10 @@ def test_a_same_origin_post_with_the_token_records_a_confirmation(page: Page) ->
     assert status == 303 and headers["Location"] == "/?ok=1"
     row = page.outbox.latest("confirmation")
     assert row is not None and row.odo_m == 45_001_200
+    # signed like `odo-agent confirm` signs it: with the car's VIN, so the backend checks it and
+    # the vehicle's certificate carries it
+    signed = json.loads(b64.decode(row.jws.split(".")[1]))
+    assert signed["vin"] == CAR_VIN and signed["kind"] == "confirmation" and signed["odo_m"] == 45_001_200
     _, _, body = page.request("GET", "/?ok=1")
     assert 'id="ok"' in body and 'id="due"' not in body and "45,001.2 km (week" in body
     page.outbox.apply_ack(Ack(row.seq, (Rejection(row.seq, "implausible_distance"),)), 2)
