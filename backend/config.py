@@ -18,6 +18,7 @@ systemd does not restart a service whose configuration cannot work.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import os
@@ -31,14 +32,20 @@ from typing import Any
 
 from backend.db import Database
 from backend.errors import EX_USAGE, ConfigError, DatabaseError, UsageError
+from backend.records.evidence import DEFAULT_LIMITS, EvidenceLimits
 from common.transport import BrokerConfig, parse_broker_url, parse_listen
+
+#: How much refused content is kept (:class:`backend.records.evidence.EvidenceLimits`), by key.
+EVIDENCE_KEYS = {"evidence_per_device": "per_device", "evidence_per_device_bytes": "per_device_bytes",
+                 "evidence_unknown": "unknown", "evidence_unknown_bytes": "unknown_bytes"}
 
 #: Keys the config file may hold (besides the options of the command being run).
 KEYS = frozenset({
     "db", "broker", "http", "rules", "fleet_token", "api_token", "tls_ca", "tls_cert", "tls_key",
     "client_id", "session_expiry", "log_level", "secure_cookies",
+    *EVIDENCE_KEYS,
 })
-_INT_KEYS = frozenset({"session_expiry"})
+_INT_KEYS = frozenset({"session_expiry", *EVIDENCE_KEYS})
 _BOOL_KEYS = frozenset({"secure_cookies"})
 _NOT_SETTINGS = frozenset({"config", "command", "func", "json"})
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -191,6 +198,7 @@ class RunConfig:
     fleet_token: str | None = field(default=None, repr=False)
     api_token: str | None = field(default=None, repr=False)
     secure_cookies: bool = False
+    evidence: EvidenceLimits = DEFAULT_LIMITS
 
 
 def _existing_file(s: Settings, key: str) -> Path | None:
@@ -248,4 +256,17 @@ def run_config(s: Settings) -> RunConfig:
         http_host=http_host, http_port=http_port, rules_path=rules,
         fleet_token=s.get("fleet_token") or None, api_token=s.get("api_token") or None,
         secure_cookies=bool(s.get("secure_cookies")),
+        evidence=_evidence_limits(s),
     )
+
+
+def _evidence_limits(s: Settings) -> EvidenceLimits:
+    values = {}
+    for key, name in EVIDENCE_KEYS.items():
+        value = s.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2**40:
+            raise s.error(key, f"{value!r}: must be an integer from 0 to 2^40")
+        values[name] = value
+    return dataclasses.replace(DEFAULT_LIMITS, **values)

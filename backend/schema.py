@@ -156,4 +156,26 @@ CREATE TABLE evidence_budget (               -- how much refused content each de
     dropped     {bigint} NOT NULL              -- refused afterwards: counted, not stored
 )
 """),
+    ("103_vehicles", """
+CREATE TABLE vehicles (                      -- the highest odometer accepted per VIN, from any device
+    vin         TEXT PRIMARY KEY,
+    top_odo_m   {bigint} NOT NULL,
+    top_src     TEXT,
+    top_dev     TEXT NOT NULL,
+    top_seq     {bigint} NOT NULL,
+    updated_at  {bigint} NOT NULL
+);
+ALTER TABLE devices ADD COLUMN approved_at {bigint};     -- first approval: rewards count from then
+ALTER TABLE devices ADD COLUMN held_at {bigint};         -- rewards held since (a rollback) until cleared
+ALTER TABLE devices ADD COLUMN held_reason TEXT;
+ALTER TABLE devices ADD COLUMN retired_at {bigint};      -- replaced by another dongle in the same vehicle
+ALTER TABLE records ADD COLUMN base_odo_m {bigint};      -- a trip: the vehicle's highest reading before it
+UPDATE devices SET approved_at = decided_at WHERE status = 'approved';
+INSERT INTO vehicles (vin, top_odo_m, top_src, top_dev, top_seq, updated_at)
+    SELECT r.vin, r.odo_m, r.src, r.dev, r.seq, r.received_at FROM records r
+    WHERE r.status = 'accepted' AND r.vin IS NOT NULL AND r.odo_m IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM records q WHERE q.vin = r.vin AND q.status = 'accepted'
+                      AND q.odo_m IS NOT NULL AND (q.odo_m > r.odo_m OR (q.odo_m = r.odo_m AND
+                      (q.dev > r.dev OR (q.dev = r.dev AND q.seq > r.seq)))))
+"""),
 ]

@@ -60,7 +60,7 @@ def run(cfg: RunConfig) -> int:
     # uvicorn installs its own handlers while it serves and calls these again once it has
     # stopped; before and after, these stop the server.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    ingest = Ingest(cfg.db, rules, cfg.broker, cfg.fleet_token, on_fatal=stop)
+    ingest = Ingest(cfg.db, rules, cfg.broker, cfg.fleet_token, on_fatal=stop, evidence=cfg.evidence)
     started = time.monotonic()
     try:
         ingest.start()

@@ -16,6 +16,7 @@ MAX_BATCH_BYTES = 256 * 1024
 REASONS = (
     "bad_format", "bad_signature", "unknown_device", "revoked_device", "dev_mismatch",
     "chain_break", "fork", "odometer_rollback", "implausible_distance", "vin_mismatch",
+    "clock_ahead", "trip_mismatch",
 )
 #: Reasons that do not take the record's seq (DESIGN §4).
 UNSEQUENCED = frozenset(

@@ -8,6 +8,7 @@ message, :func:`enroll` approves a device in a database, :func:`write_rules` wri
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,8 @@ FLEET_TOKEN = "fleet-token-for-tests"
 RULES = """\
 version = "test-2026"
 max_speed_kph = 250
+# The simulated devices sign from T0 (2026-09-21) on, whatever today is: every period earns.
+reward_backfill_days = 36500
 
 [[rule]]
 id = "weekly-confirmation"
@@ -66,12 +69,20 @@ def load_test_rules(directory: Path) -> Rules:
     return load_rules(write_rules(directory))
 
 
+_vins = itertools.count(1)
+
+
+def fresh_vin() -> str:
+    """A VIN of its own for each simulated car (a vehicle has one active device)."""
+    return f"WVWZZZ1JZ{next(_vins):08d}"
+
+
 @dataclass
 class Dongle:
     """A device that signs a chain of records: seq and prev follow on, time moves forward."""
 
     key: SigningKey = field(default_factory=SigningKey.generate)
-    vin: str | None = VIN
+    vin: str | None = field(default_factory=fresh_vin)      # a car of its own
     seq: int = 0
     head: str = GENESIS
     t: int = T0

@@ -17,6 +17,9 @@ from backend.transparency import translog
 from protocol import messages, records
 from protocol.identity import SigningKey
 from protocol.records import GENESIS, Record
+from sim.devices import fresh_vin
+
+FRESH = "fresh"       # Car(db): a VIN of its own
 
 #: Monday 2026-01-05 10:00 UTC, in ISO week 2026-W02.
 MONDAY = int(datetime.datetime(2026, 1, 5, 10, 0, tzinfo=datetime.UTC).timestamp() * 1000)
@@ -50,10 +53,10 @@ def open_db(url: str) -> Database:
 class Car:
     """One dongle in one car: it signs a chain of records and can have them accepted."""
 
-    def __init__(self, db: Database, vin: str | None = "WBA0TEST000000001", *, fleet_token: str | None = None,
+    def __init__(self, db: Database, vin: str | None = FRESH, *, fleet_token: str | None = None,
                  register: bool = True) -> None:
         self.db = db
-        self.vin = vin
+        self.vin = fresh_vin() if vin == FRESH else vin
         self.key = SigningKey.generate()
         self.dev = self.key.public.id
         self.seq = 0
@@ -62,9 +65,10 @@ class Car:
         if register:
             enrol = messages.sign_enrollment(self.key, vin, fleet_token, MONDAY - WEEK)
             with db.write() as tx:
-                tx.execute("INSERT INTO devices (dev, pub, vin, status, enrollment, enrolled_at, decided_at) "
-                           "VALUES (?, ?, ?, 'approved', ?, ?, ?)",
-                           (self.dev, self.key.public.raw, vin, enrol, MONDAY - WEEK, MONDAY - WEEK + 1000))
+                tx.execute("INSERT INTO devices (dev, pub, vin, status, enrollment, enrolled_at, decided_at, "
+                           "approved_at) VALUES (?, ?, ?, 'approved', ?, ?, ?, ?)",
+                           (self.dev, self.key.public.raw, self.vin, enrol, MONDAY - WEEK,
+                            MONDAY - WEEK + 1000, MONDAY - WEEK + 1000))
 
     @property
     def device(self) -> dict[str, Any]:
@@ -103,12 +107,19 @@ class Car:
               now_ms: int | None = None) -> list[Transfer]:
         """Store ``record`` as ingest would; accepted ones are logged and credited."""
         with self.db.write() as tx:
+            base = None
+            if record.kind == "trip" and record.vin is not None:     # as ingest finds it
+                base = tx.scalar(
+                    "SELECT MAX(odo_m) FROM records WHERE vin = ? AND status = 'accepted' "
+                    "AND odo_m IS NOT NULL AND (CASE WHEN clock = 'synced' THEN t ELSE t_est END) <= ?",
+                    (record.vin, int(record.fields["start_t"])))
             tx.execute(
                 "INSERT INTO records (dev, seq, id, jws, kind, t, t_est, clock, boot, mono_ms, vin, odo_m, "
-                "src, status, reason, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "src, status, reason, received_at, base_odo_m) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.dev, record.seq, record.id, record.jws, record.kind, record.t,
                  record.t if t_est is None else t_est, record.clock, record.boot, record.mono_ms, record.vin,
-                 record.odo_m, record.fields.get("src"), status, reason, record.t))
+                 record.odo_m, record.fields.get("src"), status, reason, record.t, base))
             tx.execute("UPDATE devices SET through = ?, head_id = ? WHERE dev = ?",
                        (record.seq, record.id, record.dev))
             if status != "accepted":

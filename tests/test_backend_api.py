@@ -44,7 +44,7 @@ def client(db: Database, rules: Any) -> Iterator[TestClient]:
 @pytest.fixture
 def device(db: Database, rules: Any) -> Dongle:
     """An approved device with 3 accepted records and one confirmation credited to driver alice."""
-    d = Dongle()
+    d = Dongle(vin=VIN)
     enroll(db, d)
     assignments.add_driver(db, "alice", "Alice", T0)
     assignments.assign(db, "alice", VIN, T0, T0)
@@ -81,7 +81,7 @@ def test_devices(client: TestClient, device: Dongle) -> None:
     listed = client.get("/api/devices", headers=AUTH).json()
     assert listed == [{"dev": device.dev, "vin": VIN, "status": "approved", "last_seq": 3, "last_seen": NOW,
                        "odo_m": device.odo_m, "accepted": 3, "rejected": 0, "backlog": None, "online": False,
-                       "flagged_vin": None}]
+                       "flagged_vin": None, "held_since": None, "held_reason": None}]
     one = client.get(f"/api/devices/{device.dev}", headers=AUTH).json()
     assert b64.decode(one["pub"]) == device.key.public.raw
     assert one["enrollment"]["vin"] == VIN and one["enrollment"]["fleet_token_given"] is True

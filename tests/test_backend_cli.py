@@ -40,7 +40,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_devices_commands(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(capsys, "devices", "list", "--db", db_url)[1].startswith("no devices")
     db = Database.open(db_url)
-    d, p = Dongle(), Dongle()
+    d, p = Dongle(vin=VIN), Dongle()
     enroll(db, d)
     enroll(db, p, approved=False)
     db.close()

@@ -11,7 +11,7 @@ from backend.records import devices, enrollment
 from backend.records.enrollment import Answer
 from protocol import messages
 from protocol.identity import SigningKey
-from sim.devices import FLEET_TOKEN, T0, VIN, Dongle
+from sim.devices import FLEET_TOKEN, T0, VIN, Dongle, fresh_vin
 
 NOW = T0 + 1000
 
@@ -22,7 +22,7 @@ def handle(db: Database, d: Dongle, token: str | None, configured: str | None = 
 
 
 def test_configured_token_approves_at_once(db: Database) -> None:
-    d = Dongle()
+    d = Dongle(vin=VIN)
     assert handle(db, d, FLEET_TOKEN) == Answer(d.dev, "approved", None)
     row = db.one("SELECT status, vin, pub, decided_by FROM devices WHERE dev = ?", (d.dev,))
     assert row is not None and row["status"] == "approved" and row["vin"] == VIN
@@ -62,13 +62,14 @@ def test_stored_tokens_hash_expiry_and_uses(db: Database) -> None:
     assert row.uses == 0 and row.max_uses == 2
     stored = db.query("SELECT token_hash FROM fleet_tokens")
     assert stored == [{"token_hash": enrollment.token_hash(token)}] and token not in str(stored)
-    first, second, third = Dongle(), Dongle(), Dongle()
+    first, second, third = (Dongle(vin=fresh_vin()) for _ in range(3))
     assert handle(db, first, token, configured=None).status == "approved"
     assert handle(db, second, token, configured=None).status == "approved"
     assert handle(db, third, token, configured=None).status == "pending"          # used up
     assert enrollment.list_tokens(db)[0].uses == 2
     late_token, _ = enrollment.add_token(db, "workshop B", NOW, expires_at=NOW + 10)
-    assert handle(db, Dongle(), late_token, configured=None, now=NOW + 10).status == "pending"   # expired
+    expired = handle(db, Dongle(vin=fresh_vin()), late_token, configured=None, now=NOW + 10)
+    assert expired.status == "pending"
     used = db.one("SELECT fleet_token_id FROM devices WHERE dev = ?", (first.dev,))
     assert used == {"fleet_token_id": row.id}
 

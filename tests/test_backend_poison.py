@@ -13,7 +13,7 @@ from backend.records import evidence, store
 from backend.records.evidence import EvidenceLimits
 from protocol import b64, canonical
 from protocol.messages import Ack
-from sim.devices import T0, Dongle, batch, enroll
+from sim.devices import T0, Dongle, batch, enroll, fresh_vin
 
 NOW = T0 + 86_400_000
 
@@ -70,7 +70,7 @@ def test_a_poison_record_is_its_own_bad_format_and_the_rest_is_decided(
 
 
 def test_refused_content_is_kept_within_each_devices_budget(db: Database, rules: Any) -> None:
-    d, other = Dongle(), Dongle()
+    d, other = Dongle(), Dongle(vin=fresh_vin())
     enroll(db, d)
     enroll(db, other)
     limits = EvidenceLimits(per_device=3, per_device_bytes=10_000, unknown=2, unknown_bytes=10_000)

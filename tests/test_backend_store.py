@@ -9,7 +9,7 @@ from backend.records import devices, store
 from protocol import b64, messages
 from protocol.identity import SigningKey
 from protocol.messages import Ack, Rejection
-from sim.devices import OTHER_VIN, T0, Dongle, batch, enroll
+from sim.devices import OTHER_VIN, T0, Dongle, batch, enroll, fresh_vin
 from tests.backend_helpers import snapshot
 
 NOW = T0 + 86_400_000
@@ -68,7 +68,7 @@ def test_tampered_record_is_refused(db: Database, rules: Any) -> None:
 
 
 def test_record_on_another_devices_topic_is_refused(db: Database, rules: Any) -> None:
-    a, b = Dongle(), Dongle()
+    a, b = Dongle(), Dongle(vin=fresh_vin())
     enroll(db, a)
     enroll(db, b)
     before = snapshot(db)

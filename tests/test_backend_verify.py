@@ -10,6 +10,7 @@ from backend.records.verify import (
     Chain,
     Decision,
     DeviceKey,
+    Limits,
     Reading,
     Refusal,
     Stored,
@@ -21,12 +22,15 @@ from backend.records.verify import (
 from protocol import BadFormat, canonical, jws
 from protocol.identity import SigningKey
 from protocol.records import GENESIS, Record
-from sim.devices import OTHER_VIN, T0, VIN, Dongle
+from sim.devices import OTHER_VIN, T0, Dongle
+
+LIMITS = Limits(250, received_ms=T0 + 365 * 86_400_000)
 
 
 def _chain(d: Dongle, *, through: int | None = None, last: Reading | None = None,
-           vin: str | None = VIN) -> Chain:
-    return Chain(d.seq if through is None else through, d.head, vin, last, 250)
+           vin: str | None = "dongle's") -> Chain:
+    return Chain(d.seq if through is None else through, d.head, d.vin if vin == "dongle's" else vin, last,
+                 LIMITS)
 
 
 def _reading(odo_m: int, *, src: str = "obd", t: int = T0, boot: str = "boot-1", mono: int = 10_000,
@@ -106,7 +110,8 @@ def test_decide_chain_break() -> None:
     decision = decide(bad, _chain(d), None)
     assert (decision.outcome, decision.reason, decision.takes_seq) == ("reject", "chain_break", True)
     first = Dongle().odometer(1)
-    assert first.prev == GENESIS and decide(first, Chain(0, "", VIN, None, 250), None).outcome == "accept"
+    assert first.prev == GENESIS
+    assert decide(first, Chain(0, "", first.vin, None, LIMITS), None).outcome == "accept"
 
 
 def test_decide_rollback_with_slack_for_figures_not_from_the_car() -> None:

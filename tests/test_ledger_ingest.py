@@ -4,6 +4,7 @@ credits, the audit recomputes to the same result, and the certificate of the car
 from __future__ import annotations
 
 from backend.ledger import accounts, assignments, audit
+from backend.records import devices
 from backend.records.store import process_batch
 from backend.transparency import certificate, translog
 from protocol import certificate as pc
@@ -41,8 +42,18 @@ def test_ingest_credits_what_the_audit_recomputes(db_url: str) -> None:
     later = [rollback, car.confirm(MONDAY + 5 * WEEK + 2 * DAY, odo_m=car.odo_m, device_odo_m=car.odo_m)]
     ack = _send(car, later, MONDAY + 6 * WEEK)
     assert [r.reason for r in ack.rejected] == ["odometer_rollback"] and ack.through == len(first) + 2
+    # the rollback flags the device: the confirmation after it is accepted, but its reward is held
+    held = 2 * 10000 + 20000 + 2 * 1500
     with db.read() as tx:
-        assert accounts.balance(tx, "driver:alice") == ack.balance == 2 * 10000 + 20000 + 2 * 1500 + 10000
+        assert accounts.balance(tx, "driver:alice") == ack.balance == held
+    assert devices.get_device(db, car.dev)["held_since"] == MONDAY + 6 * WEEK
+    assert audit.audit(db, RULES) == []
+    # an operator looks into it and clears the flag: what was held is credited, once
+    devices.clear(db, RULES, car.dev, MONDAY + 6 * WEEK + 1, "test")
+    devices_row = devices.get_device(db, car.dev)
+    assert devices_row["held_since"] is None
+    with db.read() as tx:
+        assert accounts.balance(tx, "driver:alice") == held + 10000
     assert audit.audit(db, RULES) == []
 
     cert = certificate.build(db, car.vin or "", MONDAY + 6 * WEEK)

@@ -32,7 +32,7 @@ def test_weekly_confirmation_once_per_week(db_url: str) -> None:
     first = car.confirm(MONDAY)
     made = car.store(first)
     assert [(t.key, t.amount, t.to_account, t.rules_version, t.week) for t in made] == [
-        (f"reward:weekly-confirmation:{car.dev}:2026-W02", 10000, f"unassigned:{car.dev}", "test-1",
+        (f"reward:weekly-confirmation:{car.vin}:2026-W02", 10000, f"unassigned:{car.dev}", "test-1",
          "2026-W02")]
     assert car.redeliver(first) == []                       # redelivered: no second credit
     assert car.store(car.confirm(MONDAY + 2 * DAY)) == []    # a second confirmation that week
@@ -65,13 +65,16 @@ def test_tolerance_between_the_driver_and_the_device(db_url: str) -> None:
 def test_distance_is_floored_and_capped_per_week(db_url: str) -> None:
     db = open_db(db_url)
     car = Car(db)
+    assert car.store(car.trip(MONDAY - 3 * 3600_000, 5000)) == []   # no reading before it: its claim alone
+    car.store(car.odometer(MONDAY - 2 * 3600_000))
     assert [t.amount for t in car.store(car.trip(MONDAY, 1999))] == [19]           # 1.999 km × 10
     assert [t.amount for t in car.store(car.trip(MONDAY + 3600_000, 300_000))] == [3000]
     capped = car.store(car.trip(MONDAY + 2 * 3600_000, 300_000))
     assert [t.amount for t in capped] == [5000 - 19 - 3000] and "capped" in (capped[0].memo or "")
     assert car.store(car.trip(MONDAY + 3 * 3600_000, 300_000)) == []               # cap reached
     assert [t.amount for t in car.store(car.trip(MONDAY + WEEK, 100_000))] == [1000]  # a new week
-    other = Car(db)                                                                # the cap is per device
+    other = Car(db)                                                               # the cap is per vehicle
+    other.store(other.odometer(MONDAY - 2 * 3600_000))
     assert [t.amount for t in other.store(other.trip(MONDAY, 100_000))] == [1000]
     trip = car.trip(MONDAY + WEEK + 1, 1000)
     car.store(trip)
@@ -139,6 +142,7 @@ def test_assignment_moves_unassigned_rewards(db_url: str) -> None:
 def test_audit_finds_tampering(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = open_db(db_url)
     car = Car(db)
+    car.store(car.odometer(MONDAY - 2 * 3_600_000))
     for week in range(5):
         car.store(car.confirm(MONDAY + week * WEEK))
         car.store(car.trip(MONDAY + week * WEEK + 1, 80_000))
@@ -150,7 +154,7 @@ def test_audit_finds_tampering(db_url: str, tmp_path: Path, capsys: pytest.Captu
     argv = ["rewards", "audit", "--db", db_url, "--rules", str(rules_file)]
     assert backend_cli.main(argv) == 0
     assert "every credit matches" in capsys.readouterr().out
-    key = f"reward:distance:{car.dev}:"
+    key = f"reward:distance:{car.vin}:"
     with db.write() as tx:
         tx.execute("UPDATE transfers SET amount = amount + 1 WHERE key LIKE ? AND week = ?",
                    (key + "%", iso_week(MONDAY)))
@@ -168,12 +172,12 @@ def test_audit_finds_missing_extra_and_misdirected_credits(db_url: str) -> None:
     car.store(car.confirm(MONDAY))
     car.store(car.confirm(MONDAY + WEEK))
     with db.write() as tx:
-        accounts.transfer(tx, key=f"reward:weekly-confirmation:{car.dev}:2025-W40", from_account="issuer",
+        accounts.transfer(tx, key=f"reward:weekly-confirmation:{car.vin}:2025-W40", from_account="issuer",
                         to_account="driver:mallory", amount=10000, now_ms=1, rule_id="weekly-confirmation",
                         dev=car.dev, week="2025-W40", rules_version="test-1")
-        tx.execute("DELETE FROM transfers WHERE key = ?", (f"reward:weekly-confirmation:{car.dev}:2026-W02",))
+        tx.execute("DELETE FROM transfers WHERE key = ?", (f"reward:weekly-confirmation:{car.vin}:2026-W02",))
         tx.execute("UPDATE transfers SET to_account = 'driver:mallory' WHERE key = ?",
-                   (f"reward:weekly-confirmation:{car.dev}:2026-W03",))
+                   (f"reward:weekly-confirmation:{car.vin}:2026-W03",))
     problems = audit.audit(db, RULES)
     assert any(p.startswith("missing: ") and "2026-W02" in p for p in problems)
     assert any(p.startswith("unexpected: ") and "2025-W40" in p for p in problems)
@@ -263,7 +267,8 @@ def test_an_assignment_made_while_rewards_are_credited_misses_none(db_url: str) 
 
     db = open_db(db_url)
     car = Car(db)
-    recs = [car.trip(MONDAY + i * 3_600_000, 10_000) for i in range(40)]
+    recs = [car.odometer(MONDAY - 2 * 3_600_000)]
+    recs += [car.trip(MONDAY + i * 3_600_000, 10_000) for i in range(40)]
     operator = Database.open(db_url)
     assignments.add_driver(operator, "alice", None, 1)
     started = threading.Event()

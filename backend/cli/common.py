@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from backend.config import add_config_argument, migrated_database, settings
 from backend.db import Database
-from backend.errors import UsageError
+from backend.errors import EX_CONFIG, ConfigError, RulesError, UsageError
+from backend.ledger.rules import Rules, load_rules
 
 #: A command: parsed arguments in, exit status out.
 Command = Callable[[argparse.Namespace], int]
@@ -36,6 +38,18 @@ def add_db_options(p: argparse.ArgumentParser, *, json_flag: bool = False, out: 
 def database(args: argparse.Namespace) -> Database:
     """The command's database, migrated; a bad ``--db`` is a usage or config error."""
     return migrated_database(settings(args))
+
+
+def load_rules_setting(args: argparse.Namespace) -> Rules:
+    """The rules file named by ``--rules`` (or ``ODO_RULES``, or the config file), validated."""
+    s = settings(args)
+    path = str(s.require("rules"))
+    if not os.path.isfile(path):
+        raise s.error("rules", f"{path}: no such file")
+    try:
+        return load_rules(path)
+    except RulesError as exc:
+        raise ConfigError("--rules", str(exc), EX_CONFIG) from None
 
 
 def iso(t_ms: int | None) -> str:

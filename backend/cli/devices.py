@@ -1,6 +1,11 @@
 """``odo-backend devices``: the operator's view of the dongles::
 
-    odo-backend devices list|show DEV|approve DEV [--vin VIN]|revoke DEV --db URL [--json]
+    odo-backend devices list|show DEV|revoke DEV --db URL [--json]
+    odo-backend devices approve DEV [--vin VIN] [--replace] --db URL [--json]
+    odo-backend devices clear DEV --db URL --rules FILE [--json]   # credit what a flag held
+
+A vehicle has one active device: ``approve`` refuses a second one, naming the active device,
+unless ``--replace`` retires it (its history is kept).
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ import argparse
 import getpass
 from typing import Any
 
-from backend.cli.common import Subparsers, add_db_options, database, iso, print_json
+from backend.cli.common import Subparsers, add_db_options, database, iso, load_rules_setting, print_json
 from backend.errors import DeviceError, UsageError
 from backend.records import devices
 from common.clock import now_ms
@@ -40,13 +45,19 @@ def cmd_devices(args: argparse.Namespace) -> int:
         if action == "show":
             d = devices.get_device(db, args.dev)
         elif action == "approve":
-            d = devices.approve(db, args.dev, now_ms(), who, args.vin)
+            d = devices.approve(db, args.dev, now_ms(), who, args.vin, replace=args.replace)
+        elif action == "clear":
+            d = devices.clear(db, load_rules_setting(args), args.dev, now_ms(), who)
         else:
             d = devices.revoke(db, args.dev, now_ms(), who)
         if args.json:
             print_json(d)
         else:
             print(_device_line(d))
+            if d.get("held_since") is not None:
+                print(f"  FLAGGED since {iso(d['held_since'])}: {d['held_reason']}; rewards held until "
+                      "cleared "
+                      f"(odo-backend devices clear {d['dev']} --db URL --rules FILE)")
             if action == "show":
                 print(f"  pub {d['pub']}\n  accepted {d['accepted']}, rejected {d['rejected']}, "
                       f"backlog {d['backlog'] if d['backlog'] is not None else '-'}\n"
@@ -61,14 +72,19 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def register(sub: Subparsers) -> None:
     p = sub.add_parser("devices", help="list, show, approve or revoke devices")
-    dsub = p.add_subparsers(dest="devices_command", required=True, metavar="list|show|approve|revoke")
+    dsub = p.add_subparsers(dest="devices_command", required=True, metavar="list|show|approve|revoke|clear")
     add_db_options(dsub.add_parser("list", help="every device"), json_flag=True)
     for name, text in (("show", "one device"),
                        ("approve", "approve a device (a flagged one for its new VIN)"),
-                       ("revoke", "revoke a device: its records are refused from now on")):
+                       ("revoke", "revoke a device: its records are refused from now on"),
+                       ("clear", "clear a device's rollback flag: the rewards held since are credited")):
         q = dsub.add_parser(name, help=text)
         q.add_argument("dev", metavar="DEV")
         if name == "approve":
             q.add_argument("--vin", help="the VIN to approve it for (default: the VIN it now reads)")
+            q.add_argument("--replace", action="store_true",
+                           help="retire the vehicle's active device (its history is kept)")
+        if name == "clear":
+            q.add_argument("--rules", metavar="FILE", help="the rules file (default: $ODO_RULES)")
         add_db_options(q, json_flag=True)
-    p.set_defaults(func=cmd_devices, vin=None)
+    p.set_defaults(func=cmd_devices, vin=None, replace=False)

@@ -7,28 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
-from backend.cli.common import Subparsers, add_db_options, database
-from backend.config import settings
-from backend.errors import EX_CONFIG, ConfigError, RulesError
+from backend.cli.common import Subparsers, add_db_options, database, load_rules_setting
 from backend.ledger import audit
-from backend.ledger.rules import Rules, load_rules
-
-
-def _rules(args: argparse.Namespace) -> Rules:
-    s = settings(args)
-    path = str(s.require("rules"))
-    if not os.path.isfile(path):
-        raise s.error("rules", f"{path}: no such file")
-    try:
-        return load_rules(path)
-    except RulesError as exc:
-        raise ConfigError("--rules", str(exc), EX_CONFIG) from None
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    rules = _rules(args)
+    rules = load_rules_setting(args)
     db = database(args)
     try:
         problems = audit.audit(db, rules)

@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 def _readings(db: Database, problems: list[str]) -> list[rewards.Reading]:
     with db.read() as tx:
         devices = {d["dev"]: d for d in tx.query("SELECT dev, pub, vin FROM devices")}
-        rows = tx.query("SELECT dev, seq, jws, clock, t_est FROM records WHERE status = 'accepted' "
-                        "ORDER BY dev, seq")
+        rows = tx.query("SELECT dev, seq, jws, clock, t_est, received_at, base_odo_m FROM records "
+                        "WHERE status = 'accepted' ORDER BY dev, seq")
     out = []
     keys: dict[str, VerifyKey] = {}
     for row in rows:
@@ -44,7 +44,9 @@ def _readings(db: Database, problems: list[str]) -> list[rewards.Reading]:
             problems.append(f"record seq {row['seq']} of {row['dev']}: the record says seq {record.seq}")
             continue
         at = rewards.reading_time(record.clock, record.t, row["t_est"])
-        out.append(rewards.Reading(record, at, record.vin or device["vin"]))
+        base = row["base_odo_m"]
+        out.append(rewards.Reading(record, at, record.vin or device["vin"], int(row["received_at"]),
+                                   None if base is None else int(base)))
     return out
 
 
@@ -111,7 +113,9 @@ def audit(db: Database, rules: Rules) -> list[str]:
                                         tx.query("SELECT * FROM transfers WHERE key LIKE 'reward:%'"))}
         moves = {t.key: t for t in map(accounts.Transfer.from_row,
                                        tx.query("SELECT * FROM transfers WHERE key LIKE 'reassign:%'"))}
-    expected = rewards.recompute(rules, readings, plan)
+        standings = {d["dev"]: rewards.Standing.of(d)
+                     for d in tx.query("SELECT dev, approved_at, held_at FROM devices")}
+    expected = rewards.recompute(rules, readings, plan, standings)
     problems.extend(_compare(rules, expected, stored, moves))
     problems.extend(_log_and_balances(db))
     log.info("audit of %d records and %d rewards: %d differences", len(readings), len(stored), len(problems))

@@ -9,20 +9,26 @@ each device's records in seq order, so both reach the same credits.
 - *When* a reading was taken: the record's ``t`` when its clock was synced, else
   the backend's estimate (``records.t_est``), so an unsynced dongle's 1970 never
   decides a week or a driver.
-- *Which vehicle*: the record's ``vin``, else the VIN the device is approved for.
+- *Which vehicle*: the record's ``vin``, else the VIN the device is approved for. Rewards
+  are per vehicle: the *scope* of a key is the VIN (the device id only for a vehicle with
+  no VIN), so neither a second dongle in the same car nor a replacement earns twice.
+- *Which periods*: from ``reward_backfill_days`` before the device's first approval on
+  (older readings are history, not income), never for a time ahead of the backend's clock
+  (``clock_ahead`` refuses such records), and nothing while the device is held (flagged for
+  a rollback) until an operator clears it.
 - **weekly** (``on = "confirmation"``): the confirmation's ``week`` counts only if it
-  is the ISO week of the reading time, or the week before or after it; the
-  driver's figure must be within ``tolerance_m`` of ``device_odo_m`` when the
-  device had one. At most once per device and week: key
-  ``reward:<rule>:<dev>:<week>``. With ``on = "odometer"``: once per device and
-  ISO week (of the reading time) in which it sent a reading.
-- **distance**: per trip, (end_odo_m − start_odo_m) × milli_tokens_per_km / 1000,
-  rounded down, capped per device and ISO week of the reading time; key
-  ``reward:<rule>:<dev>:<record id>``.
+  is the ISO week of the reading time or the week before it; the driver's figure must be
+  within ``tolerance_m`` of ``device_odo_m`` when the device had one. At most once per
+  vehicle and week: key ``reward:<rule>:<scope>:<week>``. With ``on = "odometer"``: once
+  per vehicle and ISO week (of the reading time) in which it sent a reading.
+- **distance**: per trip, the vehicle's accepted progress over it (:func:`trip_distance_m`:
+  from the higher of the trip's start and the vehicle's highest reading before it, to its
+  end; never the trip's claim alone) × milli_tokens_per_km / 1000, rounded down, capped
+  per vehicle and ISO week of the reading time; key ``reward:<rule>:<scope>:<record id>``.
 - **streak**: when its weekly rule rewards a week W, the run of consecutive
   rewarded weeks ending at W (and after the last week that closed a streak) is
   counted; every ``every_weeks``-th week of a run earns it: key
-  ``reward:<rule>:<dev>:<W>``. A week rewarded late, after later weeks, does not
+  ``reward:<rule>:<scope>:<W>``. A week rewarded late, after later weeks, does not
   re-open runs already counted.
 - The reward goes from ``issuer`` to ``driver:<id>`` of the driver assigned to the
   vehicle at the reading time, else to ``unassigned:<dev>``; the rules' version
@@ -46,15 +52,57 @@ from protocol.records import Record, iso_week
 log = logging.getLogger(__name__)
 
 WEEK_MS = 7 * 24 * 3600 * 1000
+DAY_MS = 24 * 3600 * 1000
 
 
 @dataclass(frozen=True)
 class Reading:
-    """An accepted record, with when it was taken and of which vehicle."""
+    """An accepted record, with when it was taken, of which vehicle, when the backend received
+    it, and (a trip) the vehicle's highest reading before it, as the backend saw it then."""
 
     record: Record
     at_ms: int
     vin: str | None
+    received_at: int = 0
+    base_m: int | None = None
+
+    @property
+    def scope(self) -> str:
+        """Whose rewards these are: the vehicle (its VIN), or the device of a car with no VIN."""
+        return self.vin if self.vin is not None else self.record.dev
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What a device's approval and flags say about its rewards."""
+
+    approved_at: int | None
+    held_at: int | None
+
+    @classmethod
+    def of(cls, device: Mapping[str, Any]) -> Standing:
+        approved, held = device.get("approved_at"), device.get("held_at")
+        return cls(None if approved is None else int(approved), None if held is None else int(held))
+
+
+def eligible(rules: Rules, reading: Reading, standing: Standing) -> bool:
+    """Whether a reading may earn at all: taken no earlier than ``reward_backfill_days`` before
+    the device's first approval, and not received while the device is held."""
+    if standing.held_at is not None and reading.received_at >= standing.held_at:
+        return False
+    if standing.approved_at is not None:
+        return reading.at_ms >= standing.approved_at - rules.reward_backfill_days * DAY_MS
+    return True
+
+
+def trip_distance_m(record: Record, base_m: int | None) -> int:
+    """The distance a trip earns: the vehicle's accepted progress over it, never the trip's claim
+    alone. From the higher of its start and the vehicle's highest reading before it (``base_m``)
+    to its end; nothing when the vehicle had no reading before the trip."""
+    if base_m is None:
+        return 0
+    start, end = int(record.fields["start_odo_m"]), int(record.fields["end_odo_m"])
+    return max(end - max(start, base_m), 0)
 
 
 @dataclass(frozen=True)
@@ -68,6 +116,7 @@ class Credit:
     record_id: str
     week: str
     memo: str
+    scope: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,7 +132,7 @@ class Credited(Protocol):
 
     def has(self, key: str) -> bool: ...
 
-    def week_total(self, rule_id: str, dev: str, week: str) -> int: ...
+    def week_total(self, rule_id: str, scope: str, week: str) -> int: ...
 
 
 def reading_time(clock: str, t: int, t_est: int | None) -> int:
@@ -107,8 +156,9 @@ def _weekly(rule: WeeklyRule, r: Record, at_ms: int) -> tuple[str, str] | None:
     if r.kind != "confirmation":
         return iso_week(at_ms), "a reading this week"
     week = str(r.fields["week"])
-    if week not in {iso_week(max(at_ms + d, 0)) for d in (-WEEK_MS, 0, WEEK_MS)}:
-        log.info("confirmation %s: week %s is not the week of its time %d", r.id, week, at_ms)
+    if week not in {iso_week(max(at_ms + d, 0)) for d in (-WEEK_MS, 0)}:
+        log.info("confirmation %s: week %s is not the week of its time %d, nor the one before", r.id, week,
+                 at_ms)
         return None
     device_odo = r.fields.get("device_odo_m")
     odo = int(r.fields["odo_m"])
@@ -128,28 +178,29 @@ def decide(rules: Rules, reading: Reading, credited: Credited) -> list[Credit]:
     def has(key: str) -> bool:
         return key in planned or credited.has(key)
 
+    scope = reading.scope
     for rule in _ordered(rules, r.kind):
-        prefix = f"reward:{rule.id}:{r.dev}:"
+        prefix = f"reward:{rule.id}:{scope}:"
         if isinstance(rule, WeeklyRule):
             got = _weekly(rule, r, reading.at_ms)
             if got is not None and not has(prefix + got[0]):
                 planned[prefix + got[0]] = Credit(prefix + got[0], rule.id, rule.milli_tokens, r.dev, r.id,
-                                                  got[0], got[1])
+                                                  got[0], got[1], scope)
         elif isinstance(rule, DistanceRule):
             key = prefix + r.id
             if has(key):
                 continue
             week = iso_week(reading.at_ms)
-            metres = int(r.fields["end_odo_m"]) - int(r.fields["start_odo_m"])
+            metres = trip_distance_m(r, reading.base_m)
             amount = metres * rule.milli_tokens_per_km // 1000
             memo = f"{metres} m driven"
             if rule.cap_milli_tokens_per_week is not None:
-                done = credited.week_total(rule.id, r.dev, week)
+                done = credited.week_total(rule.id, scope, week)
                 left = max(rule.cap_milli_tokens_per_week - done, 0)
                 if amount > left:
                     amount, memo = left, f"{memo}, capped at {rule.cap_milli_tokens_per_week} per week"
             if amount > 0:
-                planned[key] = Credit(key, rule.id, amount, r.dev, r.id, week, memo)
+                planned[key] = Credit(key, rule.id, amount, r.dev, r.id, week, memo, scope)
         else:
             confirmed = next((c.week for c in planned.values() if c.rule_id == rule.weekly), None)
             if confirmed is None:
@@ -158,12 +209,12 @@ def decide(rules: Rules, reading: Reading, credited: Credited) -> list[Credit]:
             count, w = 1, week
             while count < rule.every_weeks:
                 w = previous_week(w)
-                if has(f"{prefix}{w}") or not has(f"reward:{rule.weekly}:{r.dev}:{w}"):
+                if has(f"{prefix}{w}") or not has(f"reward:{rule.weekly}:{scope}:{w}"):
                     break
                 count += 1
             if count == rule.every_weeks and not has(prefix + week):
                 planned[prefix + week] = Credit(prefix + week, rule.id, rule.milli_tokens, r.dev, r.id, week,
-                                                f"{count} consecutive weeks to {week}")
+                                                f"{count} consecutive weeks to {week}", scope)
     return list(planned.values())
 
 
@@ -174,10 +225,11 @@ class _InDatabase:
     def has(self, key: str) -> bool:
         return self.tx.one("SELECT id FROM transfers WHERE key = ?", (key,)) is not None
 
-    def week_total(self, rule_id: str, dev: str, week: str) -> int:
+    def week_total(self, rule_id: str, scope: str, week: str) -> int:
         return int(self.tx.scalar(
-            "SELECT COALESCE(SUM(amount), 0) AS n FROM transfers WHERE dev = ? AND week = ? AND rule_id = ? "
-            "AND from_account = ?", (dev, week, rule_id, accounts.ISSUER)))
+            "SELECT COALESCE(SUM(amount), 0) AS n FROM transfers WHERE week = ? AND rule_id = ? "
+            "AND from_account = ? AND key LIKE ?",
+            (week, rule_id, accounts.ISSUER, f"reward:{rule_id}:{scope}:%")))
 
 
 def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any],
@@ -191,8 +243,14 @@ def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any],
     # Under the log's lock (which the record's own append already holds), so that an
     # assignment made meanwhile by another process is either seen here, or sees this credit.
     translog.lock(tx, translog.LOCK)
-    t_est = tx.scalar("SELECT t_est FROM records WHERE id = ?", (record.id,))
-    reading = Reading(record, reading_time(record.clock, record.t, t_est), record.vin or device.get("vin"))
+    row = tx.one("SELECT t_est, received_at, base_odo_m FROM records WHERE id = ?", (record.id,))
+    assert row is not None, "credit() runs in the transaction that stored the record"
+    base = row["base_odo_m"]
+    reading = Reading(record, reading_time(record.clock, record.t, row["t_est"]),
+                      record.vin or device.get("vin"), int(row["received_at"]),
+                      None if base is None else int(base))
+    if not eligible(rules, reading, Standing.of(device)):
+        return []
     credits = decide(rules, reading, _InDatabase(tx))
     if not credits:
         return []
@@ -219,12 +277,12 @@ class _Tally:
     def has(self, key: str) -> bool:
         return key in self.keys
 
-    def week_total(self, rule_id: str, dev: str, week: str) -> int:
-        return self.totals.get((rule_id, dev, week), 0)
+    def week_total(self, rule_id: str, scope: str, week: str) -> int:
+        return self.totals.get((rule_id, scope, week), 0)
 
     def add(self, c: Credit) -> None:
         self.keys.add(c.key)
-        self.totals[(c.rule_id, c.dev, c.week)] = self.week_total(c.rule_id, c.dev, c.week) + c.amount
+        self.totals[(c.rule_id, c.scope, c.week)] = self.week_total(c.rule_id, c.scope, c.week) + c.amount
 
 
 def driver_at(assignments: Iterable[Assignment], vin: str | None, at_ms: int) -> str | None:
@@ -243,12 +301,16 @@ class Expected:
     to_account: str
 
 
-def recompute(rules: Rules, readings: Sequence[Reading],
-              assignments: Sequence[Assignment]) -> dict[str, Expected]:
-    """Every reward the rules give for these accepted records, by key; pure."""
+def recompute(rules: Rules, readings: Sequence[Reading], assignments: Sequence[Assignment],
+              standings: Mapping[str, Standing] | None = None) -> dict[str, Expected]:
+    """Every reward the rules give for these accepted records, by key; pure. Records are taken
+    in the order the backend received them (each device's in seq order), as it credited them."""
     tally = _Tally()
     out: dict[str, Expected] = {}
-    for reading in sorted(readings, key=lambda x: (x.record.dev, x.record.seq)):
+    for reading in sorted(readings, key=lambda x: (x.received_at, x.record.dev, x.record.seq)):
+        standing = (standings or {}).get(reading.record.dev)
+        if standing is not None and not eligible(rules, reading, standing):
+            continue
         for c in decide(rules, reading, tally):
             tally.add(c)
             driver = driver_at(assignments, reading.vin, reading.at_ms)

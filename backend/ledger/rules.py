@@ -2,6 +2,9 @@
 
     version = "acme-2026-11"
     max_speed_kph = 250
+    max_clock_ahead_ms = 600000      # optional: a record dated later than its receipt by more is clock_ahead
+    reward_backfill_days = 35        # optional: rewards for readings from this long before approval on
+    rollback_tolerance_m = 100       # optional: a vehicle's odometer may read this much below its highest
     [[rule]]  id, on, and the keys of one of three kinds:
         weekly    per = "week", milli_tokens, tolerance_m?           (on = "confirmation" or "odometer")
         distance  milli_tokens_per_km, cap_milli_tokens_per_week?    (on = "trip")
@@ -69,6 +72,12 @@ class StreakRule:
 Rule = WeeklyRule | DistanceRule | StreakRule
 
 
+#: Defaults of the optional verification settings.
+DEFAULT_MAX_CLOCK_AHEAD_MS = 10 * 60 * 1000
+DEFAULT_REWARD_BACKFILL_DAYS = 35
+DEFAULT_ROLLBACK_TOLERANCE_M = 100
+
+
 @dataclass(frozen=True)
 class Rules:
     version: str
@@ -76,6 +85,9 @@ class Rules:
     rules: tuple[Rule, ...]
     catalogue: Mapping[str, int]
     source: str = ""
+    max_clock_ahead_ms: int = DEFAULT_MAX_CLOCK_AHEAD_MS
+    reward_backfill_days: int = DEFAULT_REWARD_BACKFILL_DAYS
+    rollback_tolerance_m: int = DEFAULT_ROLLBACK_TOLERANCE_M
 
     def rule(self, rule_id: str) -> Rule | None:
         return next((r for r in self.rules if r.id == rule_id), None)
@@ -192,6 +204,9 @@ def _parse(data: dict[str, Any], source: str) -> Rules:
     top = _Table("", data)
     version = _req(top.string("version", _VERSION))
     max_speed = _req(top.integer("max_speed_kph", 1))
+    ahead = top.integer("max_clock_ahead_ms", 0, False)
+    backfill = top.integer("reward_backfill_days", 0, False)
+    tolerance = top.integer("rollback_tolerance_m", 0, False)
     raw_rules = top._value("rule", False) or []
     if not isinstance(raw_rules, list):
         raise RulesError("rule: must be an array of tables ([[rule]])")
@@ -229,7 +244,10 @@ def _parse(data: dict[str, Any], source: str) -> Rules:
         catalogue[name] = _req(t.integer("milli_tokens", 1))
         t.finish()
     top.finish()
-    return Rules(version, max_speed, tuple(rules), MappingProxyType(catalogue), source)
+    return Rules(version, max_speed, tuple(rules), MappingProxyType(catalogue), source,
+                 DEFAULT_MAX_CLOCK_AHEAD_MS if ahead is None else ahead,
+                 DEFAULT_REWARD_BACKFILL_DAYS if backfill is None else backfill,
+                 DEFAULT_ROLLBACK_TOLERANCE_M if tolerance is None else tolerance)
 
 
 def load_rules(path: str | Path) -> Rules:

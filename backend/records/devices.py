@@ -4,7 +4,11 @@ Shared by the ``odo-backend devices`` commands and the HTTP API. Rows come back 
 JSON-ready dicts::
 
     {"dev", "vin", "status", "last_seq", "last_seen", "odo_m", "accepted", "rejected",
-     "backlog", "online", "flagged_vin"}
+     "backlog", "online", "flagged_vin", "held_since", "held_reason"}
+
+A device is ``pending``, ``approved``, ``revoked`` or ``retired`` (replaced by another dongle in
+the same vehicle: a vehicle has one active device). A device whose reading went below its
+vehicle's highest is *held* (``held_since``): its rewards wait until an operator clears it.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from typing import Any
 
 from backend.db import Database, Row, Tx
 from backend.errors import DeviceInputError, UnknownDevice
-from backend.records.store import lock_device
+from backend.ledger import rewards
+from backend.ledger.rules import Rules
+from backend.records.store import lock_device, lock_vehicles
 from protocol import b64, canonical, jws, messages
 from protocol.errors import BadFormat
-from protocol.identity import DEV_RE, VIN_RE
+from protocol.identity import DEV_RE, VIN_RE, VerifyKey
+from protocol.records import verify as verify_record
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,7 @@ def _summary(row: Row, rejected: int) -> dict[str, Any]:
         "last_seen": row["last_seen"], "odo_m": row["odo_m"], "accepted": through - rejected,
         "rejected": rejected, "backlog": _int_or_none(_status_of(row["status_json"]).get("backlog")),
         "online": bool(row["online"]), "flagged_vin": row["flagged_vin"],
+        "held_since": row["held_at"], "held_reason": row["held_reason"],
     }
 
 
@@ -112,9 +120,22 @@ def records(db: Database, dev: str, after_seq: int = 0, limit: int = 500) -> lis
     return [{k: r[k] for k in RECORD_FIELDS} for r in rows]
 
 
-def approve(db: Database, dev: str, now_ms: int, by: str, vin: str | None = None) -> dict[str, Any]:
+def active_device(tx: Tx, vin: str, other_than: str) -> str | None:
+    """The approved device of the vehicle ``vin`` other than ``other_than``, if there is one:
+    a vehicle has one rewarding dongle at a time."""
+    row = tx.one("SELECT dev FROM devices WHERE vin = ? AND status = 'approved' AND dev <> ? ORDER BY dev "
+                 "LIMIT 1", (vin, other_than))
+    return None if row is None else str(row["dev"])
+
+
+def approve(db: Database, dev: str, now_ms: int, by: str, vin: str | None = None, *,
+            replace: bool = False) -> dict[str, Any]:
     """Approve a device. A device flagged for reading another VIN is approved for that VIN (or
-    for ``vin`` when given), so that its waiting records are accepted when the agent resends."""
+    for ``vin`` when given), so that its waiting records are accepted when the agent resends.
+
+    A vehicle has one active device: when another one is approved for the VIN, the approval is
+    refused, naming it, unless ``replace`` retires it (its history is kept; its new records are
+    refused as ``revoked_device``)."""
     _check_dev(dev)
     if vin is not None and not VIN_RE.fullmatch(vin):
         raise DeviceInputError(f"--vin: {vin!r} is not a VIN (17 characters of A-H, J-N, P, R-Z and 0-9)")
@@ -124,9 +145,48 @@ def approve(db: Database, dev: str, now_ms: int, by: str, vin: str | None = None
         if row is None:
             raise UnknownDevice(f"no device {dev}")
         new_vin = vin or row["flagged_vin"] or row["vin"]
+        if new_vin is not None:
+            lock_vehicles(db, tx, [new_vin])
+            active = active_device(tx, new_vin, dev)
+            if active is not None and not replace:
+                raise DeviceInputError(f"VIN {new_vin} already has an active device, {active}: approve with "
+                                       "--replace to retire it (its history is kept)")
+            if active is not None:
+                tx.execute("UPDATE devices SET status = 'retired', retired_at = ?, decided_at = ?, "
+                           "decided_by = ? WHERE dev = ?", (now_ms, now_ms, by, active))
+                log.info("%s retired by %s: replaced by %s in VIN %s", active, by, dev, new_vin)
         tx.execute("UPDATE devices SET status = 'approved', vin = ?, flagged_vin = NULL, decided_at = ?, "
-                   "decided_by = ? WHERE dev = ?", (new_vin, now_ms, by, dev))
+                   "decided_by = ?, approved_at = COALESCE(approved_at, ?) WHERE dev = ?",
+                   (new_vin, now_ms, by, now_ms, dev))
         log.info("%s approved by %s%s", dev, by, f" for VIN {new_vin}" if new_vin != row["vin"] else "")
+        return _one(tx, dev)
+
+
+def clear(db: Database, rules: Rules, dev: str, now_ms: int, by: str) -> dict[str, Any]:
+    """Clear a device's flag (a rollback that an operator has looked into): the rewards held
+    since it was flagged are credited now, in seq order, and its readings earn again."""
+    _check_dev(dev)
+    with db.write() as tx:
+        lock_device(db, tx, dev)
+        row = tx.one("SELECT * FROM devices WHERE dev = ?", (dev,))
+        if row is None:
+            raise UnknownDevice(f"no device {dev}")
+        if row["held_at"] is None:
+            raise DeviceInputError(f"device {dev} is not flagged")
+        if row["vin"] is not None:
+            lock_vehicles(db, tx, [row["vin"]])
+        tx.execute("UPDATE devices SET held_at = NULL, held_reason = NULL, decided_at = ?, decided_by = ? "
+                   "WHERE dev = ?", (now_ms, by, dev))
+        device = {**row, "held_at": None, "held_reason": None}
+        held = tx.query("SELECT jws FROM records WHERE dev = ? AND status = 'accepted' AND received_at >= ? "
+                        "ORDER BY seq", (dev, row["held_at"]))
+        key = VerifyKey(bytes(row["pub"]))
+        credited = 0
+        for r in held:
+            credited += sum(t.amount for t in rewards.credit(tx, rules, verify_record(str(r["jws"]), key),
+                                                              device, now_ms))
+        log.info("%s cleared by %s (was: %s); %d held record(s) credited %d milli-tokens", dev, by,
+                 row["held_reason"], len(held), credited)
         return _one(tx, dev)
 
 

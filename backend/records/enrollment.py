@@ -18,7 +18,8 @@ import secrets
 from dataclasses import dataclass
 
 from backend.db import Database, Row, Tx
-from backend.records.store import lock_device
+from backend.records.devices import active_device
+from backend.records.store import lock_device, lock_vehicles
 from protocol import messages
 from protocol.errors import BadFormat, BadSignature
 
@@ -138,20 +139,28 @@ def handle(db: Database, topic_dev: str, body: bytes, now_ms: int, fleet_token: 
             log.error("%s: an enrolment with another key than the enrolled one; refused", dev)
             return Answer(dev, "rejected", "this device id is enrolled with another key")
         approve, token_id = (False, None)
+        active = None
         if row is None or row["status"] == "pending":
-            approve, token_id = _token_approves(tx, enrollment.fleet_token, fleet_token, now_ms)
+            if enrollment.vin is not None:
+                # A fleet token approves a device at once only for a vehicle with no active device:
+                # a second dongle in the same car waits for an operator (``approve --replace``).
+                lock_vehicles(db, tx, [enrollment.vin])
+                active = active_device(tx, enrollment.vin, dev)
+            if active is None:
+                approve, token_id = _token_approves(tx, enrollment.fleet_token, fleet_token, now_ms)
         status = "approved" if approve else "pending"
-        decided = (now_ms, "fleet-token") if approve else (None, None)
+        decided = (now_ms, "fleet-token", now_ms if approve else None) if approve else (None, None, None)
         if row is None:
             tx.execute("INSERT INTO devices (dev, pub, vin, status, enrollment, fleet_token_id, enrolled_at, "
-                       "decided_at, decided_by, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       "decided_at, decided_by, approved_at, last_seen) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (dev, enrollment.pub.raw, enrollment.vin, status, enrollment.jws, token_id, now_ms,
                         *decided, now_ms))
             log.info("%s: enrolled (VIN %s): %s", dev, enrollment.vin, status)
         elif row["status"] == "pending":
             # Still undecided: keep the newest enrolment, so the operator sees the VIN it reads now.
             tx.execute("UPDATE devices SET vin = ?, status = ?, enrollment = ?, fleet_token_id = ?, "
-                       "decided_at = ?, decided_by = ?, last_seen = ? WHERE dev = ?",
+                       "decided_at = ?, decided_by = ?, approved_at = ?, last_seen = ? WHERE dev = ?",
                        (enrollment.vin, status, enrollment.jws, token_id, *decided, now_ms, dev))
             if approve:
                 log.info("%s: approved by its fleet token on enrolling again", dev)
@@ -160,6 +169,9 @@ def handle(db: Database, topic_dev: str, body: bytes, now_ms: int, fleet_token: 
         current = tx.one("SELECT dev, status FROM devices WHERE dev = ?", (dev,))
     assert current is not None
     answer = answer_for(current)
+    if answer.status == "pending" and active is not None:
+        return Answer(dev, "pending", f"VIN {enrollment.vin} already has an active device; waiting for an "
+                                      "operator to replace it")
     if answer.status == "pending" and enrollment.fleet_token:
         return Answer(dev, "pending", "fleet token unknown, expired or used up; waiting for an operator")
     return answer

@@ -42,6 +42,7 @@ from backend.db import Database
 from backend.ledger.rules import Rules
 from backend.metrics import REGISTRY, Registry
 from backend.records import devices, enrollment, store
+from backend.records.evidence import DEFAULT_LIMITS, EvidenceLimits
 from common.clock import now_ms
 from common.transport import BrokerConfig
 from protocol import messages, topics
@@ -66,8 +67,10 @@ class Ingest:
 
     def __init__(self, db: Database, rules: Rules, broker: BrokerConfig, fleet_token: str | None = None, *,
                  registry: Registry = REGISTRY, clock: Callable[[], int] = now_ms,
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None,
+                 evidence: EvidenceLimits = DEFAULT_LIMITS) -> None:
         self.db, self.rules, self.broker, self._fleet_token = db, rules, broker, fleet_token
+        self.evidence = evidence
         self.registry, self.clock, self.on_fatal = registry, clock, on_fatal
         self.connected = threading.Event()
         self.subscribed = threading.Event()
@@ -207,7 +210,7 @@ class Ingest:
 
     def handle_records(self, dev: str, body: bytes) -> store.BatchResult:
         started = time.perf_counter()
-        result = store.process_batch(self.db, self.rules, dev, body, self.clock())
+        result = store.process_batch(self.db, self.rules, dev, body, self.clock(), self.evidence)
         self.client.publish(topics.ack(dev), messages.encode_ack(result.ack), qos=1)
         self.registry.observe_batch(time.perf_counter() - started)
         self.registry.count_records(result.outcomes)

@@ -13,8 +13,10 @@ credited together or not at all. The ``through`` of the ack is therefore durable
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,15 +31,19 @@ from backend.records.verify import (
     Chain,
     Decision,
     DeviceKey,
+    Limits,
     Parsed,
     Reading,
     Refusal,
     Stored,
+    TripContext,
+    VehicleTop,
     authenticate,
     decide,
     estimate_time,
     parse,
     source,
+    source_of,
 )
 from backend.transparency import translog
 from protocol import messages
@@ -57,6 +63,18 @@ def device_lock_key(dev: str) -> int:
 
 def lock_device(db: Database, tx: Tx, dev: str) -> None:
     db.lock_key(tx, device_lock_key(dev))
+
+
+def vehicle_lock_key(vin: str) -> int:
+    """The advisory-lock key that serialises the writers of one vehicle's odometer (60 bits)."""
+    return int(hashlib.sha256(b"vehicle:" + vin.encode("ascii")).hexdigest()[:15], 16)
+
+
+def lock_vehicles(db: Database, tx: Tx, vins: Iterable[str]) -> None:
+    """Lock each vehicle a batch touches, in one order for every process: no deadlock. Taken
+    after the device's lock; two devices of one car are judged one after the other."""
+    for vin in sorted(set(vins)):
+        db.lock_key(tx, vehicle_lock_key(vin))
 
 
 @dataclass(frozen=True)
@@ -114,6 +132,9 @@ def process_batch(db: Database, rules: Rules, dev: str, body: bytes, now_ms: int
         fresh = _device_key(device)
         if fresh != snapshot[dev]:                          # approved or revoked meanwhile
             checked = _authenticate_all(dev, items, {**snapshot, dev: fresh})
+        if device is not None:
+            lock_vehicles(db, tx, [v for v in (*(c.vin for c in checked if isinstance(c, Record)),
+                                               device["vin"]) if v is not None])
         batch = _Batch(tx, rules, dev, device, now_ms, sent, limits,
                        [c for c in checked if isinstance(c, Record)])
         if refused_batch is not None:
@@ -146,6 +167,10 @@ class _Batch:
         self._start_through = self.through
         self._prefetched = False
         self._taken: dict[int, Stored] = {}
+        self._tops: dict[str, VehicleTop | None] = {}
+        self.held_now = False
+        self.limits_v = Limits(int(rules.max_speed_kph), now_ms, rules.max_clock_ahead_ms,
+                               rules.rollback_tolerance_m)
 
     # -- refusals: records that do not take a seq ----------------------------------------------
 
@@ -176,6 +201,50 @@ class _Batch:
                 int(row["t"]), row["clock"], row["boot"], int(row["mono_ms"]))
         return self._last[vin]
 
+    def _vehicle_top(self, vin: str | None) -> VehicleTop | None:
+        """The vehicle's highest accepted reading, from any device (read once, then kept)."""
+        if vin is None:
+            return None
+        if vin not in self._tops:
+            row = self.tx.one("SELECT top_odo_m, top_src, top_dev FROM vehicles WHERE vin = ?", (vin,))
+            self._tops[vin] = None if row is None else VehicleTop(int(row["top_odo_m"]), row["top_src"],
+                                                                  row["top_dev"])
+        return self._tops[vin]
+
+    def _raise_top(self, vin: str, record: Record, odo: int) -> None:
+        top = self._vehicle_top(vin)
+        if top is not None and odo <= top.odo_m:
+            return
+        src = source_of(record)
+        if top is None:
+            self.tx.execute("INSERT INTO vehicles (vin, top_odo_m, top_src, top_dev, top_seq, updated_at) "
+                            "VALUES (?, ?, ?, ?, ?, ?)", (vin, odo, src, self.dev, record.seq, self.now_ms))
+        else:
+            self.tx.execute("UPDATE vehicles SET top_odo_m = ?, top_src = ?, top_dev = ?, top_seq = ?, "
+                            "updated_at = ? WHERE vin = ?",
+                            (odo, src, self.dev, record.seq, self.now_ms, vin))
+        self._tops[vin] = VehicleTop(odo, src, self.dev)
+
+    def _trip_context(self, record: Record, vin: str, later: Anchor | None) -> TripContext:
+        """The vehicle's accepted readings before and during the trip, by their reading times
+        (``t`` of a synced clock, else the backend's estimate)."""
+        end = estimate_time(record, self._anchors_for(record, later), self.now_ms, self._sent_mono(record))
+        start = end - (int(record.fields["end_t"]) - int(record.fields["start_t"]))
+        when = "(CASE WHEN clock = 'synced' THEN t ELSE t_est END)"
+        before = self.tx.scalar(
+            f"SELECT MAX(odo_m) FROM records WHERE vin = ? AND status = 'accepted' AND odo_m IS NOT NULL "
+            f"AND {when} <= ?", (vin, start))
+        during = self.tx.one(
+            f"SELECT MIN(odo_m) AS lo, MAX(odo_m) AS hi FROM records WHERE vin = ? AND status = 'accepted' "
+            f"AND kind = 'odometer' AND odo_m IS NOT NULL AND {when} >= ? AND {when} <= ?", (vin, start, end))
+        lo = during["lo"] if during is not None else None
+        hi = during["hi"] if during is not None else None
+        return TripContext(None if before is None else int(before), None if lo is None else int(lo),
+                           None if hi is None else int(hi))
+
+    def _sent_mono(self, record: Record) -> int | None:
+        return self.sent.mono_ms if self.sent.boot == record.boot else None
+
     def _stored(self, seq: int) -> Stored | None:
         """What is stored at a seq already taken; the batch's range is read in one query."""
         if seq not in self._taken and seq <= self._start_through and not self._prefetched:
@@ -189,8 +258,10 @@ class _Batch:
 
     def take(self, record: Record, later: Anchor | None) -> None:
         assert self.device is not None                       # authenticated: the device exists
-        chain = Chain(self.through, self.head_id, self.device["vin"],
-                      self._last_reading(self._vin_scope(record)), int(self.rules.max_speed_kph))
+        vin = self._vin_scope(record)
+        trip = self._trip_context(record, vin, later) if record.kind == "trip" and vin is not None else None
+        chain = Chain(self.through, self.head_id, self.device["vin"], self._last_reading(vin), self.limits_v,
+                      self._vehicle_top(vin), trip)
         stored = self._stored(record.seq) if record.seq <= self.through else None
         decision = decide(record, chain, stored)
         if decision.outcome == "duplicate":
@@ -232,21 +303,27 @@ class _Batch:
 
     def _store(self, record: Record, decision: Decision, later: Anchor | None) -> None:
         assert self.device is not None
-        mono = self.sent.mono_ms if self.sent.boot == record.boot else None
-        t_est = estimate_time(record, self._anchors_for(record, later), self.now_ms, mono)
+        t_est = estimate_time(record, self._anchors_for(record, later), self.now_ms, self._sent_mono(record))
         status = "accepted" if decision.outcome == "accept" else "rejected"
+        vin = self._vin_scope(record)
+        base = None
+        if record.kind == "trip" and vin is not None:
+            base = self._trip_context(record, vin, later).before_m
         self.tx.execute(
             "INSERT INTO records (dev, seq, id, jws, kind, t, t_est, clock, boot, mono_ms, vin, odo_m, src, "
-            "status, reason, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "status, reason, received_at, base_odo_m) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (self.dev, record.seq, record.id, record.jws, record.kind, record.t, t_est, record.clock,
              record.boot, record.mono_ms, record.vin, record.odo_m, record.fields.get("src"), status,
-             decision.reason, self.now_ms))
+             decision.reason, self.now_ms, base))
         self.through, self.head_id = record.seq, record.id
         self._taken[record.seq] = Stored(record.id, status, decision.reason)
         if _is_anchor(record):
             self._anchors[record.boot] = Anchor(record.t, record.mono_ms)
         if status == "rejected":
             self._reject(record, decision)
+            if decision.reason == "odometer_rollback":
+                self._hold(f"odometer_rollback at seq {record.seq}: {decision.detail}")
             return
         if record.vin is not None and self.device["vin"] is None:
             # The first VIN read by a device enrolled without one: later records must match it.
@@ -256,9 +333,22 @@ class _Batch:
         reading = Reading.of(record)
         if reading is not None:
             self._last[self._vin_scope(record)] = reading
+            scope = self._vin_scope(record)
+            if scope is not None:
+                self._raise_top(scope, record, reading.odo_m)
         translog.append(self.tx, "record", record.id, record.jws.encode("ascii"))
         rewards.credit(self.tx, self.rules, record, self.device, self.now_ms)
         self.outcomes.append(("accepted", ""))
+
+    def _hold(self, why: str) -> None:
+        """Flag the device: its rewards are held until an operator clears or revokes it."""
+        assert self.device is not None
+        if self.device.get("held_at") is None:
+            self.tx.execute("UPDATE devices SET held_at = ?, held_reason = ? "
+                            "WHERE dev = ? AND held_at IS NULL", (self.now_ms, why, self.dev))
+            self.device["held_at"], self.device["held_reason"] = self.now_ms, why
+            self.held_now = True
+            log.warning("%s: flagged, rewards held until an operator clears it: %s", self.dev, why)
 
     def finish(self) -> Ack:
         if self.device is None:

@@ -8,8 +8,11 @@ Two steps, in this order for every record of a batch:
    that never takes the record's seq.
 2. :func:`decide`: what to do with an authenticated record, given the device's chain
    (:class:`Chain`): a no-op replay, a ``fork``, a gap, a ``vin_mismatch`` hold, or the next seq,
-   accepted or rejected as evidence (``chain_break``, ``odometer_rollback``,
-   ``implausible_distance``).
+   accepted or rejected as evidence (``chain_break``, ``clock_ahead``, ``odometer_rollback``,
+   ``implausible_distance``, ``trip_mismatch``).
+
+The odometer is judged per *vehicle*: a reading below the highest one accepted for its VIN from
+any device is a rollback, and a trip must agree with the vehicle's readings around it.
 
 :func:`estimate_time` gives a best wall-clock time for records signed with an unsynced clock.
 Nothing here touches a database, a clock or a socket; :mod:`backend.records.store` does.
@@ -130,15 +133,47 @@ class Stored:
 
 
 @dataclass(frozen=True)
+class VehicleTop:
+    """The highest odometer reading accepted for a vehicle, from any of its devices."""
+
+    odo_m: int
+    src: str | None
+    dev: str
+
+
+@dataclass(frozen=True)
+class TripContext:
+    """What the vehicle's accepted readings say about a trip's time: the highest reading taken
+    before it started (``before_m``), and the lowest and highest taken during it."""
+
+    before_m: int | None
+    during_min_m: int | None
+    during_max_m: int | None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The rules file's verification settings, and when the backend received the record."""
+
+    max_speed_kph: int
+    received_ms: int
+    max_clock_ahead_ms: int = 10 * 60 * 1000
+    rollback_tolerance_m: int = 100
+
+
+@dataclass(frozen=True)
 class Chain:
     """A device's state before the next record: ``through`` and its ``head_id``, the approved
-    VIN, and the last accepted odometer reading of the vehicle the record names."""
+    VIN, the device's last accepted odometer reading of the vehicle the record names, that
+    vehicle's highest reading from any device, and (for a trip) what its readings say."""
 
     through: int
     head_id: str
     vin: str | None
     last: Reading | None
-    max_speed_kph: int
+    limits: Limits
+    vehicle_top: VehicleTop | None = None
+    trip: TripContext | None = None
 
 
 @dataclass(frozen=True)
@@ -186,8 +221,28 @@ def decide(record: Record, chain: Chain, stored: Stored | None) -> Decision:
     head = chain.head_id if chain.through else GENESIS
     if record.prev != head:
         return Decision("reject", "chain_break", f"prev {record.prev[:16]}… is not the head {head[:16]}…")
-    last, odo = chain.last, record.odo_m
-    if last is None or odo is None:
+    limits = chain.limits
+    latest = max(record.t, int(record.fields["end_t"])) if record.kind == "trip" else record.t
+    if latest > limits.received_ms + limits.max_clock_ahead_ms:
+        return Decision("reject", "clock_ahead", f"dated {latest - limits.received_ms} ms after its receipt "
+                        f"(at most {limits.max_clock_ahead_ms})")
+    odo = record.odo_m
+    if odo is None:
+        return Decision("accept")
+    top = chain.vehicle_top
+    if top is not None:
+        obd = source_of(record) == "obd" and top.src == "obd"
+        slack = limits.rollback_tolerance_m if obd else max(limits.rollback_tolerance_m, NON_OBD_SLACK_M)
+        if odo < top.odo_m - slack:
+            return Decision("reject", "odometer_rollback",
+                            f"odo_m {odo} below the vehicle's highest accepted {top.odo_m} "
+                            f"(device {top.dev})")
+    if record.kind == "trip" and chain.trip is not None:
+        mismatch = trip_mismatch(record, chain.trip, limits.rollback_tolerance_m)
+        if mismatch:
+            return Decision("reject", "trip_mismatch", mismatch)
+    last = chain.last
+    if last is None:
         return Decision("accept")
     slack = 0 if source_of(record) == "obd" and last.src == "obd" else NON_OBD_SLACK_M
     if odo < last.odo_m - slack:
@@ -195,10 +250,24 @@ def decide(record: Record, chain: Chain, stored: Stored | None) -> Decision:
     gone = odo - last.odo_m
     elapsed = elapsed_ms(last, record)
     if gone > PLAUSIBILITY_SLACK_M and elapsed is not None:
-        if gone * 3600 > chain.max_speed_kph * elapsed + PLAUSIBILITY_SLACK_M * 3600:
+        if gone * 3600 > limits.max_speed_kph * elapsed + PLAUSIBILITY_SLACK_M * 3600:
             return Decision("reject", "implausible_distance",
-                            f"{gone} m in {elapsed} ms is faster than {chain.max_speed_kph} km/h")
+                            f"{gone} m in {elapsed} ms is faster than {limits.max_speed_kph} km/h")
     return Decision("accept")
+
+
+def trip_mismatch(record: Record, ctx: TripContext, tolerance_m: int) -> str:
+    """Why a trip disagrees with the vehicle's readings around it, or "" when it agrees: it may
+    not start below the highest reading taken before it, and every reading taken during it lies
+    between its start and its end."""
+    start, end = int(record.fields["start_odo_m"]), int(record.fields["end_odo_m"])
+    if ctx.before_m is not None and start < ctx.before_m - tolerance_m:
+        return f"starts at {start} m, below the vehicle's {ctx.before_m} m before the trip"
+    if ctx.during_min_m is not None and ctx.during_min_m < start - tolerance_m:
+        return f"starts at {start} m, above the vehicle's {ctx.during_min_m} m during the trip"
+    if ctx.during_max_m is not None and ctx.during_max_m > end + tolerance_m:
+        return f"ends at {end} m, below the vehicle's {ctx.during_max_m} m during the trip"
+    return ""
 
 
 # -- time ------------------------------------------------------------------------------------

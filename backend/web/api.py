@@ -134,8 +134,16 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         vin = body.get("vin")
         if vin is not None and not isinstance(vin, str):
             raise BadRequest("vin: must be a string")
+        replace = body.get("replace", False)
+        if not isinstance(replace, bool):
+            raise BadRequest("replace: must be true or false")
         dev = request.path_params["dev"]
-        return await db_call(db, devices.approve, dev, ctx.clock(), "api", vin)
+        return await db_call(db, devices.approve, dev, ctx.clock(), "api", vin, replace=replace)
+
+    async def clear(request: Request) -> Any:
+        if ctx.rules is None:
+            raise BadRequest("no rules file is configured: held rewards cannot be credited")
+        return await db_call(db, devices.clear, ctx.rules, request.path_params["dev"], ctx.clock(), "api")
 
     async def revoke(request: Request) -> Any:
         return await db_call(db, devices.revoke, request.path_params["dev"], ctx.clock(), "api")
@@ -171,6 +179,7 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         ("/devices/{dev}/records", device_records, ["GET"]),
         ("/devices/{dev}/approve", approve, ["POST"]),
         ("/devices/{dev}/revoke", revoke, ["POST"]),
+        ("/devices/{dev}/clear", clear, ["POST"]),
         ("/wallets/{account}", wallet, ["GET"]),
         ("/wallets/{account}/redeem", redeem, ["POST"]),
         ("/checkpoint", checkpoint, ["GET"]),

@@ -23,8 +23,9 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from backend.db import Database
-from backend.errors import UnknownDevice
+from backend.errors import DeviceInputError, UnknownDevice
 from backend.ledger import accounts
+from backend.ledger.rules import Rules
 from backend.records import devices
 from backend.web import auth, dashboard_data
 from backend.web.auth import Session, db_call, login_required, safe_next
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 NOTICES = {
     "approved": "Device approved.",
     "revoked": "Device revoked.",
+    "cleared": "Flag cleared: the rewards held since it was raised are credited.",
 }
 
 
@@ -49,13 +51,21 @@ def _notice(request: Request) -> str | None:
     return NOTICES.get(request.query_params.get("done", ""))
 
 
-def decide(db: Database, dev: str, decision: str, by: str, now_ms: int) -> bool:
-    """Approve or revoke a device (:mod:`backend.records.devices`); False when there is no such device.
+def decide(db: Database, dev: str, decision: str, by: str, now_ms: int, *, replace: bool = False,
+           rules: Rules | None = None) -> bool:
+    """Approve, revoke or clear a device (:mod:`backend.records.devices`); False when there is no
+    such device. A refusal (another active device in the vehicle, nothing to clear) is a
+    :class:`DeviceInputError` that names why.
 
-    Approving a device whose VIN changed approves it for the new VIN."""
+    Approving a device whose VIN changed approves it for the new VIN; ``replace`` retires the
+    vehicle's active device."""
     try:
         if decision == "approve":
-            devices.approve(db, dev, now_ms, by)
+            devices.approve(db, dev, now_ms, by, replace=replace)
+        elif decision == "clear":
+            if rules is None:
+                raise DeviceInputError("no rules file is configured: the held rewards cannot be credited")
+            devices.clear(db, rules, dev, now_ms, by)
         else:
             devices.revoke(db, dev, now_ms, by)
     except UnknownDevice:
@@ -93,14 +103,21 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         @page
         async def handler(request: Request, session: Session) -> Response:
             dev = request.path_params["dev"]
-            found = await db_call(ctx.db, decide, dev, kind, session.username, now())
+            replace = request.state.form.get("replace") == "1"
+            try:
+                found = await db_call(ctx.db, decide, dev, kind, session.username, now(), replace=replace,
+                                      rules=ctx.rules)
+            except DeviceInputError as exc:
+                return render(request, "error.html", {"session": session, "title": "Refused",
+                                                      "message": str(exc)}, status_code=409)
             if not found:
                 return _not_found(request, session, f"No device {dev!r}.")
-            log.info("operator %s: %s device %s", session.username, kind, dev)
+            log.info("operator %s: %s device %s%s", session.username, kind, dev,
+                     " (replacing the active one)" if replace else "")
             back = request.state.form.get("back")
             target = safe_next(back if isinstance(back, str) else f"/devices/{dev}")
             sep = "&" if "?" in target else "?"
-            done = "approved" if kind == "approve" else "revoked"
+            done = {"approve": "approved", "clear": "cleared"}.get(kind, "revoked")
             return RedirectResponse(f"{target}{sep}done={done}", status_code=303)
 
         return handler
@@ -145,6 +162,7 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         Route("/devices/{dev}", device, name="device"),
         Route("/devices/{dev}/approve", decision("approve"), methods=["POST"], name="device_approve"),
         Route("/devices/{dev}/revoke", decision("revoke"), methods=["POST"], name="device_revoke"),
+        Route("/devices/{dev}/clear", decision("clear"), methods=["POST"], name="device_clear"),
         Route("/enrolments", enrolments, name="enrolments"),
         Route("/drivers", drivers, name="drivers"),
         Route("/wallets/{account:path}", wallet, name="wallet"),

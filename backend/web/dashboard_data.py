@@ -301,10 +301,14 @@ def device_view(db: Database, dev: str, page_number: int, now_ms: int) -> Device
 # -- enrolments, drivers, ledger ------------------------------------------------
 
 def enrolment_queue(db: Database) -> list[Row]:
-    """Devices waiting for an operator: pending enrolments and VINs that changed."""
+    """Devices waiting for an operator: pending enrolments and VINs that changed, each with the
+    vehicle's active device when it has one (approving then means replacing it)."""
     return db.query(
         "SELECT d.dev, d.vin, d.flagged_vin, d.status, d.enrolled_at, d.last_seen, d.online, "
-        "t.label AS fleet_token_label FROM devices d LEFT JOIN fleet_tokens t ON t.id = d.fleet_token_id "
+        "t.label AS fleet_token_label, (SELECT a.dev FROM devices a WHERE a.status = 'approved' "
+        "AND a.dev <> d.dev AND a.vin = COALESCE(d.flagged_vin, d.vin) ORDER BY a.dev LIMIT 1) "
+        "AS active_device "
+        "FROM devices d LEFT JOIN fleet_tokens t ON t.id = d.fleet_token_id "
         "WHERE d.status = 'pending' OR d.flagged_vin IS NOT NULL ORDER BY d.enrolled_at, d.dev")
 
 

@@ -32,7 +32,7 @@ _SCHEMAS: dict[str, Any] = {
                      "backlog", "online"],
         "properties": {
             "dev": {"type": "string"}, "vin": _STR_OR_NULL,
-            "status": {"enum": ["pending", "approved", "revoked", "rejected"]},
+            "status": {"enum": ["pending", "approved", "revoked", "retired", "rejected"]},
             "last_seq": {**_INT, "description": "highest seq with every seq up to it stored"},
             "last_seen": {**_INT_OR_NULL, "description": "Unix ms of the last message"},
             "odo_m": {**_INT_OR_NULL, "description": "last accepted odometer, metres"},
@@ -40,6 +40,8 @@ _SCHEMAS: dict[str, Any] = {
             "backlog": {**_INT_OR_NULL, "description": "records waiting on the agent, as it last said"},
             "online": {"type": "boolean"},
             "flagged_vin": {**_STR_OR_NULL, "description": "a VIN that waits for an operator's approval"},
+            "held_since": {**_INT_OR_NULL, "description": "flagged (a rollback) since: rewards held"},
+            "held_reason": {**_STR_OR_NULL, "description": "why the device is flagged"},
         },
     },
     "DeviceDetail": {"allOf": [_ref("Device"), {"type": "object", "properties": {
@@ -105,11 +107,18 @@ def document() -> dict[str, Any]:
                 "summary": "approve a device (for the VIN it was flagged with, or the one given)",
                 "operationId": "approveDevice", "parameters": [_DEV],
                 "requestBody": {"required": False, "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {"vin": {"type": "string"}}}}}},
+                    "type": "object", "properties": {
+                        "vin": {"type": "string"},
+                        "replace": {"type": "boolean", "default": False,
+                                    "description": "retire the vehicle's active device"}}}}}},
                 "responses": {"200": dev_ok, "400": _ERR, "401": _ERR, "404": _ERR}}},
             "/api/devices/{dev}/revoke": {"post": {
                 "summary": "revoke a device", "operationId": "revokeDevice", "parameters": [_DEV],
                 "responses": {"200": dev_ok, "401": _ERR, "404": _ERR}}},
+            "/api/devices/{dev}/clear": {"post": {
+                "summary": "clear a device's rollback flag; the rewards held since are credited",
+                "operationId": "clearDevice", "parameters": [_DEV],
+                "responses": {"200": dev_ok, "400": _ERR, "401": _ERR, "404": _ERR}}},
             "/api/wallets/{account}": {"get": {
                 "summary": "an account's balance and transfers, newest first", "operationId": "getWallet",
                 "parameters": [_ACCOUNT],
