@@ -224,6 +224,7 @@ class ObdSource:
         self._search_timeout_s = max(query_timeout_s, 10.0)
         self._elm: _BoundedElm | None = None
         self._state = "closed"
+        self.vin_reply: str | None = None   # a reply to 0902 that was not a VIN, hex
         self._a6: bool | None = None
         self._next_car_try = 0.0
 
@@ -262,13 +263,16 @@ class ObdSource:
         self._state = "closed"
 
     def vin(self) -> str | None:
-        """The VIN (mode 09 PID 02), decoded by us; None when unreadable."""
+        """The VIN (mode 09 PID 02), decoded by us; None when unreadable. When the car answered
+        something that is not a VIN (ISO 3779), :attr:`vin_reply` holds what it said (hex)."""
+        self.vin_reply = None
         for m in self._query(b"0902"):
             data = bytes(m.data)
             if len(data) > 2 and data[0] == 0x49 and data[1] == 0x02:
                 vin = decode_vin(data[2:])
                 if vin is not None:
                     return vin
+                self.vin_reply = data[2:].hex()[:80]
         return None
 
     def supports_a6(self) -> bool | None:

@@ -16,6 +16,7 @@ library's global one, so tests can make as many as they like.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
@@ -36,11 +37,27 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4     # the text format every Prometheus reads
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-#: Reads (devices online, total backlog the agents last reported) from the database; blocking.
-FleetSource = Callable[[], tuple[int, int]]
+@dataclass(frozen=True)
+class FleetFigures:
+    """What the database says of the fleet at a scrape."""
 
-_ONLINE_HELP = "Devices whose agent is connected (last status message)."
-_BACKLOG_HELP = "Records waiting on the agents, as they last reported."
+    online: int                     # devices whose agent is connected (last status message)
+    backlog: int                    # records waiting on the agents, as they last reported
+    held: int = 0                   # devices flagged for a rollback, rewards held
+    evidence_kept: int = 0          # refused messages kept for operators
+    evidence_dropped: int = 0       # refused messages past their budget: counted, not stored
+
+
+#: Reads the fleet's figures from the database; blocking.
+FleetSource = Callable[[], FleetFigures]
+
+_GAUGES = {
+    "odo_devices_online": ("online", "Devices whose agent is connected (last status message)."),
+    "odo_backlog_total": ("backlog", "Records waiting on the agents, as they last reported."),
+    "odo_devices_held": ("held", "Devices flagged for an odometer rollback: rewards wait for an operator."),
+    "odo_evidence_kept": ("evidence_kept", "Refused messages kept for operators (within their budgets)."),
+    "odo_evidence_dropped": ("evidence_dropped", "Refused messages past their budget: counted, not stored."),
+}
 
 
 class FleetCollector(Collector):
@@ -54,16 +71,15 @@ class FleetCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         # What the registry checks for clashes, without touching the database.
-        return [GaugeMetricFamily("odo_devices_online", _ONLINE_HELP),
-                GaugeMetricFamily("odo_backlog_total", _BACKLOG_HELP)]
+        return [GaugeMetricFamily(name, text) for name, (_, text) in _GAUGES.items()]
 
     def collect(self) -> Iterable[Metric]:
         source = self.source
         if source is None:
             return
-        online, backlog = source()
-        yield GaugeMetricFamily("odo_devices_online", _ONLINE_HELP, value=online)
-        yield GaugeMetricFamily("odo_backlog_total", _BACKLOG_HELP, value=backlog)
+        figures = source()
+        for name, (field_name, text) in _GAUGES.items():
+            yield GaugeMetricFamily(name, text, value=getattr(figures, field_name))
 
 
 class Registry:

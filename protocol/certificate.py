@@ -43,6 +43,8 @@ MAX_CERTIFICATE_BYTES = 2**30
 #: back by this much from the device's previous one: a correction, which the backend accepts.
 #: Two OBD figures may never fall.
 CORRECTION_SLACK_M = 2_000
+#: Between two figures read from the car (A6) by different dongles: rounding of the cluster's value.
+OBD_ROUNDING_M = 100
 
 
 class CertificateError(ProtocolError):
@@ -230,7 +232,7 @@ def _source(r: Record) -> str | None:
     return src if isinstance(src, str) else ("driver" if r.kind == "confirmation" else None)
 
 
-def _chains(recs: Sequence[Record], notes: Mapping[tuple[str, int], str]
+def _chains(recs: Sequence[Record], notes: Mapping[tuple[str, int], str], estimates: Mapping[str, int]
             ) -> tuple[list[Gap], dict[str, int], list[str], list[str]]:
     gaps: list[Gap] = []
     starts: dict[str, int] = {}
@@ -262,13 +264,18 @@ def _chains(recs: Sequence[Record], notes: Mapping[tuple[str, int], str]
                                    f"{_source(prior)} figure {prior.odo_m} m of seq {prior.seq} by {drop} m")
             reading[r.dev] = r
         last[r.dev] = r
-    synced = sorted((r for r in recs if r.clock == "synced" and r.odo_m is not None), key=lambda r: r.t)
+    # Across the vehicle's devices, in time order: the odometer of the car never goes back.
+    timed = sorted(((r.t if r.clock == "synced" else estimates[r.id], r) for r in recs
+                    if r.odo_m is not None and (r.clock == "synced" or r.id in estimates)),
+                   key=lambda tr: (tr[0], tr[1].dev, tr[1].seq))
     top: Record | None = None
-    for r in synced:
+    for _, r in timed:
         assert r.odo_m is not None
-        if top is not None and top.odo_m is not None and r.odo_m < top.odo_m - CORRECTION_SLACK_M \
-                and r.dev != top.dev:
-            warnings.append(f"device {r.dev} read {r.odo_m} m after device {top.dev} had read {top.odo_m} m")
+        if top is not None and top.odo_m is not None and r.dev != top.dev:
+            both_obd = _source(r) == "obd" and _source(top) == "obd"
+            if r.odo_m < top.odo_m - (OBD_ROUNDING_M if both_obd else CORRECTION_SLACK_M):
+                raise _fail(f"record seq {r.seq} of device {r.dev}: the vehicle's odometer goes back from "
+                            f"{top.odo_m} m (device {top.dev} seq {top.seq}) to {r.odo_m} m")
         if top is None or (top.odo_m is not None and r.odo_m >= top.odo_m):
             top = r
     return gaps, starts, warnings, corrections
@@ -296,7 +303,7 @@ def verify(data: bytes | str | Mapping[str, Any], log_key: VerifyKey) -> Proven:
     devices = _devices(cert, vin)
     estimates: dict[str, int] = {}
     recs = _records(cert, vin, devices, cp, estimates)
-    gaps, starts, warnings, corrections = _chains(recs, _gap_notes(cert))
+    gaps, starts, warnings, corrections = _chains(recs, _gap_notes(cert), estimates)
     unused = sorted(set(devices) - {r.dev for r in recs})
     warnings.extend(f"device {d} is listed but signed none of the records" for d in unused)
     return Proven(vin, cp, tuple(devices.values()), tuple(recs), tuple(gaps), starts, tuple(warnings),

@@ -71,10 +71,11 @@ class MqttDevice:
                 continue
         raise TimeoutError("no answer to the enrolment")
 
-    def send(self, records: list[Record], timeout: float = 10) -> messages.Ack:
-        """Publish ``records`` as one batch; the next ack (queue.Empty after ``timeout``)."""
-        self.client.publish(topics.records(self.device.dev), messages.encode_batch([r.jws for r in records]),
-                            qos=1)
+    def send(self, records: list[Record | str], timeout: float = 10) -> messages.Ack:
+        """Publish ``records`` (or raw JWS texts) as one batch; the next ack (queue.Empty after
+        ``timeout``)."""
+        texts = [r.jws if isinstance(r, Record) else r for r in records]
+        self.client.publish(topics.records(self.device.dev), messages.encode_batch(texts), qos=1)
         return self.acks.get(timeout=timeout)
 
     def status(self, **fields: Any) -> None:

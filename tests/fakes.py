@@ -43,6 +43,7 @@ class FakeSource:
         self.lose_after: int | None = None
         self.ecu_on = True                  # False: the ignition is off, only the adapter answers
         self.vin_reads = 0
+        self.vin_reply: str | None = None      # what a car answered that is not a VIN
 
     @property
     def state(self) -> str:

@@ -86,6 +86,22 @@ def test_a_new_vin_is_an_event_and_later_records_carry_it(tmp_path: Path) -> Non
     assert [k for k in p.kinds() if k[1] == "vin_changed"] == [("event", "vin_changed")]
 
 
+def test_a_reply_that_is_not_a_vin_is_an_event_and_never_signed_as_one(tmp_path: Path) -> None:
+    p = Parts(tmp_path, vin=None)
+    p.outbox.set_state({"vin": OLD_VIN})
+    p.recorder.vin = OLD_VIN
+    p.source.vin_reply = "0157565757a5a5a5"          # what a car said to 0902 that is not ISO 3779
+    obd = p.loop()
+    p.source.open()
+    obd.on_open()
+    obd.tick()
+    signed = [records.verify(r.jws, p.key.public) for r in p.outbox.records()]
+    event = next(r for r in signed if r.kind == "event")
+    assert event.fields["event"] == "vin_unreadable"
+    assert event.fields["detail"] == {"reply": "0157565757a5a5a5"}
+    assert all(r.vin == OLD_VIN for r in signed)     # the last VIN read, never what it said
+
+
 def test_another_car_starts_a_fresh_vehicle_after_ending_the_old_cars_trip(tmp_path: Path) -> None:
     """The dongle moves from a car at 10,000 km to one at 2,000 km: the old car's trip ends under
     its VIN, and the new car's odometer is recorded as its own, not as a jump back."""

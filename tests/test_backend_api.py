@@ -14,7 +14,7 @@ from starlette.routing import Mount, Route
 from backend import metrics
 from backend.db import Database
 from backend.ledger import assignments
-from backend.metrics import Registry
+from backend.metrics import FleetFigures, Registry
 from backend.records import devices, store
 from backend.records import ingest as ingest_module
 from backend.records.ingest import Ingest
@@ -173,7 +173,7 @@ def test_metrics_and_health(client: TestClient, device: Dongle) -> None:
 
 
 def test_metrics_text_format() -> None:
-    registry = Registry(buckets=(0.01, 0.1), fleet=lambda: (3, 12))
+    registry = Registry(buckets=(0.01, 0.1), fleet=lambda: FleetFigures(3, 12))
     registry.count_records([("accepted", ""), ("accepted", ""), ("rejected", 'odd"reason')])
     registry.observe_batch(0.05)
     registry.observe_batch(0.5)
@@ -223,7 +223,8 @@ def test_metrics_scrape_parses_after_an_ingest(db: Database, rules: Any, device:
     types = {name: f.type for name, f in families.items()}         # the parser drops counters' _total
     assert types == {"odo_records": "counter", "odo_ingest_errors": "counter",
                      "odo_ingest_seconds": "histogram", "odo_devices_online": "gauge",
-                     "odo_backlog_total": "gauge"}
+                     "odo_backlog_total": "gauge", "odo_devices_held": "gauge", "odo_evidence_kept": "gauge",
+                     "odo_evidence_dropped": "gauge"}
 
     def samples(family: str) -> list[tuple[str, float]]:
         return [(s.name, s.value) for s in families[family].samples]
@@ -243,6 +244,9 @@ def test_metrics_scrape_parses_after_an_ingest(db: Database, rules: Any, device:
 
     assert samples("odo_devices_online") == [("odo_devices_online", 1.0)]     # read from the database
     assert samples("odo_backlog_total") == [("odo_backlog_total", 4.0)]
+    assert samples("odo_devices_held") == [("odo_devices_held", 0.0)]
+    assert samples("odo_evidence_kept") == [("odo_evidence_kept", 1.0)]      # the unknown device's record
+    assert samples("odo_evidence_dropped") == [("odo_evidence_dropped", 0.0)]
     assert "_total_total" not in r.text and "_created" not in r.text
 
 

@@ -136,3 +136,41 @@ def test_bad_configuration_exits_78_naming_the_key(tmp_path: Path) -> None:
                           env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 78 and f"{cfg}: http" in done.stderr
     assert not (tmp_path / "b.db").exists()
+
+
+def test_the_vehicle_checks_through_the_running_backend(db_url: str, broker: Broker, tmp_path: Path) -> None:
+    """Future-dated, poison and second-dongle records through odo-backend run: each is decided,
+    the genuine records beside them are acknowledged within seconds."""
+    import json
+
+    from common.clock import now_ms
+    from protocol import b64
+    from protocol.records import iso_week
+
+    be = start_backend(tmp_path, db_url, broker.url, "--client-id", _client_id())
+    try:
+        d = Dongle(t=now_ms() - 3_600_000)
+        with MqttDevice(d, broker.host, broker.port) as agent:
+            assert agent.enroll() == ("approved", None)
+            good = d.odometer(1)
+            p = {"v": 1, **d.payload("odometer", {"odo_m": d.odo_m, "src": "obd"}, dt_ms=0), "seq": 2**63}
+            header = b64.encode(json.dumps({"alg": "Ed25519", "kid": d.dev}).encode())
+            signing_input = f"{header}.{b64.encode(json.dumps(p).encode())}"
+            poison = f"{signing_input}.{b64.encode(d.key.sign(signing_input.encode('ascii')))}"
+            ahead = d.confirmation(iso_week(d.t + 8 * 86_400_000), dt_ms=8 * 86_400_000)
+            d.t -= 8 * 86_400_000 - 60_000
+            after = d.odometer(1)
+            started = time.monotonic()
+            ack = agent.send([good, poison, ahead, after])
+            assert time.monotonic() - started < 5
+            assert ack.through == 3 and [r.reason for r in ack.rejected] == ["bad_format", "clock_ahead"]
+            assert ack.balance == 0                                  # a week ahead earns nothing
+        # a second dongle in the same car: its fleet token does not approve it, an operator must
+        second = Dongle(vin=d.vin, t=now_ms() - 60_000)
+        with MqttDevice(second, broker.host, broker.port) as agent:
+            status, reason = agent.enroll()
+            assert status == "pending" and d.vin in (reason or "")
+        listed = {x["dev"]: x for x in as_json(be.get("/api/devices"))}
+        assert listed[second.dev]["status"] == "pending" and listed[d.dev]["status"] == "approved"
+    finally:
+        be.stop()

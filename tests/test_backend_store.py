@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from backend.db import Database
+from backend.metrics import FleetFigures
 from backend.records import devices, store
 from protocol import b64, messages
 from protocol.identity import SigningKey
@@ -252,7 +253,7 @@ def test_status_messages_are_kept(db: Database, rules: Any) -> None:
     assert devices.update_status(db, d.dev, messages.OFFLINE, NOW + 1)
     row = devices.list_devices(db)[0]
     assert (row["online"], row["backlog"], row["last_seen"]) == (False, 7, NOW + 1)
-    assert devices.fleet_gauges(db) == (0, 7)
+    assert devices.fleet_gauges(db) == FleetFigures(0, 7)
     assert not devices.update_status(db, Dongle().dev, messages.encode_status(), NOW)
     assert not devices.update_status(db, d.dev, b'{"online": "yes"}', NOW)
 

@@ -24,7 +24,7 @@ ODO_VERIFY = str(Path(sys.executable).parent / "odo-verify")
 
 # -- pure: a certificate made from values ----------------------------------------------------
 
-def _cert(recs: list[Record], car: Car, *, extra: int = 3) -> dict[str, Any]:
+def _cert(recs: list[Record], car: Car, *, extra: int = 3, others: tuple[Car, ...] = ()) -> dict[str, Any]:
     """Log the records between unrelated entries, sign a checkpoint, prove each record."""
     entries: list[bytes] = [b"transfer %d" % i for i in range(extra)]
     index = {}
@@ -34,10 +34,10 @@ def _cert(recs: list[Record], car: Car, *, extra: int = 3) -> dict[str, Any]:
         entries.append(b'{"transfer":%d}' % len(entries))
     leaves = [merkle.leaf_hash(e) for e in entries]
     cp = checkpoint.sign(LOG_KEY, len(leaves), merkle.root(leaves), MONDAY + 30 * DAY)
-    device = pc.DeviceEntry(car.dev, car.key.public, {"vin": car.vin})
+    listed = [pc.DeviceEntry(c.dev, c.key.public, {"vin": c.vin}) for c in (car, *others)]
     proved = [pc.RecordEntry(r.jws, index[r.id], tuple(merkle.inclusion_proof(index[r.id], leaves)))
               for r in recs]
-    return pc.build(VIN, [device], proved, cp.jws, [], MONDAY + 30 * DAY)
+    return pc.build(VIN, listed, proved, cp.jws, [], MONDAY + 30 * DAY)
 
 
 def _chain(n: int = 6) -> tuple[Car, list[Record]]:
@@ -102,6 +102,19 @@ def test_the_odometer_may_not_go_back() -> None:
                                                                      device_odo_m=50_000)]
     proven = pc.verify(_cert(recs, car), LOG_KEY.public)
     assert len(proven.corrections) == 1 and "by 1500 m" in proven.corrections[0]
+
+
+def test_the_vehicles_odometer_may_not_go_back_across_its_dongles() -> None:
+    """A second dongle that reads 1,001 km while the car stands at 50,002 km fails, not warns."""
+    first = Car(None, VIN, register=False)  # type: ignore[arg-type]
+    second = Car(None, VIN, register=False)  # type: ignore[arg-type]
+    recs = [first.odometer(MONDAY, 50_002_000), second.odometer(MONDAY + DAY, 1_001_000)]
+    with pytest.raises(pc.CertificateError, match="the vehicle's odometer goes back from 50002000 m"):
+        pc.verify(_cert(recs, first, others=(second,)), LOG_KEY.public)
+    # a dongle that takes over where the other left off is one vehicle's history
+    recs = [first.odometer(MONDAY + 2 * DAY, 50_010_000), second.odometer(MONDAY + 3 * DAY, 50_050_000)]
+    proven = pc.verify(_cert(recs, first, others=(second,)), LOG_KEY.public)
+    assert {r.dev for r in proven.records} == {first.dev, second.dev}
 
 
 def test_records_must_be_about_the_vin_and_by_listed_devices() -> None:

@@ -275,13 +275,13 @@ def test_env_names_precedence_and_exit_statuses_are_stated(readme: str) -> None:
 
 
 def test_every_rejection_reason_and_metric_is_documented(readme: str) -> None:
-    from backend.metrics import Registry
+    from backend.metrics import FleetFigures, Registry
     from protocol.messages import REASONS
 
     rows = table_rows(_section(readme, "### Reading rejection reasons", "### Drivers"))
     assert set(REASONS) <= set(rows), sorted(set(REASONS) - set(rows))
     # every metric the backend exposes, the fleet gauges included, by its exposed name
-    exposed = Registry(fleet=lambda: (0, 0)).exposition().decode()
+    exposed = Registry(fleet=lambda: FleetFigures(0, 0)).exposition().decode()
     names = set(re.findall(r"^# TYPE (odo_[a-z_]+) ", exposed, re.MULTILINE))
     assert names
     missing = sorted(n for n in names if f"`{n}" not in readme)

@@ -71,7 +71,8 @@ def report(p: pc.Proven) -> list[str]:
                      f"correction(s) of at most {pc.CORRECTION_SLACK_M} m by a derived or driver's figure:")
         lines.extend(f"    {c}" for c in p.corrections)
     else:
-        lines.append("  odometer: never decreases along each device's chain")
+        lines.append("  odometer: never decreases along each device's chain, nor across the vehicle's "
+                     "devices in time order")
     for dev, start in sorted(p.starts.items()):
         if start > 1:
             lines.append(f"  note: device {dev}: its records before seq {start} are not in this certificate "
@@ -83,6 +84,8 @@ def report(p: pc.Proven) -> list[str]:
         lines.append(f"  gap: device {g.dev} {_seqs(g.first_seq, g.last_seq)} not in the certificate; "
                      f"the chain cannot be checked across it (backend says: {why})")
     lines.extend(f"  warning: {w}" for w in p.warnings)
+    lines.append("  not proven: that the vehicle had no dongle besides the ones listed, nor that the log "
+                 "holds no later records for this VIN than the certificate")
     return lines
 
 

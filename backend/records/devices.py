@@ -21,6 +21,7 @@ from backend.db import Database, Row, Tx
 from backend.errors import DeviceInputError, UnknownDevice
 from backend.ledger import rewards
 from backend.ledger.rules import Rules
+from backend.metrics import FleetFigures
 from backend.records.store import lock_device, lock_vehicles
 from protocol import b64, canonical, jws, messages
 from protocol.errors import BadFormat
@@ -221,11 +222,16 @@ def update_status(db: Database, dev: str, body: bytes, now_ms: int) -> bool:
     return True
 
 
-def fleet_gauges(db: Database) -> tuple[int, int]:
-    """(devices online, total backlog the agents last reported)."""
+def fleet_gauges(db: Database) -> FleetFigures:
+    """Devices online, the total backlog the agents last reported, devices held, and the
+    refused messages kept and dropped."""
     with db.read() as tx:
         online = int(tx.scalar("SELECT COUNT(*) AS n FROM devices WHERE online = 1"))
+        held = int(tx.scalar("SELECT COUNT(*) AS n FROM devices WHERE held_at IS NOT NULL"))
         backlog = 0
         for row in tx.query("SELECT status_json FROM devices WHERE status_json IS NOT NULL"):
             backlog += _int_or_none(_status_of(row["status_json"]).get("backlog")) or 0
-    return online, backlog
+        kept = tx.one("SELECT COALESCE(SUM(kept), 0) AS kept, COALESCE(SUM(dropped), 0) AS dropped "
+                      "FROM evidence_budget")
+    assert kept is not None
+    return FleetFigures(online, backlog, held, int(kept["kept"]), int(kept["dropped"]))

@@ -50,7 +50,7 @@ def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(ctx: AppContext) -> Starlette:
-    def fleet() -> tuple[int, int]:
+    def fleet() -> metrics.FleetFigures:
         """The fleet gauges, read at each scrape in the scrape's worker thread (see ``db_call``)."""
         try:
             return devices.fleet_gauges(ctx.db)

@@ -16,6 +16,7 @@ from typing import Any
 
 from backend.db import Database, Row, Tx
 from backend.ledger import accounts, assignments
+from backend.records import evidence
 from protocol import canonical, jws
 
 log = logging.getLogger(__name__)
@@ -255,6 +256,8 @@ def device_view(db: Database, dev: str, page_number: int, now_ms: int) -> Device
         counts = {r["status"]: int(r["n"]) for r in tx.query(
             "SELECT status, COUNT(*) AS n FROM records WHERE dev = ? GROUP BY status", (dev,))}
         counts["unsequenced"] = int(tx.scalar("SELECT COUNT(*) FROM rejections WHERE dev = ?", (dev,)) or 0)
+        kept = evidence.budget(tx, dev)
+        counts["evidence_kept_bytes"], counts["evidence_dropped"] = kept["kept_bytes"], kept["dropped"]
         counts["forks"] = int(tx.scalar("SELECT COUNT(*) FROM forks WHERE dev = ?", (dev,)) or 0)
         counts["events"] = int(tx.scalar(
             "SELECT COUNT(*) FROM records WHERE dev = ? AND kind = 'event'", (dev,)) or 0)
