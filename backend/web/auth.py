@@ -17,7 +17,6 @@ password given to :func:`add_operator` or :func:`set_password`.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import logging
@@ -39,6 +38,7 @@ from backend.db import Database
 from backend.errors import AuthError, IntegrityError
 from backend.web.context import AppContext
 from backend.web.render import render
+from protocol import BadFormat, b64
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,6 @@ _DUMMY_SALT = secrets.token_bytes(16)
 
 # -- passwords ----------------------------------------------------------------
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def _scrypt(password: str, salt: bytes, log2_n: int, r: int, p: int) -> bytes:
     return hashlib.scrypt(password.encode(), salt=salt, n=1 << log2_n, r=r, p=p,
                           maxmem=256 * 1024 * 1024, dklen=32)
@@ -71,7 +63,7 @@ def _scrypt(password: str, salt: bytes, log2_n: int, r: int, p: int) -> bytes:
 def hash_password(password: str, log2_n: int = SCRYPT_LOG2_N) -> str:
     salt = secrets.token_bytes(16)
     digest = _scrypt(password, salt, log2_n, SCRYPT_R, SCRYPT_P)
-    return f"scrypt${log2_n}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+    return f"scrypt${log2_n}${SCRYPT_R}${SCRYPT_P}${b64.encode(salt)}${b64.encode(digest)}"
 
 
 def verify_password(stored: str | None, password: str) -> bool:
@@ -83,11 +75,12 @@ def verify_password(stored: str | None, password: str) -> bool:
         scheme, log2_n, r, p, salt, digest = stored.split("$")
         if scheme != "scrypt":
             return False
-        computed = _scrypt(password, _unb64(salt), int(log2_n), int(r), int(p))
-    except ValueError:
+        computed = _scrypt(password, b64.decode(salt, "salt"), int(log2_n), int(r), int(p))
+        expected = b64.decode(digest, "hash")
+    except (ValueError, BadFormat):
         log.error("operator password hash in an unknown format")
         return False
-    return hmac.compare_digest(computed, _unb64(digest))
+    return hmac.compare_digest(computed, expected)
 
 
 def _check_new(username: str, password: str) -> None:
