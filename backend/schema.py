@@ -170,6 +170,7 @@ ALTER TABLE devices ADD COLUMN held_at {bigint};         -- rewards held since (
 ALTER TABLE devices ADD COLUMN held_reason TEXT;
 ALTER TABLE devices ADD COLUMN retired_at {bigint};      -- replaced by another dongle in the same vehicle
 ALTER TABLE records ADD COLUMN base_odo_m {bigint};      -- a trip: the vehicle's highest reading before it
+CREATE INDEX records_vin_time ON records (vin, t_est);
 UPDATE devices SET approved_at = decided_at WHERE status = 'approved';
 INSERT INTO vehicles (vin, top_odo_m, top_src, top_dev, top_seq, updated_at)
     SELECT r.vin, r.odo_m, r.src, r.dev, r.seq, r.received_at FROM records r

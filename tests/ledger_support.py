@@ -13,6 +13,7 @@ from backend.db import Database
 from backend.ledger import rewards
 from backend.ledger.accounts import Transfer
 from backend.ledger.rules import Rules, parse
+from backend.records.store import TRIP_BEFORE_SQL
 from backend.transparency import translog
 from protocol import messages, records
 from protocol.identity import SigningKey
@@ -109,10 +110,7 @@ class Car:
         with self.db.write() as tx:
             base = None
             if record.kind == "trip" and record.vin is not None:     # as ingest finds it
-                base = tx.scalar(
-                    "SELECT MAX(odo_m) FROM records WHERE vin = ? AND status = 'accepted' "
-                    "AND odo_m IS NOT NULL AND (CASE WHEN clock = 'synced' THEN t ELSE t_est END) <= ?",
-                    (record.vin, int(record.fields["start_t"])))
+                base = tx.scalar(TRIP_BEFORE_SQL, (record.vin, int(record.fields["start_t"])))
             tx.execute(
                 "INSERT INTO records (dev, seq, id, jws, kind, t, t_est, clock, boot, mono_ms, vin, odo_m, "
                 "src, status, reason, received_at, base_odo_m) "

@@ -65,6 +65,12 @@ def lock_device(db: Database, tx: Tx, dev: str) -> None:
     db.lock_key(tx, device_lock_key(dev))
 
 
+#: The vehicle's highest accepted reading taken at or before a time (the trip's start).
+TRIP_BEFORE_SQL = (
+    "SELECT MAX(odo_m) FROM (SELECT odo_m FROM records WHERE vin = ? AND t_est <= ? AND status = 'accepted' "
+    "AND odo_m IS NOT NULL ORDER BY t_est DESC LIMIT 50) AS latest")
+
+
 def vehicle_lock_key(vin: str) -> int:
     """The advisory-lock key that serialises the writers of one vehicle's odometer (60 bits)."""
     return int(hashlib.sha256(b"vehicle:" + vin.encode("ascii")).hexdigest()[:15], 16)
@@ -168,6 +174,8 @@ class _Batch:
         self._prefetched = False
         self._taken: dict[int, Stored] = {}
         self._tops: dict[str, VehicleTop | None] = {}
+        self._raised: dict[str, bool] = {}          # VINs whose top this batch raised: was there a row?
+        self._trips: dict[str, TripContext] = {}
         self.held_now = False
         self.limits_v = Limits(int(rules.max_speed_kph), now_ms, rules.max_clock_ahead_ms,
                                rules.rollback_tolerance_m)
@@ -206,37 +214,50 @@ class _Batch:
         if vin is None:
             return None
         if vin not in self._tops:
-            row = self.tx.one("SELECT top_odo_m, top_src, top_dev FROM vehicles WHERE vin = ?", (vin,))
+            row = self.tx.one("SELECT top_odo_m, top_src, top_dev, top_seq FROM vehicles WHERE vin = ?",
+                              (vin,))
             self._tops[vin] = None if row is None else VehicleTop(int(row["top_odo_m"]), row["top_src"],
-                                                                  row["top_dev"])
+                                                                  row["top_dev"], int(row["top_seq"]))
         return self._tops[vin]
 
     def _raise_top(self, vin: str, record: Record, odo: int) -> None:
+        """Raise the vehicle's highest reading (written once per batch, by :meth:`finish`)."""
         top = self._vehicle_top(vin)
         if top is not None and odo <= top.odo_m:
             return
-        src = source_of(record)
-        if top is None:
-            self.tx.execute("INSERT INTO vehicles (vin, top_odo_m, top_src, top_dev, top_seq, updated_at) "
-                            "VALUES (?, ?, ?, ?, ?, ?)", (vin, odo, src, self.dev, record.seq, self.now_ms))
-        else:
-            self.tx.execute("UPDATE vehicles SET top_odo_m = ?, top_src = ?, top_dev = ?, top_seq = ?, "
-                            "updated_at = ? WHERE vin = ?",
-                            (odo, src, self.dev, record.seq, self.now_ms, vin))
-        self._tops[vin] = VehicleTop(odo, src, self.dev)
+        if vin not in self._raised:
+            self._raised[vin] = top is not None
+        self._tops[vin] = VehicleTop(odo, source_of(record), self.dev, record.seq)
+
+    def _write_tops(self) -> None:
+        for vin, existed in self._raised.items():
+            top = self._tops[vin]
+            assert top is not None
+            values = (top.odo_m, top.src, top.dev, top.seq, self.now_ms, vin)
+            if existed:
+                self.tx.execute("UPDATE vehicles SET top_odo_m = ?, top_src = ?, top_dev = ?, top_seq = ?, "
+                                "updated_at = ? WHERE vin = ?", values)
+            else:
+                self.tx.execute("INSERT INTO vehicles (top_odo_m, top_src, top_dev, top_seq, updated_at, "
+                                "vin) VALUES (?, ?, ?, ?, ?, ?)", values)
 
     def _trip_context(self, record: Record, vin: str, later: Anchor | None) -> TripContext:
         """The vehicle's accepted readings before and during the trip, by their reading times
-        (``t`` of a synced clock, else the backend's estimate)."""
+        (``t`` of a synced clock, else the backend's estimate); read once per trip."""
+        if record.id not in self._trips:
+            self._trips[record.id] = self._read_trip_context(record, vin, later)
+        return self._trips[record.id]
+
+    def _read_trip_context(self, record: Record, vin: str, later: Anchor | None) -> TripContext:
         end = estimate_time(record, self._anchors_for(record, later), self.now_ms, self._sent_mono(record))
         start = end - (int(record.fields["end_t"]) - int(record.fields["start_t"]))
-        when = "(CASE WHEN clock = 'synced' THEN t ELSE t_est END)"
-        before = self.tx.scalar(
-            f"SELECT MAX(odo_m) FROM records WHERE vin = ? AND status = 'accepted' AND odo_m IS NOT NULL "
-            f"AND {when} <= ?", (vin, start))
+        # t_est is the reading time (a synced clock's t, else the estimate), indexed per VIN. The
+        # vehicle's odometer only rises, so the latest readings before the start hold its highest.
+        before = self.tx.scalar(TRIP_BEFORE_SQL, (vin, start))
         during = self.tx.one(
-            f"SELECT MIN(odo_m) AS lo, MAX(odo_m) AS hi FROM records WHERE vin = ? AND status = 'accepted' "
-            f"AND kind = 'odometer' AND odo_m IS NOT NULL AND {when} >= ? AND {when} <= ?", (vin, start, end))
+            "SELECT MIN(odo_m) AS lo, MAX(odo_m) AS hi FROM records WHERE vin = ? AND t_est >= ? "
+            "AND t_est <= ? AND status = 'accepted' AND kind = 'odometer' AND odo_m IS NOT NULL",
+            (vin, start, end))
         lo = during["lo"] if during is not None else None
         hi = during["hi"] if during is not None else None
         return TripContext(None if before is None else int(before), None if lo is None else int(lo),
@@ -351,6 +372,7 @@ class _Batch:
             log.warning("%s: flagged, rewards held until an operator clears it: %s", self.dev, why)
 
     def finish(self) -> Ack:
+        self._write_tops()
         if self.device is None:
             return Ack(0, tuple(self.rejected), None)
         self.tx.execute("UPDATE devices SET through = ?, head_id = ?, last_seen = ? WHERE dev = ?",

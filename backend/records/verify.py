@@ -139,6 +139,7 @@ class VehicleTop:
     odo_m: int
     src: str | None
     dev: str
+    seq: int = 0
 
 
 @dataclass(frozen=True)
