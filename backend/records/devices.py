@@ -34,7 +34,8 @@ MAX_RECORDS_PAGE = 5000
 RECORD_FIELDS = ("seq", "id", "kind", "t", "t_est", "clock", "odo_m", "vin", "status", "reason")
 
 
-def _status_of(status_json: str | None) -> dict[str, Any]:
+def status_of(status_json: str | None) -> dict[str, Any]:
+    """A device's last retained status message, as a dict (empty if none or unreadable)."""
     if not status_json:
         return {}
     try:
@@ -44,7 +45,7 @@ def _status_of(status_json: str | None) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else {}
 
 
-def _int_or_none(value: object) -> int | None:
+def int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -58,7 +59,7 @@ def _summary(row: Row, rejected: int) -> dict[str, Any]:
     return {
         "dev": row["dev"], "vin": row["vin"], "status": row["status"], "last_seq": through,
         "last_seen": row["last_seen"], "odo_m": row["odo_m"], "accepted": through - rejected,
-        "rejected": rejected, "backlog": _int_or_none(_status_of(row["status_json"]).get("backlog")),
+        "rejected": rejected, "backlog": int_or_none(status_of(row["status_json"]).get("backlog")),
         "online": bool(row["online"]), "flagged_vin": row["flagged_vin"],
         "held_since": row["held_at"], "held_reason": row["held_reason"],
     }
@@ -95,7 +96,7 @@ def _one(tx: Tx, dev: str) -> dict[str, Any]:
         "fleet_token_id": row["fleet_token_id"], "enrolled_at": row["enrolled_at"],
         "decided_at": row["decided_at"], "decided_by": row["decided_by"],
     }
-    out["status_message"] = _status_of(row["status_json"]) or None
+    out["status_message"] = status_of(row["status_json"]) or None
     return out
 
 
@@ -216,7 +217,7 @@ def update_status(db: Database, dev: str, body: bytes, now_ms: int) -> bool:
             return False
         if not status["online"]:
             # The will message says only that the agent went away: keep what it said before.
-            status = {**_status_of(row["status_json"]), **status}
+            status = {**status_of(row["status_json"]), **status}
         tx.execute("UPDATE devices SET status_json = ?, online = ?, last_seen = ? WHERE dev = ?",
                    (json.dumps(status, separators=(",", ":")), 1 if status["online"] else 0, now_ms, dev))
     return True
@@ -230,7 +231,7 @@ def fleet_gauges(db: Database) -> FleetFigures:
         held = int(tx.scalar("SELECT COUNT(*) AS n FROM devices WHERE held_at IS NOT NULL"))
         backlog = 0
         for row in tx.query("SELECT status_json FROM devices WHERE status_json IS NOT NULL"):
-            backlog += _int_or_none(_status_of(row["status_json"]).get("backlog")) or 0
+            backlog += int_or_none(status_of(row["status_json"]).get("backlog")) or 0
         kept = tx.one("SELECT COALESCE(SUM(kept), 0) AS kept, COALESCE(SUM(dropped), 0) AS dropped "
                       "FROM evidence_budget")
     assert kept is not None

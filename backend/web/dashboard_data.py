@@ -17,6 +17,7 @@ from typing import Any
 from backend.db import Database, Row, Tx
 from backend.ledger import accounts, assignments
 from backend.records import evidence
+from backend.records.devices import int_or_none, status_of
 from protocol import canonical, jws
 
 log = logging.getLogger(__name__)
@@ -32,21 +33,6 @@ def payload_of(compact: str) -> dict[str, Any]:
         return canonical.loads_object(jws.split(compact).payload)
     except Exception:  # noqa: BLE001 - stored evidence may be malformed; show what can be shown
         return {}
-
-
-def status_of(status_json: str | None) -> dict[str, Any]:
-    """The device's last retained status message, as a dict (empty if none or unreadable)."""
-    if not status_json:
-        return {}
-    try:
-        value = json.loads(status_json)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _int_or_none(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True)
@@ -162,7 +148,7 @@ def fleet(db: Database, now_ms: int) -> list[FleetRow]:
             dev=dev, vin=d["vin"], flagged_vin=d["flagged_vin"], status=d["status"],
             driver=drivers.get(d["vin"]) if d["vin"] else None, online=bool(d["online"]),
             last_seen=d["last_seen"] or None,
-            backlog=_int_or_none(status_of(d["status_json"]).get("backlog")),
+            backlog=int_or_none(status_of(d["status_json"]).get("backlog")),
             odo_m=last["odo_m"] if last else None,
             odo_src=(last["src"] or last["kind"]) if last else None,
             odo_t=last["t_est"] if last else None,
