@@ -280,7 +280,8 @@ class _Batch:
     def take(self, record: Record, later: Anchor | None) -> None:
         assert self.device is not None                       # authenticated: the device exists
         vin = self._vin_scope(record)
-        trip = self._trip_context(record, vin, later) if record.kind == "trip" and vin is not None else None
+        fresh = record.seq == self.through + 1               # a replay or a gap needs no context
+        trip = self._trip_context(record, vin, later) if fresh and record.kind == "trip" and vin else None
         chain = Chain(self.through, self.head_id, self.device["vin"], self._last_reading(vin), self.limits_v,
                       self._vehicle_top(vin), trip)
         stored = self._stored(record.seq) if record.seq <= self.through else None
