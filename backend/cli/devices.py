@@ -22,6 +22,8 @@ from common.clock import now_ms
 
 def _device_line(d: dict[str, Any]) -> str:
     flag = f"  VIN CHANGED to {d['flagged_vin']}" if d.get("flagged_vin") else ""
+    if d.get("held_since") is not None:
+        flag += "  FLAGGED: rewards held"
     odo = f"{d['odo_m'] / 1000:.1f} km" if d["odo_m"] is not None else "-"
     return (f"{d['dev']}  {d['status']:<8}  {d['vin'] or '-':<17}  seq {d['last_seq']:<6}  {odo:>11}  "
             f"{'online ' if d['online'] else 'offline'}  seen {iso(d['last_seen'])}{flag}")
