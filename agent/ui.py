@@ -141,6 +141,7 @@ class App:
                         f"{summ.km(device)} by {summ.km(abs(odo - device))}. "
                         "Check the figure, or confirm it anyway.</p>")
                 return 200, self.page(warn, km_text, force=True)
+            self.recorder.vin = VIN.get(self.outbox)   # the car the daemon last read, now
             try:
                 rec = self.recorder.confirm(odo, device)
             except StorageError as exc:
