@@ -149,7 +149,7 @@ def handle(db: Database, topic_dev: str, body: bytes, now_ms: int, fleet_token: 
             if active is None:
                 approve, token_id = _token_approves(tx, enrollment.fleet_token, fleet_token, now_ms)
         status = "approved" if approve else "pending"
-        decided = (now_ms, "fleet-token", now_ms if approve else None) if approve else (None, None, None)
+        decided = (now_ms, "fleet-token", now_ms) if approve else (None, None, None)
         if row is None:
             tx.execute("INSERT INTO devices (dev, pub, vin, status, enrollment, fleet_token_id, enrolled_at, "
                        "decided_at, decided_by, approved_at, last_seen) "

@@ -53,6 +53,7 @@ from protocol.records import Record
 
 log = logging.getLogger(__name__)
 
+
 def device_lock_key(dev: str) -> int:
     """The advisory-lock key that serialises every writer of one device (60 bits of its id)."""
     try:
@@ -138,11 +139,10 @@ def process_batch(db: Database, rules: Rules, dev: str, body: bytes, now_ms: int
         fresh = _device_key(device)
         if fresh != snapshot[dev]:                          # approved or revoked meanwhile
             checked = _authenticate_all(dev, items, {**snapshot, dev: fresh})
+        signed = [c for c in checked if isinstance(c, Record)]
         if device is not None:
-            lock_vehicles(db, tx, [v for v in (*(c.vin for c in checked if isinstance(c, Record)),
-                                               device["vin"]) if v is not None])
-        batch = _Batch(tx, rules, dev, device, now_ms, sent, limits,
-                       [c for c in checked if isinstance(c, Record)])
+            lock_vehicles(db, tx, [v for v in (*(r.vin for r in signed), device["vin"]) if v is not None])
+        batch = _Batch(tx, rules, dev, device, now_ms, sent, limits, signed)
         if refused_batch is not None:
             batch.refuse(refused_batch, body.decode("utf-8", "replace"))
         for text, item, later in zip(texts, checked, _later_anchors(checked), strict=True):
@@ -161,7 +161,7 @@ class _Batch:
                  limits: EvidenceLimits,
                  records: list[Record]) -> None:
         self.tx, self.rules, self.dev, self.now_ms = tx, rules, dev, now_ms
-        self.sent, self.limits = sent, limits
+        self.sent, self.evidence = sent, limits
         self.device = dict(device) if device is not None else None
         self.through = int(device["through"]) if device else 0
         self.head_id: str = (device["head_id"] if device else None) or ""
@@ -177,7 +177,7 @@ class _Batch:
         self._raised: dict[str, bool] = {}          # VINs whose top this batch raised: was there a row?
         self._trips: dict[str, TripContext] = {}
         self.held_now = False
-        self.limits_v = Limits(int(rules.max_speed_kph), now_ms, rules.max_clock_ahead_ms,
+        self.limits = Limits(int(rules.max_speed_kph), now_ms, rules.max_clock_ahead_ms,
                                rules.rollback_tolerance_m)
 
     # -- refusals: records that do not take a seq ----------------------------------------------
@@ -187,7 +187,7 @@ class _Batch:
         self.outcomes.append(("rejected", refusal.reason))
         log.info("%s: refused record seq=%s: %s (%s)", self.dev, refusal.seq, refusal.reason, refusal.detail)
         evidence.keep(self.tx, self.dev, self.device is not None, refusal.seq, refusal.reason, refusal.detail,
-                      body, self.now_ms, self.limits)
+                      body, self.now_ms, self.evidence)
 
     # -- authenticated records -----------------------------------------------------------------
 
@@ -282,7 +282,7 @@ class _Batch:
         vin = self._vin_scope(record)
         fresh = record.seq == self.through + 1               # a replay or a gap needs no context
         trip = self._trip_context(record, vin, later) if fresh and record.kind == "trip" and vin else None
-        chain = Chain(self.through, self.head_id, self.device["vin"], self._last_reading(vin), self.limits_v,
+        chain = Chain(self.through, self.head_id, self.device["vin"], self._last_reading(vin), self.limits,
                       self._vehicle_top(vin), trip)
         stored = self._stored(record.seq) if record.seq <= self.through else None
         decision = decide(record, chain, stored)
@@ -303,7 +303,7 @@ class _Batch:
                 log.warning("%s: now reads VIN %s, approved for %s: its records wait for an operator",
                             self.dev, record.vin, self.device["vin"])
             evidence.keep(self.tx, self.dev, True, record.seq, "vin_mismatch", decision.detail, record.jws,
-                          self.now_ms, self.limits)
+                          self.now_ms, self.evidence)
             self._reject(record, decision)
         else:
             self._store(record, decision, later)

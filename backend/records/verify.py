@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from backend.ledger.rules import DEFAULT_MAX_CLOCK_AHEAD_MS, DEFAULT_ROLLBACK_TOLERANCE_M
 from protocol import canonical, jws, records
 from protocol.errors import BadFormat, BadSignature
 from protocol.identity import VerifyKey
@@ -158,8 +159,8 @@ class Limits:
 
     max_speed_kph: int
     received_ms: int
-    max_clock_ahead_ms: int = 10 * 60 * 1000
-    rollback_tolerance_m: int = 100
+    max_clock_ahead_ms: int = DEFAULT_MAX_CLOCK_AHEAD_MS
+    rollback_tolerance_m: int = DEFAULT_ROLLBACK_TOLERANCE_M
 
 
 @dataclass(frozen=True)
