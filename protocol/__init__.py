@@ -1,5 +1,6 @@
 """What the agent and the backend agree on: records, identity, topics, messages,
-Merkle-log hashing and the mileage certificate.
+Merkle-log hashing, signed notes and checkpoints in the C2SP formats, and the mileage
+certificate.
 
 Pure: bytes in, values out. No sockets, files or clocks; a third party's
 verifier needs this package alone.

@@ -16,8 +16,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from protocol import canonical, jws, merkle
-from protocol.errors import BadFormat
+from protocol import canonical, jws, merkle, note
+from protocol.errors import BadFormat, BadSignature
 from protocol.identity import SigningKey, VerifyKey
 
 VERSION = 1
@@ -93,3 +93,82 @@ def verify_consistency(old: Checkpoint, new: Checkpoint, proof: Sequence[bytes])
     if old.size > new.size or not merkle.verify_consistency(old.size, new.size, old.root, new.root, proof):
         raise BadFormat(f"consistency proof: the tree of size {new.size} does not extend the one of size "
                         f"{old.size}")
+
+
+# -- C2SP checkpoints (c2sp.org/tlog-checkpoint), as signed notes -----------------------------
+
+#: A tree size fits in a JSON-safe integer, and so in a u64 everywhere.
+_SIZE = re.compile(r"0|[1-9][0-9]{0,15}")
+
+
+@dataclass(frozen=True)
+class NoteCheckpoint:
+    """A checkpoint in the C2SP format: origin, tree size, root; and its verified signatures."""
+
+    origin: str
+    size: int
+    root: bytes
+    text: str = field(repr=False)               # the signed note text (three lines)
+    signed: str = field(repr=False)             # the whole note, every signature line kept
+    cosignatures: tuple[note.Verified, ...] = ()
+
+    @property
+    def root_b64(self) -> str:
+        return note.b64encode(self.root)
+
+
+def note_text(origin: str, size: int, root: bytes) -> str:
+    """The three lines of a checkpoint: origin, decimal size, base64 root."""
+    note.check_name(origin, "origin")
+    if not 0 <= size <= MAX_INT or len(root) != 32:
+        raise ValueError("a checkpoint has a size of 0 .. 2^53 - 1 and a 32-byte root")
+    return f"{origin}\n{size}\n{note.b64encode(root)}\n"
+
+
+def parse_text(text: str) -> tuple[str, int, bytes]:
+    """Origin, size and root of a checkpoint's note text; extension lines are refused."""
+    lines = text.split("\n")
+    if len(lines) != 4 or lines[3] != "":
+        raise BadFormat("checkpoint: must be exactly an origin, a size and a root hash line")
+    origin = note.check_name(lines[0], "checkpoint origin")
+    if not _SIZE.fullmatch(lines[1]) or int(lines[1]) > MAX_INT:
+        raise BadFormat("checkpoint: the tree size must be a decimal integer with no leading zeroes")
+    root = note.b64decode(lines[2], "checkpoint root hash")
+    if len(root) != 32:
+        raise BadFormat("checkpoint: the root hash must be 32 bytes")
+    size = int(lines[1])
+    if size == 0 and root != merkle.EMPTY_ROOT:
+        raise BadFormat("checkpoint: an empty tree has another root")
+    return origin, size, root
+
+
+def sign_note(key: SigningKey, origin: str, size: int, root: bytes) -> NoteCheckpoint:
+    """The log's checkpoint: signed with type 0x01 under the origin as key name."""
+    text = note_text(origin, size, root)
+    signed = note.Note(text, (note.sign(text, origin, key),)).encode()
+    return NoteCheckpoint(origin, size, root, text, signed)
+
+
+def log_verifier(origin: str, key: VerifyKey) -> note.Verifier:
+    """The log's verifier key: its name is the origin."""
+    return note.Verifier(origin, note.ED25519, key)
+
+
+def open_note(data: str | bytes, log: note.Verifier, witnesses: Sequence[note.Verifier] = (),
+              quorum: int = 0) -> NoteCheckpoint:
+    """Verify a checkpoint note by the log's key, and at least ``quorum`` of ``witnesses``'
+    cosignatures; raise BadFormat or BadSignature."""
+    if log.kind != note.ED25519:
+        raise BadFormat("checkpoint: the log's key must be an Ed25519 (type 0x01) key")
+    parsed = note.parse(data, "checkpoint")
+    origin, size, root = parse_text(parsed.text)
+    if origin != log.name:
+        raise BadFormat(f"checkpoint: of log {origin}, not of {log.name}")
+    note.verify(parsed, [log])
+    cosigners = [w for w in witnesses if w.kind == note.COSIGNATURE_V1]
+    cosigned = note.verify(parsed, cosigners, at_least=0) if cosigners else []
+    if len(cosigned) < quorum:
+        raise BadSignature(f"checkpoint: cosigned by {len(cosigned)} of the known witnesses, "
+                           f"{quorum} needed")
+    signed = data.decode("utf-8") if isinstance(data, bytes) else data
+    return NoteCheckpoint(origin, size, root, parsed.text, signed, tuple(cosigned))
