@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from protocol import canonical, jws, merkle, note
+from protocol import b64, canonical, jws, merkle, note
 from protocol.errors import BadFormat, BadSignature
 from protocol.identity import SigningKey, VerifyKey
 
@@ -114,7 +114,7 @@ class NoteCheckpoint:
 
     @property
     def root_b64(self) -> str:
-        return note.b64encode(self.root)
+        return b64.std_encode(self.root)
 
 
 def note_text(origin: str, size: int, root: bytes) -> str:
@@ -122,7 +122,7 @@ def note_text(origin: str, size: int, root: bytes) -> str:
     note.check_name(origin, "origin")
     if not 0 <= size <= MAX_INT or len(root) != 32:
         raise ValueError("a checkpoint has a size of 0 .. 2^53 - 1 and a 32-byte root")
-    return f"{origin}\n{size}\n{note.b64encode(root)}\n"
+    return f"{origin}\n{size}\n{b64.std_encode(root)}\n"
 
 
 def parse_text(text: str) -> tuple[str, int, bytes]:
@@ -133,7 +133,7 @@ def parse_text(text: str) -> tuple[str, int, bytes]:
     origin = note.check_name(lines[0], "checkpoint origin")
     if not _SIZE.fullmatch(lines[1]) or int(lines[1]) > MAX_INT:
         raise BadFormat("checkpoint: the tree size must be a decimal integer with no leading zeroes")
-    root = note.b64decode(lines[2], "checkpoint root hash")
+    root = b64.std_decode(lines[2], "checkpoint root hash")
     if len(root) != 32:
         raise BadFormat("checkpoint: the root hash must be 32 bytes")
     size = int(lines[1])
@@ -166,7 +166,7 @@ def open_note(data: str | bytes, log: note.Verifier, witnesses: Sequence[note.Ve
         raise BadFormat(f"checkpoint: of log {origin}, not of {log.name}")
     note.verify(parsed, [log])
     cosigners = [w for w in witnesses if w.kind == note.COSIGNATURE_V1]
-    cosigned = note.verify(parsed, cosigners, at_least=0) if cosigners else []
+    cosigned = note.verify(parsed, cosigners, at_least=0)
     if len(cosigned) < quorum:
         raise BadSignature(f"checkpoint: cosigned by {len(cosigned)} of the known witnesses, "
                            f"{quorum} needed")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from protocol.errors import BadFormat
 
@@ -19,12 +19,47 @@ def node_hash(left: bytes, right: bytes) -> bytes:
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 
-def _split(n: int) -> int:
-    """The largest power of two smaller than ``n`` (n > 1)."""
-    k = 1
-    while k << 1 < n:
-        k <<= 1
-    return k
+def split(n: int) -> int:
+    """The largest power of two smaller than ``n`` (n > 1): where RFC 6962 splits a tree."""
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+RangeHash = Callable[[int, int], bytes]
+"""MTH(D[start:end]) of some tree, for the ranges RFC 6962's recursion asks for."""
+
+
+def inclusion_path(mth: RangeHash, index: int, size: int) -> list[bytes]:
+    """PATH(index, D[size]) of RFC 6962 §2.1.1, from the range hashes ``mth`` gives."""
+    if not 0 <= index < size:
+        raise ValueError("index outside the tree")
+
+    def path(m: int, start: int, end: int) -> list[bytes]:
+        n = end - start
+        if n == 1:
+            return []
+        k = split(n)
+        if m < k:
+            return path(m, start, start + k) + [mth(start + k, end)]
+        return path(m - k, start + k, end) + [mth(start, start + k)]
+
+    return path(index, 0, size)
+
+
+def consistency_path(mth: RangeHash, old_size: int, size: int) -> list[bytes]:
+    """PROOF(old_size, D[size]) of RFC 6962 §2.1.2, from the range hashes ``mth`` gives."""
+    if not 0 < old_size <= size:
+        raise ValueError("old size outside the tree")
+
+    def subproof(m: int, start: int, end: int, complete: bool) -> list[bytes]:
+        n = end - start
+        if m == n:
+            return [] if complete else [mth(start, end)]
+        k = split(n)
+        if m <= k:
+            return subproof(m, start, start + k, complete) + [mth(start + k, end)]
+        return subproof(m - k, start + k, end, False) + [mth(start, start + k)]
+
+    return subproof(old_size, 0, size, True)
 
 
 def root(leaves: Sequence[bytes]) -> bytes:
@@ -34,21 +69,13 @@ def root(leaves: Sequence[bytes]) -> bytes:
         return EMPTY_ROOT
     if n == 1:
         return leaves[0]
-    k = _split(n)
+    k = split(n)
     return node_hash(root(leaves[:k]), root(leaves[k:]))
 
 
 def inclusion_proof(index: int, leaves: Sequence[bytes]) -> list[bytes]:
     """PATH(m, D[n]) of RFC 6962 §2.1.1, over leaf hashes."""
-    n = len(leaves)
-    if not 0 <= index < n:
-        raise ValueError("index outside the tree")
-    if n == 1:
-        return []
-    k = _split(n)
-    if index < k:
-        return inclusion_proof(index, leaves[:k]) + [root(leaves[k:])]
-    return inclusion_proof(index - k, leaves[k:]) + [root(leaves[:k])]
+    return inclusion_path(lambda start, end: root(leaves[start:end]), index, len(leaves))
 
 
 def root_from_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes]) -> bytes:
@@ -76,19 +103,7 @@ def root_from_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[byte
 
 def consistency_proof(old_size: int, leaves: Sequence[bytes]) -> list[bytes]:
     """PROOF(m, D[n]) of RFC 6962 §2.1.2."""
-    n = len(leaves)
-    if not 0 < old_size <= n:
-        raise ValueError("old size outside the tree")
-
-    def subproof(m: int, d: Sequence[bytes], complete: bool) -> list[bytes]:
-        if m == len(d):
-            return [] if complete else [root(d)]
-        k = _split(len(d))
-        if m <= k:
-            return subproof(m, d[:k], complete) + [root(d[k:])]
-        return subproof(m - k, d[k:], False) + [root(d[:k])]
-
-    return subproof(old_size, leaves, True)
+    return consistency_path(lambda start, end: root(leaves[start:end]), old_size, len(leaves))
 
 
 def verify_consistency(old_size: int, new_size: int, old_root: bytes, new_root: bytes,

@@ -16,14 +16,13 @@ of a note or a vkey can still be accepted as the same thing.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from protocol.b64 import std_decode, std_encode
 from protocol.errors import BadFormat, BadSignature
 from protocol.identity import SigningKey, VerifyKey
 
@@ -42,25 +41,7 @@ COSIGNATURE_HEADER = "cosignature/v1\n"
 
 _NAME = re.compile(r"[^\s+]{1,255}")
 _HEX8 = re.compile(r"[0-9a-f]{8}")
-_B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
-
-
-def b64encode(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def b64decode(text: str, what: str) -> bytes:
-    """Standard base64 (RFC 4648 §4), canonical only: the one encoding of the bytes."""
-    if not _B64.fullmatch(text) or len(text) % 4:
-        raise BadFormat(f"{what}: not base64")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadFormat(f"{what}: not base64") from None
-    if b64encode(data) != text:
-        raise BadFormat(f"{what}: non-canonical base64")
-    return data
 
 
 def check_name(name: str, what: str = "key name") -> str:
@@ -93,7 +74,7 @@ class Verifier:
 
     @property
     def vkey(self) -> str:
-        return f"{self.name}+{self.id.hex()}+{b64encode(bytes([self.kind]) + self.public.raw)}"
+        return f"{self.name}+{self.id.hex()}+{std_encode(bytes([self.kind]) + self.public.raw)}"
 
 
 def parse_vkey(text: str) -> Verifier:
@@ -108,7 +89,7 @@ def parse_vkey(text: str) -> Verifier:
     check_name(name, "verifier key name")
     if not _HEX8.fullmatch(hex_id):
         raise BadFormat("verifier key: the key ID must be 8 lowercase hex characters")
-    raw = b64decode(material, "verifier key")
+    raw = std_decode(material, "verifier key")
     if len(raw) != 33:
         raise BadFormat("verifier key: an Ed25519 key is a type byte and 32 bytes")
     verifier = Verifier(name, raw[0], VerifyKey(raw[1:]))
@@ -128,7 +109,7 @@ class Signature:
 
     @property
     def line(self) -> str:
-        return f"{DASH} {self.name} {b64encode(self.key_id + self.signature)}\n"
+        return f"{DASH} {self.name} {std_encode(self.key_id + self.signature)}\n"
 
 
 @dataclass(frozen=True)
@@ -156,7 +137,7 @@ def parse_signature_line(line: str, what: str = "signature line") -> Signature:
     if len(parts) != 2:
         raise BadFormat(f"{what}: must be a key name and a signature")
     name = check_name(parts[0], f"{what}: key name")
-    raw = b64decode(parts[1], f"{what} {name}")
+    raw = std_decode(parts[1], f"{what} {name}")
     if len(raw) < 5:
         raise BadFormat(f"{what} {name}: too short")
     return Signature(name, raw[:4], raw[4:])

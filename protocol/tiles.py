@@ -144,11 +144,6 @@ def _perfect_root(hashes: Sequence[bytes]) -> bytes:
     return row[0]
 
 
-def _split(n: int) -> int:
-    """The largest power of two smaller than ``n`` (n > 1)."""
-    return 1 << ((n - 1).bit_length() - 1)
-
-
 class TileTree:
     """A client's view of a tree of ``size`` leaves, built only from tiles.
 
@@ -198,7 +193,7 @@ class TileTree:
             level, r = divmod(h, HEIGHT)
             first = start >> (HEIGHT * level)
             return _perfect_root([self.hash(level, first + i) for i in range(1 << r)])
-        k = _split(n)
+        k = merkle.split(n)
         return merkle.node_hash(self.mth(start, start + k), self.mth(start + k, end))
 
     def root(self) -> bytes:
@@ -206,32 +201,8 @@ class TileTree:
 
     def inclusion_proof(self, index: int) -> list[bytes]:
         """PATH(index, D[size]) of RFC 6962 §2.1.1."""
-        if not 0 <= index < self.size:
-            raise ValueError("index outside the tree")
-
-        def path_(m: int, start: int, end: int) -> list[bytes]:
-            n = end - start
-            if n == 1:
-                return []
-            k = _split(n)
-            if m < k:
-                return path_(m, start, start + k) + [self.mth(start + k, end)]
-            return path_(m - k, start + k, end) + [self.mth(start, start + k)]
-
-        return path_(index, 0, self.size)
+        return merkle.inclusion_path(self.mth, index, self.size)
 
     def consistency_proof(self, old_size: int) -> list[bytes]:
         """PROOF(old_size, D[size]) of RFC 6962 §2.1.2."""
-        if not 0 < old_size <= self.size:
-            raise ValueError("old size outside the tree")
-
-        def subproof(m: int, start: int, end: int, complete: bool) -> list[bytes]:
-            n = end - start
-            if m == n:
-                return [] if complete else [self.mth(start, end)]
-            k = _split(n)
-            if m <= k:
-                return subproof(m, start, start + k, complete) + [self.mth(start + k, end)]
-            return subproof(m - k, start + k, end, False) + [self.mth(start, start + k)]
-
-        return subproof(old_size, 0, self.size, True)
+        return merkle.consistency_path(self.mth, old_size, self.size)

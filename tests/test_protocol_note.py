@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import BadFormat, BadSignature, note
+from protocol import BadFormat, BadSignature, b64, note
 from protocol.identity import SigningKey
 
 # c2sp.org/signed-note, "Verifier keys: Example".
@@ -114,7 +114,7 @@ def test_c2sp_checkpoint_round_trip_and_refusals() -> None:
 
     root = merkle.root([merkle.leaf_hash(b"a"), merkle.leaf_hash(b"b")])
     cp = checkpoint.sign_note(KEY, "odoledger.example.net/log", 2, root)
-    assert cp.text == f"odoledger.example.net/log\n2\n{note.b64encode(root)}\n"
+    assert cp.text == f"odoledger.example.net/log\n2\n{b64.std_encode(root)}\n"
     log = checkpoint.log_verifier("odoledger.example.net/log", KEY.public)
     back = checkpoint.open_note(cp.signed, log)
     assert (back.origin, back.size, back.root) == ("odoledger.example.net/log", 2, root)
@@ -126,8 +126,8 @@ def test_c2sp_checkpoint_round_trip_and_refusals() -> None:
         checkpoint.open_note(cp.signed, log, [w], quorum=1)
     with pytest.raises(BadFormat, match="not of"):
         checkpoint.open_note(cp.signed, checkpoint.log_verifier("other.example/log", KEY.public))
-    for text in ("o\n02\nAAAA\n", "o\n1\nAAAA\n", "o\n1\n" + note.b64encode(root) + "\next\n",
-                 "o\n0\n" + note.b64encode(root) + "\n"):
+    for text in ("o\n02\nAAAA\n", "o\n1\nAAAA\n", "o\n1\n" + b64.std_encode(root) + "\next\n",
+                 "o\n0\n" + b64.std_encode(root) + "\n"):
         with pytest.raises(BadFormat):
             checkpoint.parse_text(text)
 

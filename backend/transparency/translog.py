@@ -143,33 +143,8 @@ class _Tree:
             return merkle.EMPTY_ROOT
         if n & (n - 1) == 0 and start % n == 0:
             return self.node(n.bit_length() - 1, start // n)
-        k = _split(n)
+        k = merkle.split(n)
         return merkle.node_hash(self.mth(start, start + k), self.mth(start + k, end))
-
-    def path(self, m: int, start: int, end: int) -> list[bytes]:
-        n = end - start
-        if n <= 1:
-            return []
-        k = _split(n)
-        if m < k:
-            return self.path(m, start, start + k) + [self.mth(start + k, end)]
-        return self.path(m - k, start + k, end) + [self.mth(start, start + k)]
-
-    def subproof(self, m: int, start: int, end: int, complete: bool) -> list[bytes]:
-        n = end - start
-        if m == n:
-            return [] if complete else [self.mth(start, end)]
-        k = _split(n)
-        if m <= k:
-            return self.subproof(m, start, start + k, complete) + [self.mth(start + k, end)]
-        return self.subproof(m - k, start + k, end, False) + [self.mth(start, start + k)]
-
-
-def _split(n: int) -> int:
-    k = 1
-    while k << 1 < n:
-        k <<= 1
-    return k
 
 
 def root(tx: Tx, tree_size: int | None = None) -> bytes:
@@ -191,15 +166,13 @@ def inclusion_proofs(tx: Tx, indexes: Iterable[int], tree_size: int) -> list[lis
         if not 0 <= i < tree_size:
             raise ValueError(f"leaf {i} is outside a tree of {tree_size} leaves")
     tree = _Tree(tx, tree_size)
-    return tree.run(lambda: [tree.path(i, 0, tree_size) for i in wanted])
+    return tree.run(lambda: [merkle.inclusion_path(tree.mth, i, tree_size) for i in wanted])
 
 
 def consistency_proof(tx: Tx, old_size: int, new_size: int) -> list[bytes]:
     """PROOF(old_size, D[new_size]) of RFC 6962 §2.1.2."""
-    if not 0 < old_size <= new_size:
-        raise ValueError("old size outside the tree")
     tree = _Tree(tx, new_size)
-    return tree.run(lambda: tree.subproof(old_size, 0, new_size, True))
+    return tree.run(lambda: merkle.consistency_path(tree.mth, old_size, new_size))
 
 
 # -- the log key and checkpoints ------------------------------------------------------------
