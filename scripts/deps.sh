@@ -2,7 +2,8 @@
 # deps.sh: the system parts that `make demo` and `make test` need (Debian/Ubuntu).
 #
 #   1. apt packages: mosquitto, postgresql, chromium, chromium-driver, systemd (systemd-analyze),
-#      python3-venv. As root, installs whatever is missing; otherwise prints the one command
+#      python3-venv, golang-go and golang-golang-x-mod-dev (the independent check of the log's
+#      formats, tests/interop). As root, installs whatever is missing; otherwise prints the one command
 #      that does and exits 1.
 #   2. PostgreSQL for the tests at $ODO_TEST_PG (default postgresql://127.0.0.1:5432/test):
 #      the server answering, a login role for the test user, the database, and password-less
@@ -12,7 +13,7 @@
 # Idempotent: on a machine that has everything it changes nothing.
 set -euo pipefail
 
-PACKAGES=(mosquitto postgresql chromium chromium-driver systemd python3-venv)
+PACKAGES=(mosquitto postgresql chromium chromium-driver systemd python3-venv golang-go golang-golang-x-mod-dev)
 PG_URL=${ODO_TEST_PG:-postgresql://127.0.0.1:5432/test}
 
 say() { echo "deps: $*"; }

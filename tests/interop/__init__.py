@@ -1,0 +1,1 @@
+"""Checks of the log's formats by independent implementations (test support)."""
