@@ -25,7 +25,7 @@ from agent.recorder import Recorder
 from agent.state import CONFIRMATION_DUE, VEHICLE, VIN, ConfirmationDue
 from common.clock import now_ms
 from protocol.identity import SigningKey
-from protocol.messages import sign_enrollment
+from protocol.messages import check_fleet_token, encode_enroll, sign_enrollment
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,19 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return flags
 
 
+def _fleet_token(token: str | None) -> str | None:
+    """The configured fleet token, checked before it is ever sent."""
+    try:
+        return check_fleet_token(token)
+    except ValueError as exc:
+        raise Exit(EX_CONFIG, f"fleet_token: {exc}") from None
+
+
+def enroll_message(key: SigningKey, vin: str | None, fleet_token: str | None) -> str:
+    """The ``enroll`` message: the enrolment signed now, and the fleet token beside it."""
+    return encode_enroll(sign_enrollment(key, vin, now_ms()), fleet_token).decode("ascii")
+
+
 def _open(cfg: AgentConfig) -> tuple[SigningKey, Outbox]:
     try:
         key = identity.load(cfg.state_dir)
@@ -143,15 +156,16 @@ def cmd_init(args: argparse.Namespace, cfg: AgentConfig) -> int:
 def cmd_enroll(args: argparse.Namespace, cfg: AgentConfig) -> int:
     from agent import daemon, sync
 
+    fleet_token = _fleet_token(cfg.fleet_token)
     key, outbox = _open(cfg)
     assert cfg.broker is not None
     dev = key.public.id
     if daemon.running(cfg.state_dir):
         # The broker takes one connection per client id: let the daemon send it.
-        result = enrol.request_via_daemon(outbox, args.wait, cfg.fleet_token)
+        result = enrol.request_via_daemon(outbox, args.wait, fleet_token)
     else:
         try:
-            result = sync.enroll(cfg.broker, key, vin=VIN.get(outbox), fleet_token=cfg.fleet_token,
+            result = sync.enroll(cfg.broker, key, vin=VIN.get(outbox), fleet_token=fleet_token,
                                  wait_s=args.wait)
         except BrokerError as exc:
             raise Exit(1, str(exc)) from None
@@ -181,6 +195,7 @@ def cmd_run(args: argparse.Namespace, cfg: AgentConfig) -> int:
 
     vcfg = build_table(VehicleConfig, "vehicle", cfg.vehicle)
     pcfg = build_table(PowerConfig, "power", cfg.power)
+    fleet_token = _fleet_token(cfg.fleet_token)
     key, outbox = _open(cfg)
     held = daemon.lock(cfg.state_dir)
     if held is None:
@@ -196,10 +211,9 @@ def cmd_run(args: argparse.Namespace, cfg: AgentConfig) -> int:
         source, vehicle, PowerPolicy(pcfg), recorder, clock=clock, boot=boot,
         retention_days=cfg.retention_days, max_records=cfg.max_records, shutdown_command=cfg.shutdown_command,
     )
-    fleet_token = cfg.fleet_token
     syncer = Syncer(
         cfg.broker, key.public.id, outbox, obd_state=lambda: obd.obd_state, error=lambda: recorder.error,
-        enrollment=lambda token: sign_enrollment(key, recorder.vin, token or fleet_token, now_ms()),
+        enrollment=lambda token: enroll_message(key, recorder.vin, token or fleet_token),
         settings=SyncSettings(resend_after_s=cfg.resend_after_s), boot=boot,
     )
     log.info("odo-agent %s: device %s, adapter %s, broker %s", __version__, key.public.id, cfg.obd_port,

@@ -1,4 +1,4 @@
-"""Enrolment (DESIGN §4): asking the backend to approve this device, and keeping its answer.
+"""Enrolment (docs/protocol.md §4.5): asking the backend to approve this device, and keeping its answer.
 
 Three ways an enrolment goes out:
 

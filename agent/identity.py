@@ -1,4 +1,4 @@
-"""The device key on disk (DESIGN §2): PKCS#8 PEM, mode 0600, in the state directory.
+"""The device key on disk (docs/protocol.md §2): PKCS#8 PEM, mode 0600, in the state directory.
 
 The private key never leaves the device: nothing here sends or prints it. A missing or
 unusable key is an :class:`agent.errors.IdentityError`.

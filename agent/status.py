@@ -1,4 +1,4 @@
-"""The agent's retained status message (DESIGN §4): what it says, and when it is due.
+"""The agent's retained status message (docs/protocol.md §4.4): what it says, and when it is due.
 
 ``{"online": true, "t", "backlog", "last_seq", "obd", "version"}``, plus ``error`` while the
 agent is in an error state (e.g. a full disk). It goes out on connect, then whenever something

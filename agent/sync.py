@@ -1,4 +1,4 @@
-"""MQTT sync (DESIGN §4): the only agent module that imports paho.
+"""MQTT sync (docs/protocol.md §4): the only agent module that imports paho.
 
 "Sent" means acknowledged: records leave the unsynced backlog only when an
 ack's ``through`` covers them. The loop publishes unsynced records in batches
@@ -103,9 +103,9 @@ class Syncer:
     ``error`` the agent's error state (e.g. a full disk), if any.
 
     The connection state is also kept in the outbox (``sync``) for ``odo-agent status``.
-    ``enrollment(fleet_token)`` signs an enrolment (with the daemon's own token when
-    None), published on connect until approved and when ``odo-agent enroll`` asks the
-    running daemon to (:class:`agent.enrol.Enroller`)."""
+    ``enrollment(fleet_token)`` makes an enroll message (the enrolment signed now, with the
+    daemon's own token beside it when None), published on connect until approved and when
+    ``odo-agent enroll`` asks the running daemon to (:class:`agent.enrol.Enroller`)."""
 
     def __init__(
         self, broker: BrokerConfig, dev: str, outbox: Outbox, *,
@@ -300,8 +300,10 @@ def enroll(
     broker: BrokerConfig, key: SigningKey, *, vin: str | None, fleet_token: str | None, wait_s: float,
     republish_s: float = 10.0,
 ) -> EnrollResult:
-    """Publish the signed enrolment and wait for the backend's answer, as
-    :class:`agent.enrol.AnswerWait` decides. Raises :class:`AuthRefused` or :class:`Unreachable`."""
+    """Publish the signed enrolment, the fleet token beside it, and wait for the backend's answer,
+    as :class:`agent.enrol.AnswerWait` decides. Raises :class:`AuthRefused` or :class:`Unreachable`,
+    and :class:`ValueError` for a malformed token (before connecting)."""
+    messages.check_fleet_token(fleet_token)
     dev = key.public.id
     client = make_client(broker, dev)
     refused: list[str] = []
@@ -341,7 +343,7 @@ def enroll(
                     raise Unreachable(f"no answer from the broker at {broker.display}")
                 continue
             if wait.publish_due(now):
-                body = messages.sign_enrollment(key, vin, fleet_token, now_ms())
+                body = messages.encode_enroll(messages.sign_enrollment(key, vin, now_ms()), fleet_token)
                 client.publish(topics.enroll(dev), body, qos=1)
                 wait.published(now)
             result = wait.result(now)

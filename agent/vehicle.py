@@ -37,7 +37,7 @@ SNAPSHOT_VERSION = 1
 @dataclass(frozen=True)
 class Reading:
     kind: str                            # "odometer" | "trip" | "event"
-    fields: Mapping[str, object]         # the kind's payload fields (DESIGN §3), integers only
+    fields: Mapping[str, object]         # the kind's payload fields (docs/protocol.md §3.3), integers only
 
 
 @dataclass(frozen=True)

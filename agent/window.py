@@ -1,4 +1,4 @@
-"""Which seq to send next, and when to go back and send again (DESIGN §4). Pure logic.
+"""Which seq to send next, and when to go back and send again (docs/protocol.md §4.3). Pure logic.
 
 Records go out ascending, up to ``window_records`` ahead of the last ack. When ``through``
 makes no progress for ``resend_after_s`` while records are outstanding, the window rewinds to

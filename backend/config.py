@@ -9,6 +9,8 @@ by ``--config`` (or ``ODO_CONFIG``), whose top-level keys are the flags' names w
     tls_ca = "/etc/odoledger/ca.pem"
     http = "127.0.0.1:8080"
     rules = "/etc/odoledger/rules.toml"
+    log_origin = "odoledger.example.net/log"
+    witness = ["https://witness.example.org"]
 
 A wrong value is a :class:`ConfigError` that names the key: exit status 2 when it came from a
 flag (a usage error), 78 (``EX_CONFIG``) when it came from the file or the environment, so that
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.db import Database
-from backend.errors import EX_USAGE, ConfigError, DatabaseError, UsageError
+from backend.errors import EX_USAGE, ConfigError, DatabaseError, TranslogError, UsageError
 from backend.records.evidence import DEFAULT_LIMITS, EvidenceLimits
 from common.transport import BrokerConfig, parse_broker_url, parse_listen
 
@@ -42,11 +44,15 @@ EVIDENCE_KEYS = {"evidence_per_device": "per_device", "evidence_per_device_bytes
 #: Keys the config file may hold (besides the options of the command being run).
 KEYS = frozenset({
     "db", "broker", "http", "rules", "fleet_token", "api_token", "tls_ca", "tls_cert", "tls_key",
-    "client_id", "session_expiry", "log_level", "secure_cookies",
+    "client_id", "session_expiry", "log_level", "secure_cookies", "log_origin", "witness",
     *EVIDENCE_KEYS,
 })
 _INT_KEYS = frozenset({"session_expiry", *EVIDENCE_KEYS})
 _BOOL_KEYS = frozenset({"secure_cookies"})
+_LIST_KEYS = frozenset({"witness"})          # a list of strings (a flag given again, or a TOML array)
+#: At most this many witnesses, each an http(s) URL of at most 500 characters.
+MAX_WITNESSES = 16
+_WITNESS_URL = re.compile(r"https?://[A-Za-z0-9.\[\]:-]{1,255}(/[\x21-\x7e]{0,240})?")
 _NOT_SETTINGS = frozenset({"config", "command", "func", "json"})
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 DEFAULT_SESSION_EXPIRY_S = 300
@@ -126,6 +132,9 @@ def _read_file(path: Path, allowed: frozenset[str]) -> dict[str, Any]:
             kind = "an integer"
         elif key in _BOOL_KEYS:
             ok, kind = isinstance(value, bool), "true or false"
+        elif key in _LIST_KEYS:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            kind = "a list of strings"
         else:
             ok, kind = isinstance(value, str), "a string"
         if not ok:
@@ -158,6 +167,8 @@ def _from_env(key: str, text: str) -> Any:
         if not text.strip().isdigit():
             raise ConfigError(f"ODO_{key.upper()}", f"must be an integer, got {text!r}")
         return int(text)
+    if key in _LIST_KEYS:
+        return [v for v in re.split(r"[\s,]+", text) if v]
     if key in _BOOL_KEYS:
         if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
             raise ConfigError(f"ODO_{key.upper()}", f"must be true or false, got {text!r}")
@@ -175,15 +186,38 @@ def open_database(s: Settings) -> Database:
 
 
 def migrated_database(s: Settings) -> Database:
-    """Open ``db`` and bring its schema up to date. A bad URL is a :class:`ConfigError`; a
-    database that cannot be reached or migrated stays a :class:`DatabaseError` (exit status 1)."""
+    """Open ``db`` and bring its schema up to date, and check ``log_origin`` against the log's.
+    A bad URL or origin is a :class:`ConfigError`; a database that cannot be reached or migrated
+    stays a :class:`DatabaseError` (exit status 1)."""
+    from backend.transparency import translog
+
     db = open_database(s)
     try:
         db.migrate()
+        wanted = s.get("log_origin")
+        if wanted is not None:
+            try:
+                translog.origin(db, str(wanted))
+            except (ValueError, TranslogError) as exc:
+                raise s.error("log_origin", str(exc)) from None
     except BaseException:
         db.close()
         raise
     return db
+
+
+def witness_urls(s: Settings) -> tuple[str, ...]:
+    """The witnesses to push checkpoints to (``witness``), validated."""
+    value = s.get("witness")
+    urls = [] if value is None else [value] if isinstance(value, str) else list(value)
+    if len(urls) > MAX_WITNESSES:
+        raise s.error("witness", f"{len(urls)} witnesses: at most {MAX_WITNESSES}")
+    for url in urls:
+        if not isinstance(url, str) or not _WITNESS_URL.fullmatch(url):
+            raise s.error("witness", f"{url!r} is not an http:// or https:// URL of a witness")
+    if len(set(urls)) != len(urls):
+        raise s.error("witness", "a witness is given twice")
+    return tuple(urls)
 
 
 # -- the daemon's settings -------------------------------------------------------------------
@@ -199,6 +233,8 @@ class RunConfig:
     api_token: str | None = field(default=None, repr=False)
     secure_cookies: bool = False
     evidence: EvidenceLimits = DEFAULT_LIMITS
+    witnesses: tuple[str, ...] = ()
+    log_origin: str | None = None
 
 
 def _existing_file(s: Settings, key: str) -> Path | None:
@@ -257,7 +293,21 @@ def run_config(s: Settings) -> RunConfig:
         fleet_token=s.get("fleet_token") or None, api_token=s.get("api_token") or None,
         secure_cookies=bool(s.get("secure_cookies")),
         evidence=_evidence_limits(s),
+        witnesses=witness_urls(s),
+        log_origin=_log_origin(s),
     )
+
+
+def _log_origin(s: Settings) -> str | None:
+    from backend.transparency import translog
+
+    value = s.get("log_origin")
+    if value is None:
+        return None
+    try:
+        return translog.check_origin(str(value))
+    except ValueError as exc:
+        raise s.error("log_origin", str(exc)) from None
 
 
 def _evidence_limits(s: Settings) -> EvidenceLimits:

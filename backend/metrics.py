@@ -46,6 +46,9 @@ class FleetFigures:
     held: int = 0                   # devices flagged for a rollback, rewards held
     evidence_kept: int = 0          # refused messages kept for operators
     evidence_dropped: int = 0       # refused messages past their budget: counted, not stored
+    log_entries: int = 0            # entries in the transparency log
+    witness_lag: int = 0            # entries of the latest checkpoint not yet cosigned by every witness
+    witnesses_failing: int = 0      # witnesses whose last push failed
 
 
 #: Reads the fleet's figures from the database; blocking.
@@ -57,6 +60,10 @@ _GAUGES = {
     "odo_devices_held": ("held", "Devices flagged for an odometer rollback: rewards wait for an operator."),
     "odo_evidence_kept": ("evidence_kept", "Refused messages kept for operators (within their budgets)."),
     "odo_evidence_dropped": ("evidence_dropped", "Refused messages past their budget: counted, not stored."),
+    "odo_log_entries": ("log_entries", "Entries in the transparency log."),
+    "odo_log_witness_lag": ("witness_lag",
+                            "Entries of the latest checkpoint that not every witness has cosigned."),
+    "odo_log_witnesses_failing": ("witnesses_failing", "Witnesses whose last push failed."),
 }
 
 

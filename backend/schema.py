@@ -179,4 +179,37 @@ INSERT INTO vehicles (vin, top_odo_m, top_src, top_dev, top_seq, updated_at)
                       AND q.odo_m IS NOT NULL AND (q.odo_m > r.odo_m OR (q.odo_m = r.odo_m AND
                       (q.dev > r.dev OR (q.dev = r.dev AND q.seq > r.seq)))))
 """),
+    ("104_log_notes", """
+CREATE TABLE log_checkpoints (               -- c2sp.org/tlog-checkpoint notes signed by the log key
+    size        {bigint} PRIMARY KEY,
+    root        {blob} NOT NULL,
+    note        TEXT NOT NULL,                 -- the note: body and the log's signature line
+    created_at  {bigint} NOT NULL
+);
+CREATE TABLE log_cosignatures (              -- c2sp.org/tlog-cosignature lines returned by witnesses
+    size        {bigint} NOT NULL,
+    witness     TEXT NOT NULL,                 -- the witness's URL, as configured
+    line        TEXT NOT NULL,                 -- the signature line, verbatim
+    created_at  {bigint} NOT NULL,
+    PRIMARY KEY (size, witness)
+);
+CREATE TABLE log_witnesses (                 -- what each configured witness has cosigned
+    witness     TEXT PRIMARY KEY,
+    size        {bigint} NOT NULL,             -- the largest checkpoint it cosigned (or said it has)
+    last_error  TEXT,
+    updated_at  {bigint} NOT NULL
+)
+"""),
+    ("105_device_log", """
+CREATE TABLE device_log (                    -- the log's enrolment and decision entries, by device and VIN
+    idx     {bigint} PRIMARY KEY,              -- the leaf index (table translog)
+    dev     TEXT NOT NULL,
+    vin     TEXT,                              -- the enrolment's VIN, or the one the decision is about
+    kind    TEXT NOT NULL,                     -- enrolment or decision
+    action  TEXT,                              -- a decision's: approve, revoke, retire or clear
+    at      {bigint} NOT NULL
+);
+CREATE INDEX device_log_dev ON device_log (dev, idx);
+CREATE INDEX device_log_vin ON device_log (vin, idx)
+"""),
 ]

@@ -17,11 +17,15 @@ from types import FrameType
 import uvicorn
 
 from backend.config import RunConfig
-from backend.errors import EX_CONFIG, ConfigError, DatabaseError, RulesError
+from backend.errors import EX_CONFIG, ConfigError, DatabaseError, RulesError, TranslogError
 from backend.ledger.rules import load_rules
+from backend.records import device_log
 from backend.records.ingest import Ingest
+from backend.transparency import translog
+from backend.transparency.witnesses import Pusher
 from backend.web.app import create_app
 from backend.web.context import AppContext
+from common.clock import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,18 @@ def run(cfg: RunConfig) -> int:
         return 1
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
-    ctx = AppContext(db=cfg.db, rules=rules, api_token=cfg.api_token, secure_cookies=cfg.secure_cookies)
+    try:
+        with cfg.db.write() as tx:            # the rules credited by from now on, once per version and file
+            device_log.log_rules_of(tx, rules, now_ms())
+    except DatabaseError as exc:
+        log.error("cannot log the rules %s: %s", rules.version, exc)
+        return 1
+    try:
+        origin = translog.origin(cfg.db, cfg.log_origin)
+    except TranslogError as exc:
+        raise ConfigError("log_origin", str(exc)) from None
+    ctx = AppContext(db=cfg.db, rules=rules, api_token=cfg.api_token, secure_cookies=cfg.secure_cookies,
+                     witnesses=len(cfg.witnesses))
     if cfg.api_token is None:
         log.warning("no --api-token: the /api paths answer anyone who can reach %s:%d",
                     cfg.http_host, cfg.http_port)
@@ -61,16 +76,20 @@ def run(cfg: RunConfig) -> int:
     # stopped; before and after, these stop the server.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     ingest = Ingest(cfg.db, rules, cfg.broker, cfg.fleet_token, on_fatal=stop, evidence=cfg.evidence)
+    pusher = Pusher(cfg.db, cfg.witnesses, ctx.clock)
     started = time.monotonic()
     try:
         ingest.start()
-        log.info("serving HTTP on %s:%d; rules %s", cfg.http_host, cfg.http_port, rules.version)
+        pusher.start()
+        log.info("serving HTTP on %s:%d; rules %s; log %s, %d witness(es)", cfg.http_host, cfg.http_port,
+                 rules.version, origin, len(cfg.witnesses))
         try:
             server.run()
         except SystemExit as exc:       # uvicorn exits this way when it cannot bind its socket
             log.error("the HTTP server could not start on %s:%d", cfg.http_host, cfg.http_port)
             return int(exc.code) if isinstance(exc.code, int) else 1
     finally:
+        pusher.stop()
         ingest.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -1,4 +1,4 @@
-"""How to reach the MQTT broker and where to listen (DESIGN §7), parsed the same way by the
+"""How to reach the MQTT broker and where to listen (docs/DESIGN.md §7), parsed the same way by the
 agent and the backend.
 
 ``--broker`` is ``mqtt://[user:password@]host[:port]`` or ``mqtts://…`` (port 1883 or 8883 by

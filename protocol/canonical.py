@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Set
 from typing import Any
 
 from protocol.errors import BadFormat
@@ -110,3 +111,20 @@ def loads_object(data: bytes, what: str = "payload", *, max_bytes: int = MAX_BYT
     if not isinstance(obj, dict):
         raise BadFormat(f"{what}: must be a JSON object")
     return obj
+
+
+def _names(keys: Set[str]) -> str:
+    """Member names for an error message: sorted, at most five, each cut to 40 characters."""
+    shown = [repr(k[:40]) for k in sorted(keys)[:5]]
+    return ", ".join(shown) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def check_members(obj: Mapping[str, Any], members: Set[str], what: str, hint: str = "") -> None:
+    """Raise :class:`BadFormat` unless ``obj`` has exactly ``members``, naming what is extra or
+    missing (then ``hint``)."""
+    unknown = set(obj) - members
+    if unknown:
+        raise BadFormat(f"{what}: unknown members {_names(unknown)}{hint}")
+    missing = set(members) - set(obj)
+    if missing:
+        raise BadFormat(f"{what}: missing {_names(missing)}{hint}")

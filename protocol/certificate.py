@@ -1,69 +1,99 @@
-"""The mileage certificate (DESIGN §6): build one from values, verify one offline.
+"""The mileage certificate (docs/certificate.md): build one from log entries, verify one offline.
 
-A certificate is one JSON object::
+A certificate is one JSON file, in exactly the encoding :func:`encode` gives::
 
-    {"format": "odoledger-mileage-certificate", "v": 1, "vin": "…", "issued_at": <ms>,
-     "checkpoint": "<JWS by the log key>",
-     "devices": [{"dev", "pub": "<base64url raw key>",
-                  "enrollment": {"vin", "t", "status", "decided_at", "jws"?}}],
-     "records": [{"jws": "<record, verbatim>", "index": <leaf>, "proof": ["<hex>", …], "t_est"?}],
-     "gaps":    [{"dev", "seq", "note"}]}
+    {"format": "odoledger-mileage-certificate", "v": 2, "vin": "…",
+     "log": {"origin": "…", "checkpoint": "<c2sp.org/tlog-checkpoint note, cosignatures and all>"},
+     "entries": [{"index": <leaf>, "leaf": "<the log entry>", "proof": ["<hex>", …]}, …],
+     "annotations": {"v": 1, "vin", "issued_at", "size", "t_est": {…}, "gaps": [{"dev", "seq", "note"}],
+                     "signature": "<base64url: the log key's>"}}
 
-What a verifier can check with the log key alone: the checkpoint's signature;
-every record's signature by its device's key (the device id is derived from the
-key); every record's inclusion in the checkpointed tree; each device's chain of
-``prev`` links between consecutive records; that the odometer never decreases
-(but for corrections of at most :data:`CORRECTION_SLACK_M` by a figure that is
-not the car's own, which are listed).
-The enrolment, the gap notes and ``t_est`` (the backend's estimate of when a
-record was taken while the device's clock was not synced) are the backend's
-word: shown, not proven (an
-enrolment's own signature is checked when it is included, which the backend does
-only when it carries no fleet token).
+Everything in it is either an entry of the log, proven included in the checkpoint (the
+vehicle's records, and the signed enrolments and logged decisions of its devices), or the
+checkpoint itself, signed by the log and cosigned by witnesses, or the annotations: the
+backend's word (when a record of an unsynced clock was taken; why seqs are missing), signed by
+the log key so that it cannot be changed, but not proven. Unknown members are refused, and a
+file not in its canonical encoding is refused, so a changed byte anywhere fails.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol import b64, canonical, checkpoint, messages, records
-from protocol.checkpoint import Checkpoint
+from protocol import b64, canonical, jws, messages, note, records
+from protocol.checkpoint import NoteCheckpoint, log_verifier, open_note, verify_inclusion
 from protocol.errors import BadFormat, BadSignature, ProtocolError
-from protocol.identity import VerifyKey
+from protocol.identity import DEV_RE, VIN_RE, SigningKey, VerifyKey
+from protocol.messages import Enrollment
 from protocol.records import Record
 
 FORMAT = "odoledger-mileage-certificate"
-VERSION = 1
+VERSION = 2
 #: The largest certificate read: a vehicle's whole life at one record a minute fits many times over.
 MAX_CERTIFICATE_BYTES = 2**30
+MAX_ENTRIES = 4_000_000
+MAX_PROOF = 64
+MAX_ENTRY_BYTES = 65535
+MAX_NOTE_CHARS = 200
 #: A figure that is not the car's own (``derived`` from speed, or typed by the driver) may fall
 #: back by this much from the device's previous one: a correction, which the backend accepts.
 #: Two OBD figures may never fall.
 CORRECTION_SLACK_M = 2_000
 #: Between two figures read from the car (A6) by different dongles: rounding of the cluster's value.
 OBD_ROUNDING_M = 100
+#: What the log key signs to vouch for the annotations (never a checkpoint: that has no brace).
+ANNOTATIONS_CONTEXT = b"odoledger certificate annotations v1\n"
+DECISIONS = ("approve", "revoke", "retire", "clear")
+_TOP = {"format", "v", "vin", "log", "entries", "annotations"}
+_LOG = {"origin", "checkpoint"}
+_ENTRY = {"index", "leaf", "proof"}
+_ANNOTATIONS = {"v", "vin", "issued_at", "size", "t_est", "gaps", "signature"}
+_GAP = {"dev", "seq", "note"}
+_ENROLMENT = {"entry", "enrolment", "at"}
+_DECISION = {"entry", "action", "dev", "vin", "by", "at", "replaces"}
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_RECORD_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MAX_INT = 2**53 - 1
 
 
 class CertificateError(ProtocolError):
     """The certificate does not prove what it claims; the message names the first failure."""
 
 
+# -- the log entries a certificate holds ------------------------------------------------------
+
 @dataclass(frozen=True)
-class DeviceEntry:
+class Decision:
+    """An operator's (or a fleet token's) logged decision on a device."""
+
+    index: int
+    action: str
+    dev: str
+    vin: str | None
+    by: str
+    at: int
+    replaces: str | None
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    """A device's self-signed enrolment, as logged at ``index``."""
+
+    index: int
+    enrollment: Enrollment
+    at: int
+
+
+@dataclass(frozen=True)
+class Device:
     dev: str
     pub: VerifyKey
-    enrollment: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class RecordEntry:
-    jws: str = field(repr=False)
-    index: int
-    proof: tuple[bytes, ...]
-    t_est: int | None = None        # the backend's estimate of when, for a device clock not synced
+    enrolments: tuple[Enrolled, ...]
+    decisions: tuple[Decision, ...]
 
 
 @dataclass(frozen=True)
@@ -81,14 +111,17 @@ class Proven:
     """What a verified certificate proves."""
 
     vin: str
-    checkpoint: Checkpoint
-    devices: tuple[DeviceEntry, ...]
+    checkpoint: NoteCheckpoint
+    devices: tuple[Device, ...]
     records: tuple[Record, ...]          # by device, then seq
+    indexes: Mapping[str, int]           # record id -> its leaf index
     gaps: tuple[Gap, ...]
     starts: Mapping[str, int]                    # first seq in the certificate, per device
     warnings: tuple[str, ...]
     corrections: tuple[str, ...] = ()            # small falls of a derived or driver's figure
     estimates: Mapping[str, int] = field(default_factory=dict)   # record id -> backend's t_est (unproven)
+    issued_at: int = 0
+    ignored_signatures: int = 0          # signature lines on the checkpoint from keys not given: unchecked
 
     @property
     def readings(self) -> tuple[Record, ...]:
@@ -97,91 +130,188 @@ class Proven:
         return tuple(sorted(with_odo, key=lambda r: (r.odo_m, r.t, r.dev, r.seq)))
 
 
-def build(vin: str, devices: Sequence[DeviceEntry], entries: Sequence[RecordEntry], checkpoint_jws: str,
-          gaps: Sequence[Mapping[str, Any]], issued_at: int) -> dict[str, Any]:
-    """Assemble a certificate object from values the backend looked up."""
+# -- building ---------------------------------------------------------------------------------
+
+def _annotations_message(body: Mapping[str, Any]) -> bytes:
+    return ANNOTATIONS_CONTEXT + canonical.dumps(dict(body))
+
+
+def sign_annotations(key: SigningKey, vin: str, issued_at: int, size: int, t_est: Mapping[str, int],
+                     gaps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The annotations object, signed by the log key."""
+    body: dict[str, Any] = {"v": 1, "vin": vin, "issued_at": issued_at, "size": size, "t_est": dict(t_est),
+                            "gaps": [{"dev": g["dev"], "seq": g["seq"], "note": g["note"][:MAX_NOTE_CHARS]}
+                                     for g in gaps]}
+    return {**body, "signature": b64.encode(key.sign(_annotations_message(body)))}
+
+
+def build(vin: str, origin: str, checkpoint_note: str, entries: Sequence[tuple[int, bytes, Sequence[bytes]]],
+          annotations: Mapping[str, Any]) -> dict[str, Any]:
+    """Assemble a certificate from the log's entries ``(index, entry, proof)`` and the rest."""
     return {
-        "format": FORMAT,
-        "v": VERSION,
-        "vin": vin,
-        "issued_at": issued_at,
-        "checkpoint": checkpoint_jws,
-        "devices": [{"dev": d.dev, "pub": b64.encode(d.pub.raw), "enrollment": dict(d.enrollment)}
-                    for d in devices],
-        "records": [{"jws": e.jws, "index": e.index, "proof": [p.hex() for p in e.proof],
-                     **({"t_est": e.t_est} if e.t_est is not None else {})} for e in entries],
-        "gaps": [dict(g) for g in gaps],
+        "format": FORMAT, "v": VERSION, "vin": vin,
+        "log": {"origin": origin, "checkpoint": checkpoint_note},
+        "entries": [{"index": i, "leaf": e.decode("utf-8"), "proof": [p.hex() for p in proof]}
+                    for i, e, proof in sorted(entries, key=lambda x: x[0])],
+        "annotations": dict(annotations),
     }
 
 
 def encode(cert: Mapping[str, Any]) -> bytes:
-    """The certificate as a JSON file (one record per line, for people who open it)."""
-    return (json.dumps(cert, indent=1, ensure_ascii=True) + "\n").encode("ascii")
+    """The certificate's one encoding (an entry a line or so, for people who open it)."""
+    return (json.dumps(cert, indent=1, sort_keys=True, ensure_ascii=True) + "\n").encode("ascii")
 
 
-# -- verification ------------------------------------------------------------------------------
-
+# -- verification -----------------------------------------------------------------------------
 
 def _fail(message: str) -> CertificateError:
     return CertificateError(message)
 
 
-def _get(obj: Mapping[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
+def _members(obj: object, allowed: set[str], where: str) -> Mapping[str, Any]:
+    if not isinstance(obj, dict):
+        raise _fail(f"{where}: must be an object")
+    try:
+        canonical.check_members(obj, allowed, where)
+    except BadFormat as exc:
+        raise _fail(str(exc)) from None
+    return obj
+
+
+def _int(obj: Mapping[str, Any], name: str, where: str, high: int = _MAX_INT) -> int:
     value = obj.get(name)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise _fail(f"{where}: {name} missing or of the wrong type")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+        raise _fail(f"{where}: {name} must be an integer from 0 to {high}")
     return value
 
 
-def _devices(cert: Mapping[str, Any], vin: str) -> dict[str, DeviceEntry]:
-    out: dict[str, DeviceEntry] = {}
-    for i, item in enumerate(_get(cert, "devices", list, "certificate")):
-        where = f"devices[{i}]"
-        if not isinstance(item, dict):
-            raise _fail(f"{where}: must be an object")
-        dev = _get(item, "dev", str, where)
+def _str(obj: Mapping[str, Any], name: str, where: str) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str):
+        raise _fail(f"{where}: {name} must be a string")
+    return value
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    index: int
+    data: bytes
+
+
+def _entries(raw: object, cp: NoteCheckpoint) -> list[_Leaf]:
+    if not isinstance(raw, list) or not raw:
+        raise _fail("certificate: entries must be a non-empty list")
+    if len(raw) > MAX_ENTRIES:
+        raise _fail(f"certificate: more than {MAX_ENTRIES} entries")
+    out: list[_Leaf] = []
+    for n, item in enumerate(raw):
+        where = f"entries[{n}]"
+        obj = _members(item, _ENTRY, where)
+        index = _int(obj, "index", where)
+        if index >= cp.size:
+            raise _fail(f"{where}: index {index} is outside the checkpoint's {cp.size} entries")
+        if out and index <= out[-1].index:
+            raise _fail(f"{where}: entries must be in ascending index order, each once")
+        data = _str(obj, "leaf", where).encode("utf-8", "surrogatepass")
+        if len(data) > MAX_ENTRY_BYTES:
+            raise _fail(f"{where}: an entry of more than {MAX_ENTRY_BYTES} bytes")
+        proof = obj["proof"]
+        if (not isinstance(proof, list) or len(proof) > MAX_PROOF
+                or not all(isinstance(p, str) and _HEX64.fullmatch(p) for p in proof)):
+            raise _fail(f"{where}: proof must be a list of at most {MAX_PROOF} hashes, each 64 lowercase hex")
         try:
-            pub = VerifyKey(b64.decode(_get(item, "pub", str, where), f"{where}.pub"))
+            verify_inclusion(cp, index, data, [bytes.fromhex(p) for p in proof])
         except BadFormat as exc:
-            raise _fail(f"{where}: {exc}") from None
-        if pub.id != dev:
-            raise _fail(f"{where}: device id {dev} is not the id of its public key ({pub.id})")
-        enrollment = item.get("enrollment", {})
-        if not isinstance(enrollment, dict):
-            raise _fail(f"{where}: enrollment must be an object")
-        signed = enrollment.get("jws")
-        if signed is not None:
-            try:
-                e = messages.verify_enrollment(signed)
-            except (BadFormat, BadSignature) as exc:
-                raise _fail(f"device {dev}: its enrolment does not verify ({exc})") from None
-            if e.dev != dev:
-                raise _fail(f"device {dev}: its enrolment is another device's ({e.dev})")
-        if dev in out:
-            raise _fail(f"device {dev}: listed twice")
-        out[dev] = DeviceEntry(dev, pub, enrollment)
-    if not out:
-        raise _fail("certificate: no devices")
+            raise _fail(f"{where}: not included in the checkpoint ({exc})") from None
+        out.append(_Leaf(index, data))
     return out
 
 
-def _records(cert: Mapping[str, Any], vin: str, devices: Mapping[str, DeviceEntry],
-             cp: Checkpoint, estimates: dict[str, int]) -> list[Record]:
+def _decision(obj: Mapping[str, Any], index: int, where: str) -> Decision:
+    _members(obj, _DECISION, where)
+    action, dev, vin, by, replaces = (obj.get(k) for k in ("action", "dev", "vin", "by", "replaces"))
+    if action not in DECISIONS:
+        raise _fail(f"{where}: action must be one of {', '.join(DECISIONS)}")
+    if not isinstance(dev, str) or not DEV_RE.fullmatch(dev):
+        raise _fail(f"{where}: dev must be a device id")
+    if vin is not None and (not isinstance(vin, str) or not VIN_RE.fullmatch(vin)):
+        raise _fail(f"{where}: vin must be a VIN or null")
+    if not isinstance(by, str) or not 1 <= len(by) <= 200:
+        raise _fail(f"{where}: by must be a string of 1 to 200 characters")
+    if replaces is not None and (not isinstance(replaces, str) or not DEV_RE.fullmatch(replaces)):
+        raise _fail(f"{where}: replaces must be a device id or null")
+    return Decision(index, str(action), dev, vin, by, _int(obj, "at", where), replaces)
+
+
+def _classify(leaves: Sequence[_Leaf]) -> tuple[list[tuple[int, jws.Compact]], list[Enrolled],
+                                                  list[Decision]]:
+    recs: list[tuple[int, jws.Compact]] = []
+    enrolled: list[Enrolled] = []
+    decisions: list[Decision] = []
+    for leaf in leaves:
+        where = f"entry {leaf.index}"
+        if not leaf.data.startswith(b"{"):
+            try:
+                recs.append((leaf.index, records.open_unverified(leaf.data)))
+            except BadFormat as exc:
+                raise _fail(f"{where}: not a record ({exc})") from None
+            continue
+        try:
+            obj = canonical.loads_object(leaf.data, where)
+            if canonical.dumps(obj) != leaf.data:
+                raise BadFormat(f"{where}: not in canonical JSON")
+        except BadFormat as exc:
+            raise _fail(str(exc)) from None
+        kind = obj.get("entry")
+        if kind == "enrolment":
+            _members(obj, _ENROLMENT, where)
+            try:
+                e = messages.verify_enrollment(_str(obj, "enrolment", where))
+            except (BadFormat, BadSignature) as exc:
+                raise _fail(f"{where}: the device's enrolment does not verify ({exc})") from None
+            enrolled.append(Enrolled(leaf.index, e, _int(obj, "at", where)))
+        elif kind == "decision":
+            decisions.append(_decision(obj, leaf.index, where))
+        else:
+            raise _fail(f"{where}: a {kind!r} entry, which a certificate does not hold")
+    return recs, enrolled, decisions
+
+
+def _devices(enrolled: Sequence[Enrolled], decisions: Sequence[Decision]) -> dict[str, Device]:
+    keys: dict[str, VerifyKey] = {}
+    for e in enrolled:
+        keys.setdefault(e.enrollment.dev, e.enrollment.pub)
+    for d in decisions:
+        if d.dev not in keys:
+            raise _fail(f"entry {d.index}: a decision on device {d.dev}, whose enrolment the certificate "
+                        "does not hold")
+    return {dev: Device(dev, pub, tuple(e for e in enrolled if e.enrollment.dev == dev),
+                        tuple(d for d in decisions if d.dev == dev)) for dev, pub in sorted(keys.items())}
+
+
+def _authorised(device: Device, index: int, vin: str, label: str) -> None:
+    """The record logged at ``index`` came after its device's enrolment and an approval for
+    ``vin``, with no revocation or retirement between."""
+    if not any(e.index < index for e in device.enrolments):
+        raise _fail(f"{label}: logged before its device enrolled")
+    standing = [d for d in device.decisions if d.index < index and d.action != "clear"]
+    if not standing or standing[-1].action != "approve":
+        state = "never approved" if not standing else f"{standing[-1].action}d at entry {standing[-1].index}"
+        raise _fail(f"{label}: logged while its device was {state}")
+    if standing[-1].vin not in (vin, None):
+        raise _fail(f"{label}: logged while its device was approved for VIN {standing[-1].vin}, not {vin}")
+
+
+def _records(recs: Sequence[tuple[int, jws.Compact]], devices: Mapping[str, Device], vin: str,
+             indexes: dict[str, int]) -> list[Record]:
     out: list[Record] = []
     seen: set[tuple[str, int]] = set()
-    for i, item in enumerate(_get(cert, "records", list, "certificate")):
-        where = f"records[{i}]"
-        if not isinstance(item, dict):
-            raise _fail(f"{where}: must be an object")
-        text = _get(item, "jws", str, where)
-        index = _get(item, "index", int, where)
-        try:
-            parts = records.open_unverified(text)
-        except BadFormat as exc:
-            raise _fail(f"{where}: not a record ({exc})") from None
+    for index, parts in recs:
+        where = f"entry {index}"
         device = devices.get(parts.kid)
         if device is None:
-            raise _fail(f"{where}: signed by device {parts.kid}, which the certificate does not list")
+            raise _fail(f"{where}: a record of device {parts.kid}, whose enrolment the certificate does "
+                        "not hold")
         try:
             record = records.verify(parts, device.pub)
         except BadSignature:
@@ -194,20 +324,8 @@ def _records(cert: Mapping[str, Any], vin: str, devices: Mapping[str, DeviceEntr
         if (record.dev, record.seq) in seen:
             raise _fail(f"{label}: appears twice")
         seen.add((record.dev, record.seq))
-        raw_proof = _get(item, "proof", list, where)
-        try:
-            proof = [bytes.fromhex(p) for p in raw_proof]
-        except (TypeError, ValueError):
-            raise _fail(f"{label}: its inclusion proof is not a list of hex hashes") from None
-        if any(len(p) != 32 for p in proof):
-            raise _fail(f"{label}: its inclusion proof has a hash that is not 32 bytes")
-        try:
-            checkpoint.verify_inclusion(cp, index, text.encode("ascii"), proof)
-        except BadFormat as exc:
-            raise _fail(f"{label}: {exc}") from None
-        t_est = item.get("t_est")
-        if isinstance(t_est, int) and not isinstance(t_est, bool) and record.clock != "synced":
-            estimates[record.id] = t_est
+        _authorised(device, index, vin, label)
+        indexes[record.id] = index
         out.append(record)
     if not out:
         raise _fail("certificate: no records")
@@ -215,16 +333,45 @@ def _records(cert: Mapping[str, Any], vin: str, devices: Mapping[str, DeviceEntr
     return out
 
 
-def _gap_notes(cert: Mapping[str, Any]) -> dict[tuple[str, int], str]:
+def _annotations(raw: object, log_key: VerifyKey, vin: str, cp: NoteCheckpoint, recs: Sequence[Record]
+                 ) -> tuple[int, dict[str, int], dict[tuple[str, int], str]]:
+    obj = _members(raw, _ANNOTATIONS, "annotations")
+    body = {k: v for k, v in obj.items() if k != "signature"}
+    try:
+        signature = b64.decode(_str(obj, "signature", "annotations"), "annotations signature")
+        log_key.verify(signature, _annotations_message(body))
+    except (BadFormat, BadSignature):
+        raise _fail("annotations: the log key's signature does not verify") from None
+    if obj["v"] != 1:
+        raise _fail("annotations: v must be 1")
+    if obj["vin"] != vin:
+        raise _fail(f"annotations: made for VIN {str(obj['vin'])[:20]}, not {vin}")
+    if _int(obj, "size", "annotations") != cp.size:
+        raise _fail(f"annotations: made for a checkpoint of {obj['size']} entries, not {cp.size}")
+    issued_at = _int(obj, "issued_at", "annotations")
+    unsynced = {r.id for r in recs if r.clock != "synced"}
+    t_est = obj["t_est"]
+    if not isinstance(t_est, dict):
+        raise _fail("annotations: t_est must be an object")
+    estimates: dict[str, int] = {}
+    for rid in t_est:
+        if not _RECORD_ID.fullmatch(rid) or rid not in unsynced:
+            raise _fail(f"annotations: t_est for {rid[:70]!r}, not a record of this certificate with an "
+                        "unsynced clock")
+        estimates[rid] = _int(t_est, rid, "annotations t_est")
+    gaps = obj["gaps"]
+    if not isinstance(gaps, list):
+        raise _fail("annotations: gaps must be a list")
     notes: dict[tuple[str, int], str] = {}
-    raw = cert.get("gaps", [])
-    if not isinstance(raw, list):
-        raise _fail("certificate: gaps must be a list")
-    for item in raw:
-        if (isinstance(item, dict) and isinstance(item.get("dev"), str) and isinstance(item.get("seq"), int)
-                and isinstance(item.get("note"), str)):
-            notes[(item["dev"], item["seq"])] = item["note"]
-    return notes
+    for n, item in enumerate(gaps):
+        g = _members(item, _GAP, f"annotations gaps[{n}]")
+        dev = _str(g, "dev", f"annotations gaps[{n}]")
+        text = _str(g, "note", f"annotations gaps[{n}]")
+        if not DEV_RE.fullmatch(dev) or len(text) > MAX_NOTE_CHARS:
+            raise _fail(f"annotations gaps[{n}]: a device id and a note of at most {MAX_NOTE_CHARS} "
+                        "characters")
+        notes[(dev, _int(g, "seq", f"annotations gaps[{n}]"))] = text
+    return issued_at, estimates, notes
 
 
 def _source(r: Record) -> str | None:
@@ -233,10 +380,9 @@ def _source(r: Record) -> str | None:
 
 
 def _chains(recs: Sequence[Record], notes: Mapping[tuple[str, int], str], estimates: Mapping[str, int]
-            ) -> tuple[list[Gap], dict[str, int], list[str], list[str]]:
+            ) -> tuple[list[Gap], dict[str, int], list[str]]:
     gaps: list[Gap] = []
     starts: dict[str, int] = {}
-    warnings: list[str] = []
     corrections: list[str] = []
     last: dict[str, Record] = {}
     reading: dict[str, Record] = {}
@@ -278,33 +424,61 @@ def _chains(recs: Sequence[Record], notes: Mapping[tuple[str, int], str], estima
                             f"{top.odo_m} m (device {top.dev} seq {top.seq}) to {r.odo_m} m")
         if top is None or (top.odo_m is not None and r.odo_m >= top.odo_m):
             top = r
-    return gaps, starts, warnings, corrections
+    return gaps, starts, corrections
 
 
-def verify(data: bytes | str | Mapping[str, Any], log_key: VerifyKey) -> Proven:
-    """Verify a certificate offline; raise :class:`CertificateError` naming the first failure."""
+def _load(data: bytes | str | Mapping[str, Any]) -> Mapping[str, Any]:
     if isinstance(data, Mapping):
-        cert: Mapping[str, Any] = data
-    else:
-        raw = data.encode("utf-8") if isinstance(data, str) else data
-        try:
-            cert = canonical.loads_object(raw, "certificate", max_bytes=MAX_CERTIFICATE_BYTES)
-        except BadFormat as exc:
-            raise _fail(str(exc)) from None
+        return data
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        cert = canonical.loads_object(raw, "certificate", max_bytes=MAX_CERTIFICATE_BYTES)
+    except BadFormat as exc:
+        raise _fail(str(exc)) from None
     if cert.get("format") != FORMAT or cert.get("v") != VERSION:
         raise _fail(f"certificate: not an {FORMAT} version {VERSION}")
-    vin = _get(cert, "vin", str, "certificate")
+    if encode(cert) != raw:
+        raise _fail("certificate: not in its one encoding (a byte was changed, or the file was rewritten)")
+    return cert
+
+
+def verify(data: bytes | str | Mapping[str, Any], log_key: note.Verifier | VerifyKey,
+           witnesses: Sequence[note.Verifier] = (), quorum: int = 0) -> Proven:
+    """Verify a certificate offline, with the log's key (a note verifier key, whose name must be
+    the certificate's origin, or a bare key) and ``quorum`` of ``witnesses``' cosignatures;
+    raise :class:`CertificateError` naming the first failure."""
+    cert = _members(_load(data), _TOP, "certificate")
+    if cert["format"] != FORMAT or cert["v"] != VERSION:
+        raise _fail(f"certificate: not an {FORMAT} version {VERSION}")
+    vin = _str(cert, "vin", "certificate")
+    if not VIN_RE.fullmatch(vin):
+        raise _fail("certificate: vin is not a VIN")
+    log = _members(cert["log"], _LOG, "log")
+    origin = _str(log, "origin", "log")
+    if isinstance(log_key, note.Verifier):
+        if log_key.name != origin:
+            raise _fail(f"log: the certificate is of log {origin!r}; the key given is of log "
+                        f"{log_key.name!r}")
+        verifier = log_key
+    else:
+        try:
+            verifier = log_verifier(origin, log_key)
+        except BadFormat as exc:
+            raise _fail(f"log: origin {exc}") from None
     try:
-        cp = checkpoint.verify(_get(cert, "checkpoint", str, "certificate"), log_key)
-    except BadSignature:
-        raise _fail("checkpoint: the log key's signature does not verify") from None
+        cp = open_note(_str(log, "checkpoint", "log"), verifier, witnesses, quorum)
+    except BadSignature as exc:
+        raise _fail(f"checkpoint: {str(exc).removeprefix('checkpoint: ')}") from None
     except BadFormat as exc:
-        raise _fail(str(exc) if str(exc).startswith("checkpoint") else f"checkpoint: {exc}") from None
-    devices = _devices(cert, vin)
-    estimates: dict[str, int] = {}
-    recs = _records(cert, vin, devices, cp, estimates)
-    gaps, starts, warnings, corrections = _chains(recs, _gap_notes(cert), estimates)
-    unused = sorted(set(devices) - {r.dev for r in recs})
-    warnings.extend(f"device {d} is listed but signed none of the records" for d in unused)
-    return Proven(vin, cp, tuple(devices.values()), tuple(recs), tuple(gaps), starts, tuple(warnings),
-                  tuple(corrections), estimates)
+        raise _fail(f"checkpoint: {str(exc).removeprefix('checkpoint: ')}") from None
+    recs, enrolled, decisions = _classify(_entries(cert["entries"], cp))
+    devices = _devices(enrolled, decisions)
+    indexes: dict[str, int] = {}
+    verified = _records(recs, devices, vin, indexes)
+    issued_at, estimates, notes = _annotations(cert["annotations"], verifier.public, vin, cp, verified)
+    gaps, starts, corrections = _chains(verified, notes, estimates)
+    warnings = [f"device {d} is in the certificate but signed none of its records"
+                for d in sorted(set(devices) - {r.dev for r in verified})]
+    ignored = len(note.parse(cp.signed).signatures) - 1 - len(cp.cosignatures)
+    return Proven(vin, cp, tuple(devices.values()), tuple(verified), indexes, tuple(gaps), starts,
+                  tuple(warnings), tuple(corrections), estimates, issued_at, ignored)

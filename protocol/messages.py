@@ -1,4 +1,4 @@
-"""MQTT message bodies (DESIGN §4): encode and strictly decode each shape."""
+"""MQTT message bodies (docs/protocol.md §4): encode and strictly decode each shape."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ REASONS = (
     "chain_break", "fork", "odometer_rollback", "implausible_distance", "vin_mismatch",
     "clock_ahead", "trip_mismatch",
 )
-#: Reasons that do not take the record's seq (DESIGN §4).
+#: Reasons that do not take the record's seq (docs/protocol.md §4).
 UNSEQUENCED = frozenset(
     {"bad_format", "bad_signature", "unknown_device", "revoked_device", "dev_mismatch", "vin_mismatch"}
 )
@@ -162,21 +162,71 @@ def decode_status(body: bytes) -> dict[str, Any]:
 
 # -- enrolment ---------------------------------------------------------------
 
+#: The largest ``enroll`` message: a signed enrolment is well under 1 KiB.
+MAX_ENROLL_BYTES = 8 * 1024
+#: A fleet token: 1 to 200 printable ASCII characters.
+FLEET_TOKEN_RE = re.compile(r"[\x20-\x7e]{1,200}")
+_ENROLL_MEMBERS = frozenset({"enrolment", "fleet_token"})
+_ENROLLMENT_MEMBERS = frozenset({"v", "dev", "pub", "vin", "t"})
+_NEW_FORM = '{"enrolment": "<the signed enrolment>", "fleet_token": "<token>" or null}'
+
+
 @dataclass(frozen=True)
 class Enrollment:
+    """A device's self-signed enrolment: ``jws`` is the compact JWS, verbatim, of the payload
+    ``{"v":1,"dev","pub","vin","t"}``; it never holds a fleet token."""
+
     jws: str = field(repr=False)
     dev: str
     pub: VerifyKey
     vin: str | None
-    fleet_token: str | None = field(repr=False)
     t: int
 
 
-def sign_enrollment(key: SigningKey, vin: str | None, fleet_token: str | None, t: int) -> str:
+def sign_enrollment(key: SigningKey, vin: str | None, t: int) -> str:
+    """The device's enrolment, signed by its own key (a compact JWS)."""
+    if not 0 <= t <= MAX_MONO_MS:
+        raise ValueError(f"an enrolment's time must be 0..{MAX_MONO_MS} ms, got {t}")
     pub = key.public
-    payload = {"v": 1, "dev": pub.id, "pub": b64.encode(pub.raw), "vin": vin,
-               "fleet_token": fleet_token, "t": t}
+    payload = {"v": 1, "dev": pub.id, "pub": b64.encode(pub.raw), "vin": vin, "t": t}
     return jws.sign(canonical.dumps(payload), key, pub.id)
+
+
+def check_fleet_token(token: str | None) -> str | None:
+    """``token`` if it is None or 1 to 200 printable ASCII characters; else :class:`ValueError`
+    (whose message never repeats the token)."""
+    if token is not None and (not isinstance(token, str) or not FLEET_TOKEN_RE.fullmatch(token)):
+        raise ValueError("a fleet token must be 1 to 200 printable ASCII characters")
+    return token
+
+
+def encode_enroll(enrolment_jws: str, fleet_token: str | None) -> bytes:
+    """The ``enroll`` message: the signed enrolment, and the fleet token beside it (not in it)."""
+    check_fleet_token(fleet_token)
+    body = _dumps({"enrolment": enrolment_jws, "fleet_token": fleet_token})
+    if len(body) > MAX_ENROLL_BYTES:
+        raise ValueError(f"an enroll message is at most {MAX_ENROLL_BYTES} bytes")
+    return body
+
+
+def decode_enroll(body: bytes) -> tuple[Enrollment, str | None]:
+    """The verified enrolment in an ``enroll`` message, and the fleet token that came with it.
+
+    The size is checked before anything is parsed; unknown members are refused; the old form
+    (a bare signed enrolment, or one whose payload holds the token) is refused saying so.
+    Raises :class:`BadFormat` or :class:`BadSignature`; no message repeats the token."""
+    if len(body) > MAX_ENROLL_BYTES:
+        raise BadFormat(f"enroll: larger than {MAX_ENROLL_BYTES} bytes")
+    if body.startswith(b"eyJ"):
+        raise BadFormat(f"enroll: a bare signed enrolment is the old form of this message; send {_NEW_FORM}")
+    obj = canonical.loads_object(body, "enroll", max_bytes=MAX_ENROLL_BYTES, max_depth=1)
+    canonical.check_members(obj, _ENROLL_MEMBERS, "enroll", f"; the message is {_NEW_FORM}")
+    signed, token = obj["enrolment"], obj["fleet_token"]
+    if not isinstance(signed, str):
+        raise BadFormat("enroll: enrolment must be a string (a compact JWS)")
+    if token is not None and (not isinstance(token, str) or not FLEET_TOKEN_RE.fullmatch(token)):
+        raise BadFormat("enroll: fleet_token must be 1 to 200 printable ASCII characters, or null")
+    return verify_enrollment(signed), token
 
 
 def verify_enrollment(body: bytes | str) -> Enrollment:
@@ -185,27 +235,31 @@ def verify_enrollment(body: bytes | str) -> Enrollment:
     parts = jws.split(body)
     # The key travels inside the payload, so it is read before the signature
     # can be checked; nothing else is trusted until it is.
-    unverified = canonical.loads_object(parts.payload, "enroll")
+    unverified = canonical.loads_object(parts.payload, "enrolment")
+    if "fleet_token" in unverified:
+        raise BadFormat("enrolment: a signed enrolment holding fleet_token is the old form; the token now "
+                        f"travels beside it, never inside it: {_NEW_FORM}, signed payload "
+                        '{"v":1,"dev","pub","vin","t"}')
     pub_text = unverified.get("pub")
     if not isinstance(pub_text, str):
-        raise BadFormat("enroll: pub missing")
-    pub = VerifyKey(b64.decode(pub_text, "enroll pub"))
+        raise BadFormat("enrolment: pub missing")
+    pub = VerifyKey(b64.decode(pub_text, "enrolment pub"))
     if parts.kid != pub.id:
-        raise BadFormat("enroll: kid is not the id of pub")
-    payload = canonical.loads_object(jws.verify(parts, pub), "enroll")
-    if payload.get("v") != 1:
-        raise BadFormat("enroll: v must be 1")
-    if payload.get("dev") != device_id(pub.raw) or not DEV_RE.fullmatch(str(payload.get("dev"))):
-        raise BadFormat("enroll: dev is not the id of pub")
-    vin = payload.get("vin")
+        raise BadFormat("enrolment: kid is not the id of pub")
+    payload = canonical.loads_object(jws.verify(parts, pub), "enrolment")
+    canonical.check_members(payload, _ENROLLMENT_MEMBERS, "enrolment")
+    if payload["v"] != 1 or isinstance(payload["v"], bool):
+        raise BadFormat("enrolment: v must be 1")
+    if payload["dev"] != device_id(pub.raw) or not DEV_RE.fullmatch(str(payload["dev"])):
+        raise BadFormat("enrolment: dev is not the id of pub")
+    vin = payload["vin"]
     if vin is not None and (not isinstance(vin, str) or not VIN_RE.fullmatch(vin)):
-        raise BadFormat("enroll: vin malformed")
-    token = payload.get("fleet_token")
-    if token is not None and not isinstance(token, str):
-        raise BadFormat("enroll: fleet_token must be a string or null")
-    t = _int(payload, "t", "enroll")
+        raise BadFormat("enrolment: vin must be a VIN (17 characters of A-H, J-N, P, R-Z and 0-9) or null")
+    t = _int(payload, "t", "enrolment")
     assert t is not None
-    return Enrollment(parts.text, pub.id, pub, vin, token, t)
+    if t > MAX_MONO_MS:
+        raise BadFormat(f"enrolment: t must be at most {MAX_MONO_MS}")
+    return Enrollment(parts.text, pub.id, pub, vin, t)
 
 
 def encode_enrolled(status: str, reason: str | None = None) -> bytes:

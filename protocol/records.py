@@ -1,4 +1,4 @@
-"""Records: build, sign, verify and parse (DESIGN §3).
+"""Records: build, sign, verify and parse (docs/protocol.md §3).
 
 A record is a compact JWS whose payload is canonical JSON with integers only.
 Its id is the SHA-256 of the compact string; ``prev`` chains each record to the

@@ -206,3 +206,21 @@ class TileTree:
     def consistency_proof(self, old_size: int) -> list[bytes]:
         """PROOF(old_size, D[size]) of RFC 6962 §2.1.2."""
         return merkle.consistency_path(self.mth, old_size, self.size)
+
+
+def root_with_leaves(tree: TileTree, first: int, leaf_hashes: Sequence[bytes]) -> bytes:
+    """The root of ``tree`` computed with the leaf hashes of leaves [first, size) given, and only
+    hashes of leaves before ``first`` taken from tiles: equal to a signed root, it proves that
+    those leaves are the log's (each one, and all of them), in O(size - first) hashes."""
+    if not 0 <= first <= tree.size or len(leaf_hashes) != tree.size - first:
+        raise ValueError(f"leaf hashes of [{first}, {tree.size}) needed, {len(leaf_hashes)} given")
+
+    def mth(start: int, end: int) -> bytes:
+        if end <= first:
+            return tree.mth(start, end)
+        if start >= first:
+            return merkle.root(leaf_hashes[start - first:end - first])
+        k = merkle.split(end - start)
+        return merkle.node_hash(mth(start, start + k), mth(start + k, end))
+
+    return mth(0, tree.size)

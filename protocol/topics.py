@@ -1,4 +1,4 @@
-"""MQTT topic names (DESIGN §4)."""
+"""MQTT topic names (docs/protocol.md §4.1)."""
 
 from __future__ import annotations
 

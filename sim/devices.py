@@ -133,8 +133,13 @@ class Dongle:
         """A record claiming to be this device's, signed with another key."""
         return jws.sign(canonical.dumps({"v": 1, **payload}), by, self.dev)
 
+    def enrollment(self, t: int = T0) -> str:
+        """The device's signed enrolment (a compact JWS, no token in it)."""
+        return messages.sign_enrollment(self.key, self.vin, t)
+
     def enroll_message(self, token: str | None = FLEET_TOKEN, t: int = T0) -> bytes:
-        return messages.sign_enrollment(self.key, self.vin, token, t).encode("ascii")
+        """The ``enroll`` message: the signed enrolment, ``token`` beside it."""
+        return messages.encode_enroll(self.enrollment(t), token)
 
 
 def batch(*items: Record | str, **extra: Any) -> bytes:

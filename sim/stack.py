@@ -34,13 +34,24 @@ from sim.cars import AgentResult, Car, CarSpec
 from sim.processes import ROOT, Proc, ProcessGroup, StackError, child_env, command, free_port, wait_port
 
 __all__ = ["API_TOKEN", "EXAMPLE_RULES", "FLEET_TOKEN", "ROOT", "AgentResult", "Car", "CarSpec", "Proc",
-           "Stack", "StackError", "free_port"]
+           "Stack", "StackError", "Witness", "free_port"]
 
 EXAMPLE_RULES = ROOT / "rules" / "example.toml"
 FLEET_TOKEN = "demo-fleet-token"
 API_TOKEN = "demo-api-token"
 #: the order :meth:`Stack.close` stops processes in, by the start of their names
-_STOP_ORDER = {"agent": 0, "car": 1, "backend": 2, "mosquitto": 3}
+_STOP_ORDER = {"agent": 0, "car": 1, "backend": 2, "witness": 3, "mosquitto": 4}
+
+
+@dataclass(frozen=True)
+class Witness:
+    """A running ``odo-witness``: its URL, verifier key file and state file."""
+
+    name: str
+    url: str
+    vkey: Path
+    state: Path
+    proc: Proc
 
 
 @dataclass
@@ -60,6 +71,8 @@ class Stack:
     broker: Proc | None = None
     backend: Proc | None = None
     cars: list[Car] = field(default_factory=list)
+    log_origin: str | None = None              # the transparency log's name (default: made by the backend)
+    witnesses: dict[str, Witness] = field(default_factory=dict)     # by name, started by start_witness
     _group: ProcessGroup = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -126,6 +139,10 @@ class Stack:
                 "--rules", str(self.rules), "--api-token", self.api_token]
         if self.fleet_token:
             argv += ["--fleet-token", self.fleet_token]
+        if self.log_origin:
+            argv += ["--log-origin", self.log_origin]
+        for w in self.witnesses.values():
+            argv += ["--witness", w.url]
         self.backend = self._group.spawn("backend", argv)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -141,6 +158,40 @@ class Stack:
             time.sleep(0.1)
         raise StackError(f"odo-backend did not answer /healthz within {timeout:.0f} s; "
                          f"see {self.backend.log}")
+
+    def log_key(self, *, pem: bool = False) -> Path:
+        """The log's verifier key (``odo-backend log-key``), written into the workdir."""
+        out = self.workdir / ("log.pem" if pem else "log.vkey")
+        args = ["log-key", "--out", str(out), *(["--pem"] if pem else [])]
+        if self.log_origin:
+            args += ["--log-origin", self.log_origin]
+        done = self.backend_cli(*args)
+        if done.returncode != 0:
+            raise StackError(f"odo-backend log-key: {done.stderr.strip()}")
+        return out
+
+    def start_witness(self, name: str) -> Witness:
+        """``odo-witness serve`` for this log on a free port, its state under the workdir; its
+        URL is passed to the backend started after it (``--witness``)."""
+        port = free_port()
+        state = self.workdir / f"witness-{name}.db"
+        log_key = self.log_key()
+        argv = [*command("odo-witness", "witness"), "serve", "--listen", f"127.0.0.1:{port}",
+                "--state", str(state), "--log-key", str(log_key), "--name", f"{name}.witness.example"]
+        proc = self._group.spawn(f"witness-{name}", argv)
+        wait_port(proc, port)
+        vkey = self.workdir / f"witness-{name}.vkey"
+        done = subprocess.run([*command("odo-witness", "witness"), "key", "--state", str(state), "--out",
+                               str(vkey)], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                              timeout=30, check=False)
+        if done.returncode != 0:
+            raise StackError(f"odo-witness key: {done.stderr.strip()}")
+        witness = Witness(name, f"http://127.0.0.1:{port}", vkey, state, proc)
+        self.witnesses[name] = witness
+        return witness
+
+    def stop_witness(self, name: str) -> None:
+        self._group.stop(self.witnesses[name].proc, timeout=10)
 
     def stop_backend(self) -> None:
         if self.backend is not None:

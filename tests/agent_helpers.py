@@ -50,7 +50,7 @@ class Backend:
         self.pub = pub
         self.approved = approved
         self.answers = list(answers)        # what to answer each enrolment, in turn
-        self.enrollments: list[messages.Enrollment] = []
+        self.enrollments: list[tuple[messages.Enrollment, str | None]] = []   # and the token beside it
         self.acking = True
         self.drop_acks = 0
         self.through = 0
@@ -62,7 +62,7 @@ class Backend:
                                   protocol=mqtt.MQTTv5)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.reconnect_delay_set(0.1, 0.5)  # type: ignore[arg-type]  # paho takes seconds as floats
         if tls is not None:  # (CA, certificate, key)
             self.client.tls_set(ca_certs=str(tls[0]), certfile=str(tls[1]), keyfile=str(tls[2]))
         self.client.connect(broker.host, port or broker.port)
@@ -74,16 +74,16 @@ class Backend:
 
     def _on_message(self, c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
         if m.topic == topics.status(self.dev):
-            self.statuses.append(messages.decode_status(m.payload))
+            self.statuses.append(messages.decode_status(bytes(m.payload)))
             return
         if m.topic == topics.enroll(self.dev):
-            self.enrollments.append(messages.verify_enrollment(m.payload))
+            self.enrollments.append(messages.decode_enroll(bytes(m.payload)))
             if self.answers:
                 status, reason = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
                 c.publish(topics.enrolled(self.dev), messages.encode_enrolled(status, reason), qos=1)
             return
         rejected = []
-        sent = messages.decode_batch(m.payload)
+        sent = messages.decode_batch(bytes(m.payload))
         self.clocks.append((sent.boot, sent.mono_ms))
         for jws in sent.records:
             assert isinstance(jws, str)

@@ -32,10 +32,9 @@ class SeededDevice:
 
 def add_device(db: Database, vin: str | None, status: str, *, enrolled_at: int,
                flagged_vin: str | None = None, online: bool = False, last_seen: int | None = None,
-               status_msg: dict[str, Any] | None = None,
-               fleet_token: str | None = "fleet-secret-token") -> SeededDevice:
+               status_msg: dict[str, Any] | None = None) -> SeededDevice:
     key = SigningKey.generate()
-    enrolment = messages.sign_enrollment(key, vin, fleet_token, enrolled_at)
+    enrolment = messages.sign_enrollment(key, vin, enrolled_at)
     with db.write() as tx:
         tx.execute(
             "INSERT INTO devices (dev, pub, vin, status, enrollment, enrolled_at, flagged_vin, last_seen, "

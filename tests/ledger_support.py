@@ -13,6 +13,7 @@ from backend.db import Database
 from backend.ledger import rewards
 from backend.ledger.accounts import Transfer
 from backend.ledger.rules import Rules, parse
+from backend.records import device_log
 from backend.records.store import TRIP_BEFORE_SQL
 from backend.transparency import translog
 from protocol import messages, records
@@ -56,6 +57,9 @@ class Car:
 
     def __init__(self, db: Database, vin: str | None = FRESH, *, fleet_token: str | None = None,
                  register: bool = True) -> None:
+        # ``fleet_token`` is what the device sent beside its enrolment: as the backend, this never
+        # stores it (the signed enrolment does not hold it).
+        del fleet_token
         self.db = db
         self.vin = fresh_vin() if vin == FRESH else vin
         self.key = SigningKey.generate()
@@ -64,12 +68,15 @@ class Car:
         self.prev = GENESIS
         self.odo_m = 10_000_000
         if register:
-            enrol = messages.sign_enrollment(self.key, vin, fleet_token, MONDAY - WEEK)
-            with db.write() as tx:
+            enrol = messages.sign_enrollment(self.key, self.vin, MONDAY - WEEK)
+            with db.write() as tx:      # enrolled and approved, and logged, as the backend does
                 tx.execute("INSERT INTO devices (dev, pub, vin, status, enrollment, enrolled_at, decided_at, "
-                           "approved_at) VALUES (?, ?, ?, 'approved', ?, ?, ?, ?)",
+                           "decided_by, approved_at) VALUES (?, ?, ?, 'approved', ?, ?, ?, 'fleet-token', ?)",
                            (self.dev, self.key.public.raw, self.vin, enrol, MONDAY - WEEK,
                             MONDAY - WEEK + 1000, MONDAY - WEEK + 1000))
+                device_log.log_enrolment(tx, messages.verify_enrollment(enrol), MONDAY - WEEK)
+                device_log.log_decision(tx, "approve", self.dev, self.vin, "fleet-token",
+                                        MONDAY - WEEK + 1000)
 
     @property
     def device(self) -> dict[str, Any]:

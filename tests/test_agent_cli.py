@@ -55,8 +55,9 @@ def test_enroll_waits_for_the_backend_and_says_how_it_went(tmp_path: Path, broke
     assert res.returncode == 3 and "pending" in res.stdout, res.stderr
     assert time.monotonic() - t0 >= 1.5
     assert status(state)["enrolled"] == "pending"
-    e = backend.enrollments[-1]
-    assert e.dev == dev and e.fleet_token == "fleet-tok" and e.vin is None
+    e, token = backend.enrollments[-1]
+    assert e.dev == dev and token == "fleet-tok" and e.vin is None
+    assert "fleet-tok" not in e.jws and "fleet_token" not in str(e)     # beside the signed enrolment
     backend.close()
     # rejected: exit 1 with the reason
     backend = Backend(broker, pub, answers=(("rejected", "unknown fleet token"),))
@@ -73,9 +74,9 @@ def test_enroll_waits_for_the_backend_and_says_how_it_went(tmp_path: Path, broke
 
 def test_enroll_beside_a_running_daemon_goes_through_the_daemon(tmp_path: Path, broker: Broker) -> None:
     from agent import daemon
+    from agent.cli import enroll_message
     from agent.sync import Syncer
     from common.transport import BrokerConfig
-    from protocol.messages import sign_enrollment
 
     state, dev = init(tmp_path, broker)
     key = identity.load(state)
@@ -83,7 +84,7 @@ def test_enroll_beside_a_running_daemon_goes_through_the_daemon(tmp_path: Path, 
     assert held is not None
     box = Outbox.open(state / "outbox.db")
     syncer = Syncer(BrokerConfig(broker.host, broker.port), dev, box,
-                    enrollment=lambda token: sign_enrollment(key, "WF0XXXGCDX1234567", token, 1))
+                    enrollment=lambda token: enroll_message(key, "WF0XXXGCDX1234567", token))
     stop = threading.Event()
     thread = threading.Thread(target=syncer.run, args=(stop,))
     thread.start()
@@ -93,7 +94,7 @@ def test_enroll_beside_a_running_daemon_goes_through_the_daemon(tmp_path: Path, 
         res = odo("enroll", "--state-dir", str(state), "--wait", "10", "--fleet-token", "new-token")
         assert res.returncode == 0 and "approved" in res.stdout, res.stderr
         # before it, the daemon may have sent its own on connect, while not approved (no token here)
-        got = [(e.vin, e.fleet_token) for e in backend.enrollments]
+        got = [(e.vin, token) for e, token in backend.enrollments]
         assert got[-1] == ("WF0XXXGCDX1234567", "new-token")
         assert set(got[:-1]) <= {("WF0XXXGCDX1234567", None)}
         assert box.state("enroll_request") is None

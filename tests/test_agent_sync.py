@@ -83,7 +83,7 @@ def test_records_are_marked_synced_only_when_acked(agent: Agent, broker: Broker)
     assert wait_for(lambda: agent.outbox.backlog() == 0)
     assert agent.outbox.counts().synced_through == 3
     assert agent.outbox.state("ack")["balance"] == 300
-    # each batch says when it was sent, on the clock its records carry (DESIGN §4)
+    # each batch says when it was sent, on the clock its records carry (docs/protocol.md §4.2)
     assert all(boot == boot_id() for boot, _ in backend.clocks)
     monos = [mono for _, mono in backend.clocks]
     assert all(isinstance(m, int) for m in monos) and monos == sorted(monos)

@@ -77,7 +77,7 @@ def test_stored_tokens_hash_expiry_and_uses(db: Database) -> None:
 def test_bad_token_input_is_refused(db: Database) -> None:
     for kwargs, text in (({"max_uses": 0}, "--max-uses"), ({"expires_at": NOW - 1}, "--expires")):
         with pytest.raises(ValueError, match=text):
-            enrollment.add_token(db, "x", NOW, **kwargs)  # type: ignore[arg-type]
+            enrollment.add_token(db, "x", NOW, **kwargs)
     with pytest.raises(ValueError, match="--label"):
         enrollment.add_token(db, "  ", NOW)
     assert parse_time("2026-12-31", "--expires") == 1_798_675_200_000
@@ -92,8 +92,9 @@ def test_forged_or_misplaced_enrolments_are_rejected(db: Database) -> None:
     answer = enrollment.handle(db, a.dev, b.enroll_message(), NOW, FLEET_TOKEN)
     assert answer.dev == a.dev and answer.status == "rejected"
     # a tampered enrolment (signature no longer matches)
-    head, body, sig = a.enroll_message().decode().split(".")
-    tampered = ".".join([head, body, sig[:-2] + ("AA" if sig[-2:] != "AA" else "BA")]).encode()
+    head, body, sig = a.enrollment().split(".")
+    tampered = messages.encode_enroll(".".join([head, body, sig[:-2] + ("AA" if sig[-2:] != "AA" else "BA")]),
+                                      FLEET_TOKEN)
     assert enrollment.handle(db, a.dev, tampered, NOW, FLEET_TOKEN).status == "rejected"
     assert enrollment.handle(db, a.dev, b"garbage", NOW, FLEET_TOKEN).status == "rejected"
     assert db.query("SELECT dev FROM devices") == []

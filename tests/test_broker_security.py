@@ -123,7 +123,7 @@ def test_a_device_cannot_read_another_devices_acks(secure: SecureBroker) -> None
 
 
 def test_the_largest_batch_passes_and_an_oversized_packet_is_refused(secure: SecureBroker) -> None:
-    """DESIGN §4 allows a records body of 256 KiB; the broker's max_packet_size must let it by."""
+    """docs/protocol.md §4.2 allows a records body of 256 KiB; the broker's max_packet_size must let it by."""
     body = b"x" * (256 * 1024)
     with backend(secure) as be, Client(secure, A) as a:
         be.subscribe(topics.shared("records"))

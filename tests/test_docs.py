@@ -1,4 +1,4 @@
-"""README.md keeps every command form that operators' scripts rely on (DESIGN §7), and what it
+"""README.md keeps every command form that operators' scripts rely on (docs/DESIGN.md §7), and what it
 points at (make targets, scripts, files) exists."""
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from backend import cli as backend_cli
 from backend import config as backend_config
 from backend import errors as backend_errors
 from common.transport import BrokerConfig
+from verifier import cli as verifier_cli
+from witness import cli as witness_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-PROGRAMS = ("odo-agent", "odo-backend", "odo-verify")
+PROGRAMS = ("odo-agent", "odo-backend", "odo-verify", "odo-witness")
 
 #: Each command form: the words that name it, then every option its documented form shows.
 FORMS: dict[str, tuple[str, ...]] = {
@@ -35,7 +37,8 @@ FORMS: dict[str, tuple[str, ...]] = {
     "odo-agent confirm": ("--state-dir", "--km", "--yes"),
     "odo-agent status": ("--state-dir", "--json"),
     "odo-agent ui": ("--state-dir", "--listen"),
-    "odo-backend run": ("--db", "--broker", "--http", "--rules", "--fleet-token", "--api-token"),
+    "odo-backend run": ("--db", "--broker", "--http", "--rules", "--fleet-token", "--api-token",
+                        "--log-origin", "--witness"),
     "odo-backend devices list": ("--db", "--json"),
     "odo-backend devices show": ("--db",),
     "odo-backend devices approve": ("--db",),
@@ -45,7 +48,9 @@ FORMS: dict[str, tuple[str, ...]] = {
     "odo-backend rewards audit": ("--db", "--rules"),
     "odo-backend certificate": ("--db", "--out"),
     "odo-backend log-key": ("--db", "--out"),
-    "odo-verify": ("--log-key",),
+    "odo-verify": ("--log-key", "--witness-key", "--quorum", "--log"),
+    "odo-witness serve": ("--listen", "--state", "--log-key"),
+    "odo-witness key": ("--state", "--out"),
 }
 
 
@@ -158,7 +163,7 @@ def test_make_test_runs_deps_venv_check_then_pytest_with_args() -> None:
 def test_mypy_is_strict_on_every_package() -> None:
     mypy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
     assert mypy["strict"] is True
-    assert set(mypy["packages"]) == {"protocol", "common", "verifier", "agent", "backend"}
+    assert set(mypy["packages"]) == {"protocol", "common", "verifier", "agent", "backend", "witness"}
 
 
 def test_shell_snippets_are_valid_shell(readme: str) -> None:
@@ -182,7 +187,9 @@ def leaf_commands(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> It
 
 def registered() -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
     return [*leaf_commands(agent_cli.parser(), ("odo-agent",)),
-            *leaf_commands(backend_cli.build_parser(), ("odo-backend",))]
+            *leaf_commands(backend_cli.build_parser(), ("odo-backend",)),
+            *leaf_commands(witness_cli.build_parser(), ("odo-witness",)),
+            *leaf_commands(verifier_cli.build_parser(), ("odo-verify",))]
 
 
 def test_the_parser_walk_finds_nested_commands() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("protocol", "common", "verifier", "agent", "backend")
+PACKAGES = ("protocol", "common", "verifier", "agent", "backend", "witness")
 
 #: What protocol/ may never import: the other packages, and anything that does I/O.
 PROTOCOL_FORBIDDEN = {
@@ -32,7 +32,7 @@ ONLY_IN = {
     "serial": {"agent/obd_source.py"},
     "paho": {"agent/sync.py", "backend/records/ingest.py"},
     "psycopg": {"backend/db.py"},
-    "sqlite3": {"backend/db.py", "agent/buffer.py"},
+    "sqlite3": {"backend/db.py", "agent/buffer.py", "witness/state.py"},
 }
 
 
@@ -91,8 +91,13 @@ def test_protocol_is_pure() -> None:
 
 
 def test_agent_and_backend_never_import_each_other() -> None:
-    assert offenders("agent", {"backend", "verifier"}) == []
-    assert offenders("backend", {"agent", "verifier"}) == []
+    assert offenders("agent", {"backend", "verifier", "witness"}) == []
+    assert offenders("backend", {"agent", "verifier", "witness"}) == []
+
+
+def test_the_witness_stands_apart_from_the_log_it_watches() -> None:
+    """odo-witness is run by someone else than the log's operator: it shares the formats only."""
+    assert offenders("witness", {"agent", "backend", "verifier", "paho", "psycopg", "starlette"}) == []
 
 
 def test_common_and_the_verifier_stand_on_their_own() -> None:

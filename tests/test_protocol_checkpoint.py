@@ -1,64 +1,59 @@
+"""Inclusion and consistency against C2SP checkpoint notes (protocol.checkpoint)."""
+
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import BadFormat, BadSignature, canonical, checkpoint, jws, merkle
+from protocol import BadFormat, BadSignature, checkpoint, merkle, note
 from protocol.identity import SigningKey
 
 KEY = SigningKey.generate()
+ORIGIN = "odoledger.example.net/log"
+LOG = checkpoint.log_verifier(ORIGIN, KEY.public)
 
 
 def _leaves(n: int) -> list[bytes]:
     return [merkle.leaf_hash(b"entry %d" % i) for i in range(n)]
 
 
-def test_sign_and_verify() -> None:
-    leaves = _leaves(5)
-    cp = checkpoint.sign(KEY, 5, merkle.root(leaves), 1_700_000_000_000)
-    back = checkpoint.verify(cp.jws, KEY.public)
-    assert back == cp
-    assert back.kid == KEY.public.id and back.size == 5 and back.root == merkle.root(leaves)
-    parts = jws.split(cp.jws)
-    assert parts.header == {"alg": "Ed25519", "kid": KEY.public.id}
-    assert canonical.loads_object(parts.payload) == {"v": 1, "size": 5, "root": merkle.root(leaves).hex(),
-                                                     "t": 1_700_000_000_000}
+def _signed(n: int, root: bytes, origin: str = ORIGIN) -> checkpoint.NoteCheckpoint:
+    return checkpoint.open_note(checkpoint.sign_note(KEY, origin, n, root).signed,
+                                checkpoint.log_verifier(origin, KEY.public))
 
 
-def test_another_key_is_refused() -> None:
-    cp = checkpoint.sign(KEY, 0, merkle.EMPTY_ROOT, 1)
+def test_a_checkpoint_is_three_lines_signed_under_the_origin() -> None:
+    root = merkle.root(_leaves(5))
+    cp = checkpoint.sign_note(KEY, ORIGIN, 5, root)
+    body, _, sigs = cp.signed.partition("\n\n")
+    assert body.split("\n") == [ORIGIN, "5", cp.root_b64]
+    assert sigs.startswith(f"{note.DASH} {ORIGIN} ") and sigs.endswith("\n")
+    back = checkpoint.open_note(cp.signed, LOG)
+    assert (back.origin, back.size, back.root) == (ORIGIN, 5, root)
+
+
+def test_another_log_or_key_is_refused() -> None:
+    cp = checkpoint.sign_note(KEY, ORIGIN, 0, merkle.EMPTY_ROOT)
+    with pytest.raises(BadFormat, match="of log"):
+        checkpoint.open_note(cp.signed, checkpoint.log_verifier("other.example/log", KEY.public))
     other = SigningKey.generate()
-    with pytest.raises(BadFormat, match="signed by log key"):
-        checkpoint.verify(cp.jws, other.public)
-    # a checkpoint signed by another key that claims our kid
-    forged = jws.sign(jws.split(cp.jws).payload, other, KEY.public.id)
+    forged = checkpoint.sign_note(other, ORIGIN, 0, merkle.EMPTY_ROOT)
     with pytest.raises(BadSignature):
-        checkpoint.verify(forged, KEY.public)
-
-
-def test_malformed_payloads() -> None:
-    for payload, match in (({"v": 2, "size": 0, "root": "00" * 32, "t": 0}, "version"),
-                           ({"v": 1, "size": -1, "root": "00" * 32, "t": 0}, "size"),
-                           ({"v": 1, "size": 1, "root": "AB" * 32, "t": 0}, "root"),
-                           ({"v": 1, "size": 0, "root": "00" * 32, "t": 0}, "empty tree"),
-                           ({"v": 1, "size": 1, "root": "00" * 32, "t": 0, "x": 1}, "unexpected")):
-        text = jws.sign(canonical.dumps(payload), KEY, KEY.public.id)
-        with pytest.raises(BadFormat, match=match):
-            checkpoint.verify(text, KEY.public)
+        checkpoint.open_note(forged.signed, LOG)
 
 
 @settings(max_examples=60)
 @given(st.data())
-def test_flipping_any_character_fails(data: st.DataObject) -> None:
-    cp = checkpoint.sign(KEY, 3, merkle.root(_leaves(3)), 42)
-    i = data.draw(st.integers(0, len(cp.jws) - 1))
-    replacement = data.draw(st.sampled_from("AQgw-_.x"))
-    tampered = cp.jws[:i] + replacement + cp.jws[i + 1:]
-    if tampered == cp.jws:
+def test_changing_any_character_fails(data: st.DataObject) -> None:
+    signed = checkpoint.sign_note(KEY, ORIGIN, 3, merkle.root(_leaves(3))).signed
+    i = data.draw(st.integers(0, len(signed) - 1))
+    replacement = data.draw(st.sampled_from("AQgw+/=x\n0 "))
+    tampered = signed[:i] + replacement + signed[i + 1:]
+    if tampered == signed:
         return
     with pytest.raises((BadFormat, BadSignature)):
-        checkpoint.verify(tampered, KEY.public)
+        checkpoint.open_note(tampered, LOG)
 
 
 @settings(max_examples=40)
@@ -66,7 +61,7 @@ def test_flipping_any_character_fails(data: st.DataObject) -> None:
 def test_inclusion_into_a_checkpoint(n: int, data: st.DataObject) -> None:
     entries = [b"entry %d" % i for i in range(n)]
     leaves = [merkle.leaf_hash(e) for e in entries]
-    cp = checkpoint.sign(KEY, n, merkle.root(leaves), 1)
+    cp = _signed(n, merkle.root(leaves))
     i = data.draw(st.integers(0, n - 1))
     proof = merkle.inclusion_proof(i, leaves)
     checkpoint.verify_inclusion(cp, i, entries[i], proof)
@@ -87,11 +82,13 @@ def test_inclusion_into_a_checkpoint(n: int, data: st.DataObject) -> None:
 def test_consistency_between_checkpoints(a: int, b: int) -> None:
     old_n, new_n = sorted((a, b))
     leaves = _leaves(new_n)
-    old = checkpoint.sign(KEY, old_n, merkle.root(leaves[:old_n]), 1)
-    new = checkpoint.sign(KEY, new_n, merkle.root(leaves), 2)
+    old = _signed(old_n, merkle.root(leaves[:old_n]))
+    new = _signed(new_n, merkle.root(leaves))
     proof = merkle.consistency_proof(old_n, leaves) if old_n else []
     checkpoint.verify_consistency(old, new, proof)
     if old_n and old_n < new_n:
-        rewritten = checkpoint.sign(KEY, new_n, merkle.root([merkle.leaf_hash(b"other")] + leaves[1:]), 3)
+        rewritten = _signed(new_n, merkle.root([merkle.leaf_hash(b"other")] + leaves[1:]))
         with pytest.raises(BadFormat, match="does not extend"):
             checkpoint.verify_consistency(old, rewritten, proof)
+    with pytest.raises(BadFormat, match="two logs"):
+        checkpoint.verify_consistency(old, _signed(new_n, merkle.root(leaves), "other.example/log"), proof)

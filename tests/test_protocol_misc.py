@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -48,15 +50,78 @@ def test_batch_carries_the_senders_clock() -> None:
 
 def test_enrollment_self_signed() -> None:
     key = SigningKey.generate()
-    body = messages.sign_enrollment(key, "WBA12345678901234", "tok", 1)
+    body = messages.sign_enrollment(key, "WBA12345678901234", 1)
     e = messages.verify_enrollment(body)
-    assert e.dev == key.public.id and e.vin == "WBA12345678901234" and e.fleet_token == "tok"
+    assert e.dev == key.public.id and e.vin == "WBA12345678901234" and e.t == 1 and e.jws == body
+    assert not hasattr(e, "fleet_token")
     # another key cannot enrol under this id
     other = SigningKey.generate()
-    forged = messages.sign_enrollment(other, None, "tok", 1)
+    forged = messages.sign_enrollment(other, None, 1)
     head, body_b64, sig = forged.split(".")
     with pytest.raises((BadFormat, BadSignature)):
         messages.verify_enrollment(".".join([body.split(".")[0], body_b64, sig]))
+
+
+def _signed(key: SigningKey, **payload: object) -> str:
+    from protocol import b64, canonical, jws
+
+    full = {"v": 1, "dev": key.public.id, "pub": b64.encode(key.public.raw), "vin": None, "t": 1, **payload}
+    return jws.sign(canonical.dumps(full), key, key.public.id)
+
+
+def test_enroll_message_carries_the_token_beside_the_signed_enrolment() -> None:
+    key = SigningKey.generate()
+    signed = messages.sign_enrollment(key, None, 7)
+    body = messages.encode_enroll(signed, "tok en~1")
+    e, token = messages.decode_enroll(body)
+    assert (e.jws, e.dev, e.vin, e.t, token) == (signed, key.public.id, None, 7, "tok en~1")
+    assert messages.decode_enroll(messages.encode_enroll(signed, None)) == (e, None)
+    for bad in ("", "x" * 201, "caf\u00e9", "line\nbreak"):
+        with pytest.raises(ValueError, match="printable ASCII"):
+            messages.encode_enroll(signed, bad)
+        raw = ('{"enrolment":"' + signed + '","fleet_token":' + json.dumps(bad) + "}").encode()
+        with pytest.raises(BadFormat, match="fleet_token must be 1 to 200 printable ASCII") as info:
+            messages.decode_enroll(raw)
+        assert bad not in str(info.value) or not bad
+
+
+def test_enroll_message_is_strict_and_bounded() -> None:
+    key = SigningKey.generate()
+    signed = messages.sign_enrollment(key, None, 7)
+    def body(**obj: object) -> bytes:
+        return json.dumps(obj).encode()
+
+    cases = {
+        b"x" * (messages.MAX_ENROLL_BYTES + 1): "larger than 8192 bytes",
+        b"[1]": "must be a JSON object",
+        body(enrolment=signed, fleet_token=None, extra=1): "unknown members 'extra'",
+        body(enrolment=signed): "missing 'fleet_token'",
+        body(enrolment=3, fleet_token=None): "enrolment must be a string",
+        body(enrolment=signed, fleet_token=5): "fleet_token must be",
+        body(enrolment=signed, fleet_token={"a": 1}): "nested deeper",
+        body(enrolment=_signed(key, extra=1), fleet_token=None): "unknown members 'extra'",
+        body(enrolment=_signed(key, v=True), fleet_token=None): "v must be 1",
+        body(enrolment=_signed(key, vin="nope"), fleet_token=None): "vin must be a VIN",
+        body(enrolment=_signed(key, t=-1), fleet_token=None): "t must be",
+    }
+    for message, reason in cases.items():
+        with pytest.raises(BadFormat, match=reason):
+            messages.decode_enroll(message)
+
+
+def test_the_old_enroll_form_is_refused_saying_what_the_new_one_is() -> None:
+    key = SigningKey.generate()
+    old_payload = _signed(key, fleet_token="secret-token")
+    for body in (old_payload.encode(), messages.sign_enrollment(key, None, 1).encode()):
+        with pytest.raises(BadFormat, match="old form") as info:
+            messages.decode_enroll(body)
+        assert '"fleet_token"' in str(info.value) and "secret-token" not in str(info.value)
+    wrapped = messages.encode_enroll(old_payload, None)
+    with pytest.raises(BadFormat, match="holding fleet_token is the old form") as info:
+        messages.decode_enroll(wrapped)
+    assert "secret-token" not in str(info.value)
+    with pytest.raises(BadFormat, match="old form"):
+        messages.verify_enrollment(old_payload)
 
 
 @given(st.integers(1, 70))

@@ -63,22 +63,23 @@ def test_checkpoints_are_signed_and_reused_until_the_log_grows(db_url: str) -> N
     assert empty["size"] == 0 and empty["root"] == merkle.EMPTY_ROOT.hex()
     _append(db, 5)
     first = translog.checkpoint(db, 2000)
-    assert first["size"] == 5 and first["t"] == 2000
+    assert first["size"] == 5 and first["t"] == 2000 and first["cosignatures"] == 0
     assert translog.checkpoint(db, 3000) == first           # unchanged: the same signed checkpoint
     assert translog.latest_checkpoint(db) == first
-    key = translog.public_key(db)
-    cp = checkpoint.verify(first["jws"], key)
-    assert cp.size == 5 and cp.root_hex == first["root"] and first["kid"] == key.id
+    verifier = translog.verifier(db)
+    cp = checkpoint.open_note(first["note"], verifier)
+    assert cp.size == 5 and cp.root.hex() == first["root"] and cp.origin == first["origin"] == verifier.name
     _append(db, 2, start=5)
     second = translog.checkpoint(db, 4000)
     assert second["size"] == 7
     with db.read() as tx:
         proof = translog.consistency_proof(tx, 5, 7)
-    checkpoint.verify_consistency(cp, checkpoint.verify(second["jws"], key), proof)
+    new = checkpoint.open_note(second["note"], verifier)
+    assert merkle.verify_consistency(5, 7, cp.root, new.root, proof)
     db.close()
-    # the key is kept in the database: a new process signs with the same one
+    # the key and the origin are kept in the database: a new process signs with the same ones
     again = Database.open(db_url)
-    assert translog.public_key(again) == key
+    assert translog.verifier(again) == verifier
     again.close()
 
 

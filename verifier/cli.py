@@ -1,9 +1,10 @@
-"""``odo-verify CERT --log-key KEY``: check a mileage certificate offline.
+"""``odo-verify CERT [VIN] --log-key KEY``: check a mileage certificate (docs/certificate.md).
 
-No network and no database: the certificate file and the log's public key are
-all it reads. Exit 0 when everything verifies (and say what that proves), 1 at
-the first failure (named), 2 on bad usage or a file that cannot be read.
-Imports :mod:`protocol` and the standard library only.
+Offline by default: the certificate file and the keys are all it reads. ``--witness-key``
+(repeatable) and ``--quorum K`` require K witnesses' cosignatures on its checkpoint; ``--log URL``
+also checks it against the log as it is now (:mod:`verifier.online`). Exit 0 when everything
+verifies (and say what that proves and what it does not), 1 at the first failure (named), 2 on
+bad usage or a file that cannot be read. Imports :mod:`protocol` and the standard library only.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from protocol import BadFormat
+from protocol import BadFormat, note
 from protocol import certificate as pc
-from protocol.identity import VerifyKey
+from protocol.identity import VIN_RE, VerifyKey
 from protocol.records import Record
+from verifier import online
 
 log = logging.getLogger(__name__)
+MAX_KEY_FILE_BYTES = 4096
 
 
 def _date(t_ms: int) -> str:
@@ -48,24 +51,37 @@ def _seqs(first: int, last: int) -> str:
     return f"seq {first}" if first == last else f"seqs {first}-{last}"
 
 
-def report(p: pc.Proven) -> list[str]:
-    """What a verified certificate proves, as lines for a person."""
-    lines = [f"VERIFIED: mileage certificate for VIN {p.vin}"]
+def _device_lines(p: pc.Proven) -> list[str]:
+    lines = []
     for d in p.devices:
         mine = [r for r in p.records if r.dev == d.dev]
-        if not mine:
-            continue
-        approved = d.enrollment.get("decided_at")
-        extra = f", approved {_date(int(approved))} (backend's word)" if isinstance(approved, int) else ""
-        lines.append(f"  device {d.dev}: {len(mine)} records, seq {mine[0].seq} to {mine[-1].seq}{extra}")
+        first = d.enrolments[0]
+        said = f"enrolled (signed by its own key) for VIN {first.enrollment.vin}" if first.enrollment.vin \
+            else "enrolled (signed by its own key) with no VIN"
+        lines.append(f"  device {d.dev}: {said}, logged at entry {first.index} on {_date(first.at)}")
+        for dec in d.decisions:
+            extra = f" for VIN {dec.vin}" if dec.vin else ""
+            extra += f", replacing {dec.replaces}" if dec.replaces else ""
+            lines.append(f"    {dec.action}{extra} by {dec.by} on {_date(dec.at)} (log entry {dec.index})")
+        if mine:
+            lines.append(f"    {len(mine)} records, seq {mine[0].seq} to {mine[-1].seq}, each logged while "
+                         "it was approved for this VIN")
+    return lines
+
+
+def report(p: pc.Proven, cosigners: Sequence[str], later: online.Later | None) -> list[str]:
+    """What a verified certificate proves, and what it does not, as lines for a person."""
+    cp = p.checkpoint
+    lines = [f"VERIFIED: mileage certificate for VIN {p.vin}", "proven:"]
+    lines.extend(_device_lines(p))
     readings = p.readings
     if readings:
         lines.append(f"  first reading: {_reading(readings[0], p.estimates)}")
         lines.append(f"  last reading:  {_reading(readings[-1], p.estimates)}")
-    lines.append(f"  records: {len(p.records)}, each signed by its device's key and included in the "
-                 f"log checkpoint")
-    lines.append(f"  checkpoint: {p.checkpoint.size} log entries, signed {_date(p.checkpoint.t)} by log key "
-                 f"{p.checkpoint.kid}")
+    lines.append(f"  records: {len(p.records)}, each signed by its device's key and included in checkpoint "
+                 f"{cp.size} of log {cp.origin}")
+    lines.append(f"  checkpoint: signed by the log's key, cosigned by {len(cosigners)} witness(es)"
+                 + (f": {', '.join(cosigners)}" if cosigners else ""))
     if p.corrections:
         lines.append(f"  odometer: never decreases along each device's chain, but for {len(p.corrections)} "
                      f"correction(s) of at most {pc.CORRECTION_SLACK_M} m by a derived or driver's figure:")
@@ -73,23 +89,47 @@ def report(p: pc.Proven) -> list[str]:
     else:
         lines.append("  odometer: never decreases along each device's chain, nor across the vehicle's "
                      "devices in time order")
-    for dev, start in sorted(p.starts.items()):
-        if start > 1:
-            lines.append(f"  note: device {dev}: its records before seq {start} are not in this certificate "
-                         "(not about this VIN, or before it was fitted)")
     if not p.gaps:
         lines.append("  chain: unbroken between the first and last record of each device")
+    if later is not None:
+        lines.append(f"  log now: checkpoint {later.checkpoint.size} of {cp.origin} is consistent with the "
+                     f"certificate's ({later.checkpoint.size - cp.size} entries since, "
+                     f"{len(later.checkpoint.cosignatures)} cosignature(s) from the witnesses given)")
+        if later.scanned or later.checkpoint.size == cp.size:
+            if later.records or later.decisions:
+                lines.append(f"  log now: holds {len(later.records)} newer record(s) and "
+                             f"{len(later.decisions)} newer device entr(ies) about this vehicle:")
+                lines.extend(f"    {x}" for x in (*later.decisions, *later.records))
+            else:
+                lines.append("  log now: holds no newer records or device entries about this vehicle")
+    lines.append("signed by the log key, not proven (the backend's word):")
+    for dev, start in sorted(p.starts.items()):
+        if start > 1:
+            lines.append(f"  device {dev}: its records before seq {start} are not in this certificate "
+                         "(not about this VIN, or before it was fitted)")
     for g in p.gaps:
         why = "; ".join(g.notes) if g.notes else "no reason given"
         lines.append(f"  gap: device {g.dev} {_seqs(g.first_seq, g.last_seq)} not in the certificate; "
                      f"the chain cannot be checked across it (backend says: {why})")
+    if p.estimates:
+        lines.append(f"  {len(p.estimates)} record(s) of an unsynced device clock are dated by the backend's "
+                     "estimate")
+    lines.append(f"  issued {_date(p.issued_at)}")
     lines.extend(f"  warning: {w}" for w in p.warnings)
-    lines.append("  not proven: that the vehicle had no dongle besides the ones listed, nor that the log "
-                 "holds no later records for this VIN than the certificate")
+    if p.ignored_signatures:
+        lines.append(f"ignored: {p.ignored_signatures} signature line(s) on the checkpoint by keys not given "
+                     "(not checked)")
+    lines.append("not proven:")
+    lines.append("  that the vehicle had no dongle besides the ones listed (one that never enrolled)")
+    if later is None:
+        lines.append("  that the log holds no later entries for this VIN (check with --log URL)")
+    elif not later.scanned and later.checkpoint.size != cp.size:
+        lines.append(f"  that the log holds no later entries for this VIN (more than "
+                     f"{online.MAX_SCAN_ENTRIES} entries since: not read)")
     return lines
 
 
-def _summary(p: pc.Proven) -> dict[str, Any]:
+def _summary(p: pc.Proven, cosigners: Sequence[str], later: online.Later | None) -> dict[str, Any]:
     readings = p.readings
     first, last = (readings[0], readings[-1]) if readings else (None, None)
     return {
@@ -98,48 +138,120 @@ def _summary(p: pc.Proven) -> dict[str, Any]:
                                               "seq": first.seq},
         "last": None if last is None else {"t": last.t, "odo_m": last.odo_m, "dev": last.dev,
                                             "seq": last.seq},
-        "checkpoint": {"size": p.checkpoint.size, "root": p.checkpoint.root_hex, "t": p.checkpoint.t,
-                       "kid": p.checkpoint.kid},
+        "checkpoint": {"origin": p.checkpoint.origin, "size": p.checkpoint.size,
+                       "root": p.checkpoint.root.hex(), "cosigned_by": list(cosigners)},
+        "decisions": [{"dev": d.dev, "action": d.action, "vin": d.vin, "by": d.by, "at": d.at,
+                       "index": d.index} for dev in p.devices for d in dev.decisions],
         "gaps": [{"dev": g.dev, "first_seq": g.first_seq, "last_seq": g.last_seq, "notes": list(g.notes)}
                  for g in p.gaps],
         "warnings": list(p.warnings),
         "corrections": list(p.corrections),
+        "issued_at": p.issued_at,
+        "ignored_signatures": p.ignored_signatures,
+        "log_now": None if later is None else {
+            "size": later.checkpoint.size, "consistent": True, "scanned": later.scanned,
+            "newer_records": list(later.records), "newer_device_entries": list(later.decisions)},
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+class UsageError(Exception):
+    pass
+
+
+def _read(path: str, what: str, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: cannot read it ({exc.strerror})") from None
+    if len(data) > limit:
+        raise UsageError(f"{what} {path}: larger than {limit} bytes")
+    return data
+
+
+def _log_key(path: str) -> note.Verifier | VerifyKey:
+    data = _read(path, "--log-key", MAX_KEY_FILE_BYTES)
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return VerifyKey.from_pem(data)
+        verifier = note.parse_vkey(data.decode("utf-8"))
+    except (BadFormat, UnicodeDecodeError) as exc:
+        raise UsageError(f"--log-key {path}: neither a verifier key (<origin>+<id>+<key>) nor a PEM "
+                         f"public key ({exc})") from None
+    if verifier.kind != note.ED25519:
+        raise UsageError(f"--log-key {path}: a log's key is an Ed25519 (type 0x01) key")
+    return verifier
+
+
+def _witness_key(path: str) -> note.Verifier:
+    data = _read(path, "--witness-key", MAX_KEY_FILE_BYTES)
+    try:
+        verifier = note.parse_vkey(data.decode("utf-8"))
+    except (BadFormat, UnicodeDecodeError) as exc:
+        raise UsageError(f"--witness-key {path}: not a verifier key ({exc})") from None
+    if verifier.kind == note.ED25519:
+        # A witness's vkey may name type 0x01; its cosignatures are of type 0x04 (tlog-cosignature).
+        verifier = note.Verifier(verifier.name, note.COSIGNATURE_V1, verifier.public)
+    return verifier
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="odo-verify", description="Verify a mileage certificate offline with the log's public key.")
-    parser.add_argument("certificate", metavar="FILE", help="the certificate (JSON)")
+        prog="odo-verify", description="Verify a mileage certificate with the log's key; offline unless "
+                                       "--log is given.")
+    parser.add_argument("certificate", metavar="CERT", help="the certificate (JSON)")
+    parser.add_argument("vin", metavar="VIN", nargs="?", help="the VIN of the car in front of you: the "
+                        "certificate must be its")
     parser.add_argument("--log-key", required=True, metavar="FILE",
-                        help="the transparency log's public key (PEM), from odo-backend log-key")
+                        help="the log's verifier key (from odo-backend log-key), or its PEM public key")
+    parser.add_argument("--witness-key", action="append", default=[], metavar="FILE",
+                        help="a witness's verifier key (from odo-witness key); repeatable")
+    parser.add_argument("--quorum", type=int, default=None, metavar="K",
+                        help="cosignatures required from the witness keys given (default: all of them)")
+    parser.add_argument("--log", metavar="URL", help="the log's public URL (…/log): check the certificate "
+                        "against the log as it is now")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        with open(args.log_key, "rb") as f:
-            key_pem = f.read()
-        with open(args.certificate, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        print(f"odo-verify: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        if args.vin is not None and not VIN_RE.fullmatch(args.vin):
+            raise UsageError(f"VIN {args.vin!r}: 17 characters of A-H, J-N, P, R-Z and 0-9")
+        log_key = _log_key(args.log_key)
+        witnesses = [_witness_key(p) for p in args.witness_key]
+        quorum = len(witnesses) if args.quorum is None else args.quorum
+        if not 0 <= quorum <= len(witnesses):
+            raise UsageError(f"--quorum {quorum}: must be 0 to the number of --witness-key files "
+                             f"({len(witnesses)})")
+        if args.log is not None and not args.log.startswith(("http://", "https://")):
+            raise UsageError(f"--log {args.log!r}: an http:// or https:// URL")
+        data = _read(args.certificate, "certificate", pc.MAX_CERTIFICATE_BYTES)
+    except UsageError as exc:
+        print(f"odo-verify: {exc}", file=sys.stderr)
         return 2
     try:
-        key = VerifyKey.from_pem(key_pem)
-    except BadFormat as exc:
-        print(f"odo-verify: --log-key {args.log_key}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        proven = pc.verify(data, key)
-    except pc.CertificateError as exc:
+        proven = pc.verify(data, log_key, witnesses, quorum)
+        if args.vin is not None and proven.vin != args.vin:
+            raise pc.CertificateError(f"the certificate is for VIN {proven.vin}, not {args.vin}")
+        verifier = log_key if isinstance(log_key, note.Verifier) else \
+            note.Verifier(proven.checkpoint.origin, note.ED25519, log_key)
+        later = None if args.log is None else online.check(
+            args.log, proven.checkpoint, verifier, witnesses, quorum, proven.vin,
+            {d.dev: d.pub for d in proven.devices})
+    except (pc.CertificateError, online.OnlineError) as exc:
         if args.json:
             print(json.dumps({"ok": False, "failure": str(exc)}))
         print(f"FAILED: {exc}", file=sys.stdout if not args.json else sys.stderr)
         return 1
+    cosigners = [v.verifier.name for v in proven.checkpoint.cosignatures]
     if args.json:
-        print(json.dumps(_summary(proven), indent=1))
+        print(json.dumps(_summary(proven, cosigners, later), indent=1))
     else:
-        print("\n".join(report(proven)))
+        print("\n".join(report(proven, cosigners, later)))
     return 0
 
 

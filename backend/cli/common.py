@@ -35,6 +35,11 @@ def add_db_options(p: argparse.ArgumentParser, *, json_flag: bool = False, out: 
         p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def add_log_origin(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-origin", metavar="NAME",
+                   help="the transparency log's name, e.g. odoledger.example.net/log; fixed at first use")
+
+
 def database(args: argparse.Namespace) -> Database:
     """The command's database, migrated; a bad ``--db`` is a usage or config error."""
     return migrated_database(settings(args))

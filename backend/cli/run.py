@@ -2,7 +2,7 @@
 
     odo-backend run     --db URL --broker URL --http HOST:PORT --rules FILE
                         [--fleet-token TOKEN] [--api-token TOKEN] [--tls-ca F --tls-cert F --tls-key F]
-                        [--client-id ID] [--session-expiry S]
+                        [--client-id ID] [--session-expiry S] [--log-origin NAME] [--witness URL ...]
     odo-backend migrate --db URL
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from backend.cli.common import Subparsers, add_db_options, database
+from backend.cli.common import Subparsers, add_db_options, add_log_origin, database
 from backend.config import run_config, settings
 
 
@@ -39,6 +39,9 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--tls-key", metavar="FILE", help="client key (mqtts)")
     p.add_argument("--client-id", help="MQTT client id, one per backend process (default: odo-backend-HOST)")
     p.add_argument("--session-expiry", type=int, metavar="SECONDS", help="MQTT session expiry (default 300)")
+    add_log_origin(p)
+    p.add_argument("--witness", action="append", metavar="URL",
+                   help="a witness to push each checkpoint to (c2sp.org/tlog-witness); repeatable")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("migrate", help="bring the database schema up to date")

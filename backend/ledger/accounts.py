@@ -1,4 +1,4 @@
-"""The double-entry ledger (DESIGN §5): transfers, balances, wallets, redemption.
+"""The double-entry ledger (docs/DESIGN.md §5): transfers, balances, wallets, redemption.
 
 Every movement of milli-tokens is one row of ``transfers`` from one account to
 another: ``issuer``, ``driver:<id>``, ``unassigned:<dev>``, ``redeemed:<item>``.
@@ -66,8 +66,8 @@ class Transfer:
         return asdict(self)
 
     def entry(self) -> bytes:
-        """The transparency log's leaf for this transfer: its canonical JSON."""
-        return canonical.dumps(self.to_dict())
+        """The transparency log's leaf for this transfer: its canonical JSON, named (docs/log.md)."""
+        return canonical.dumps({"entry": "transfer", **self.to_dict()})
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Transfer:

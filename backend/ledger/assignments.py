@@ -1,4 +1,4 @@
-"""Drivers and the periods they are assigned to vehicles (DESIGN §5).
+"""Drivers and the periods they are assigned to vehicles (docs/DESIGN.md §5).
 
 One driver, one wallet (``driver:<id>``) across every vehicle. A reward goes to
 the driver assigned to the vehicle when the reading was taken; rewards credited

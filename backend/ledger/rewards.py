@@ -1,4 +1,4 @@
-"""Rewards: what the rules give for an accepted record, and to whom (DESIGN §5).
+"""Rewards: what the rules give for an accepted record, and to whom (docs/DESIGN.md §5).
 
 The decisions are one pure function, :func:`decide`, over a reading and a view of
 what was already credited. :func:`credit` runs it against the database inside

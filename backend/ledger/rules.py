@@ -1,4 +1,4 @@
-"""The fleet partner's rules file (DESIGN §5), read once and validated strictly.
+"""The fleet partner's rules file (docs/DESIGN.md §5), read once and validated strictly.
 
     version = "acme-2026-11"
     max_speed_kph = 250
@@ -23,7 +23,7 @@ import logging
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -34,7 +34,11 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}")
+#: A rules version, as the file's ``version`` names it.
+VERSION_RE = _VERSION
 MAX_AMOUNT = 10**15
+#: The largest rules file read: a few rules and a catalogue are a few KiB.
+MAX_RULES_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,8 @@ class Rules:
     max_clock_ahead_ms: int = DEFAULT_MAX_CLOCK_AHEAD_MS
     reward_backfill_days: int = DEFAULT_REWARD_BACKFILL_DAYS
     rollback_tolerance_m: int = DEFAULT_ROLLBACK_TOLERANCE_M
+    #: The file's text, when read from one (:func:`load_rules`): what the log keeps of it.
+    text: str = field(default="", repr=False, compare=False)
 
     def rule(self, rule_id: str) -> Rule | None:
         return next((r for r in self.rules if r.id == rule_id), None)
@@ -254,16 +260,20 @@ def load_rules(path: str | Path) -> Rules:
     """Read and validate a rules file; raise :class:`RulesError` naming what is wrong."""
     p = Path(path)
     try:
-        text = p.read_bytes().decode("utf-8")
+        with p.open("rb") as f:
+            data = f.read(MAX_RULES_BYTES + 1)
+        if len(data) > MAX_RULES_BYTES:
+            raise RulesError(f"{p}: larger than {MAX_RULES_BYTES} bytes")
+        text = data.decode("utf-8")
     except OSError as exc:
         raise RulesError(f"{p}: cannot read the rules file ({exc.strerror or exc})") from None
     except UnicodeDecodeError:
         raise RulesError(f"{p}: not UTF-8") from None
     try:
-        data = tomllib.loads(text)
+        document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RulesError(f"{p}: not valid TOML: {exc}") from None
-    rules = parse(data, str(p))
+    rules = replace(parse(document, str(p)), text=text)
     log.info("rules %s from %s: %d rules, %d catalogue items", rules.version, p, len(rules.rules),
              len(rules.catalogue))
     return rules

@@ -9,6 +9,8 @@ JSON-ready dicts::
 A device is ``pending``, ``approved``, ``revoked`` or ``retired`` (replaced by another dongle in
 the same vehicle: a vehicle has one active device). A device whose reading went below its
 vehicle's highest is *held* (``held_since``): its rewards wait until an operator clears it.
+Each decision (approve, retire, revoke, clear) is an entry of the transparency log, appended in
+the transaction that makes it (:mod:`backend.records.device_log`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from backend.errors import DeviceInputError, UnknownDevice
 from backend.ledger import rewards
 from backend.ledger.rules import Rules
 from backend.metrics import FleetFigures
+from backend.records import device_log
 from backend.records.store import lock_device, lock_vehicles
 from protocol import b64, canonical, jws, messages
 from protocol.errors import BadFormat
@@ -78,6 +81,12 @@ def _check_dev(dev: str) -> None:
         raise UnknownDevice(f"no device {dev!r} (a device id is 32 lowercase hex characters)")
 
 
+def _check_by(by: str) -> None:
+    if not isinstance(by, str) or not device_log.BY_RE.fullmatch(by):
+        raise DeviceInputError("who decides must be named in 1 to 200 characters, none of them a control "
+                               "character")
+
+
 def _one(tx: Tx, dev: str) -> dict[str, Any]:
     row = tx.one(_SUMMARY_SQL + " WHERE d.dev = ?", (dev,))
     if row is None:
@@ -92,7 +101,8 @@ def _one(tx: Tx, dev: str) -> dict[str, Any]:
     out["pub"] = b64.encode(bytes(row["pub"]))
     out["enrollment"] = {
         "vin": payload.get("vin"), "t": payload.get("t"),
-        "fleet_token_given": bool(payload.get("fleet_token")),
+        # Whether a fleet token approved it: a stored token is named, the configured one decided it.
+        "fleet_token_approved": row["fleet_token_id"] is not None or row["decided_by"] == "fleet-token",
         "fleet_token_id": row["fleet_token_id"], "enrolled_at": row["enrolled_at"],
         "decided_at": row["decided_at"], "decided_by": row["decided_by"],
     }
@@ -101,7 +111,8 @@ def _one(tx: Tx, dev: str) -> dict[str, Any]:
 
 
 def get_device(db: Database, dev: str) -> dict[str, Any]:
-    """One device, plus ``pub`` (base64url), its enrolment (the fleet token withheld) and last status."""
+    """One device, plus ``pub`` (base64url), its enrolment (whether a fleet token approved it) and
+    last status."""
     _check_dev(dev)
     with db.read() as tx:
         return _one(tx, dev)
@@ -137,8 +148,12 @@ def approve(db: Database, dev: str, now_ms: int, by: str, vin: str | None = None
 
     A vehicle has one active device: when another one is approved for the VIN, the approval is
     refused, naming it, unless ``replace`` retires it (its history is kept; its new records are
-    refused as ``revoked_device``)."""
+    refused as ``revoked_device``).
+
+    Each decision is logged (:mod:`backend.records.device_log`): a ``retire`` of the replaced
+    device, and the ``approve`` naming the VIN and the device it ``replaces``."""
     _check_dev(dev)
+    _check_by(by)
     if vin is not None and not VIN_RE.fullmatch(vin):
         raise DeviceInputError(f"--vin: {vin!r} is not a VIN (17 characters of A-H, J-N, P, R-Z and 0-9)")
     with db.write() as tx:
@@ -147,6 +162,7 @@ def approve(db: Database, dev: str, now_ms: int, by: str, vin: str | None = None
         if row is None:
             raise UnknownDevice(f"no device {dev}")
         new_vin = vin or row["flagged_vin"] or row["vin"]
+        retired = None
         if new_vin is not None:
             lock_vehicles(db, tx, [new_vin])
             active = active_device(tx, new_vin, dev)
@@ -156,18 +172,23 @@ def approve(db: Database, dev: str, now_ms: int, by: str, vin: str | None = None
             if active is not None:
                 tx.execute("UPDATE devices SET status = 'retired', retired_at = ?, decided_at = ?, "
                            "decided_by = ? WHERE dev = ?", (now_ms, now_ms, by, active))
+                device_log.log_decision(tx, "retire", active, new_vin, by, now_ms)
+                retired = active
                 log.info("%s retired by %s: replaced by %s in VIN %s", active, by, dev, new_vin)
         tx.execute("UPDATE devices SET status = 'approved', vin = ?, flagged_vin = NULL, decided_at = ?, "
                    "decided_by = ?, approved_at = COALESCE(approved_at, ?) WHERE dev = ?",
                    (new_vin, now_ms, by, now_ms, dev))
+        device_log.log_decision(tx, "approve", dev, new_vin, by, now_ms, replaces=retired)
         log.info("%s approved by %s%s", dev, by, f" for VIN {new_vin}" if new_vin != row["vin"] else "")
         return _one(tx, dev)
 
 
 def clear(db: Database, rules: Rules, dev: str, now_ms: int, by: str) -> dict[str, Any]:
     """Clear a device's flag (a rollback that an operator has looked into): the rewards held
-    since it was flagged are credited now, in seq order, and its readings earn again."""
+    since it was flagged are credited now, in seq order, and its readings earn again. The
+    ``clear`` decision is logged, and the rules it credits by if they are not yet."""
     _check_dev(dev)
+    _check_by(by)
     with db.write() as tx:
         lock_device(db, tx, dev)
         row = tx.one("SELECT * FROM devices WHERE dev = ?", (dev,))
@@ -179,6 +200,8 @@ def clear(db: Database, rules: Rules, dev: str, now_ms: int, by: str) -> dict[st
             lock_vehicles(db, tx, [row["vin"]])
         tx.execute("UPDATE devices SET held_at = NULL, held_reason = NULL, decided_at = ?, decided_by = ? "
                    "WHERE dev = ?", (now_ms, by, dev))
+        device_log.log_rules_of(tx, rules, now_ms)
+        device_log.log_decision(tx, "clear", dev, row["vin"], by, now_ms)
         device = {**row, "held_at": None, "held_reason": None}
         held = tx.query("SELECT jws FROM records WHERE dev = ? AND status = 'accepted' AND received_at >= ? "
                         "ORDER BY seq", (dev, row["held_at"]))
@@ -193,13 +216,18 @@ def clear(db: Database, rules: Rules, dev: str, now_ms: int, by: str) -> dict[st
 
 
 def revoke(db: Database, dev: str, now_ms: int, by: str) -> dict[str, Any]:
-    """Revoke a device: its records are refused (``revoked_device``) from now on."""
+    """Revoke a device: its records are refused (``revoked_device``) from now on. The decision
+    is logged with the VIN the device is approved for."""
     _check_dev(dev)
+    _check_by(by)
     with db.write() as tx:
         lock_device(db, tx, dev)
-        if tx.execute("UPDATE devices SET status = 'revoked', decided_at = ?, decided_by = ? WHERE dev = ?",
-                      (now_ms, by, dev)) != 1:
+        row = tx.one("SELECT vin FROM devices WHERE dev = ?", (dev,))
+        if row is None:
             raise UnknownDevice(f"no device {dev}")
+        tx.execute("UPDATE devices SET status = 'revoked', decided_at = ?, decided_by = ? WHERE dev = ?",
+                   (now_ms, by, dev))
+        device_log.log_decision(tx, "revoke", dev, row["vin"], by, now_ms)
         log.info("%s revoked by %s", dev, by)
         return _one(tx, dev)
 
@@ -234,5 +262,11 @@ def fleet_gauges(db: Database) -> FleetFigures:
             backlog += int_or_none(status_of(row["status_json"]).get("backlog")) or 0
         kept = tx.one("SELECT COALESCE(SUM(kept), 0) AS kept, COALESCE(SUM(dropped), 0) AS dropped "
                       "FROM evidence_budget")
-    assert kept is not None
-    return FleetFigures(online, backlog, held, int(kept["kept"]), int(kept["dropped"]))
+        entries = int(tx.scalar("SELECT COALESCE(MAX(idx) + 1, 0) AS n FROM translog"))
+        latest = int(tx.scalar("SELECT COALESCE(MAX(size), 0) AS n FROM log_checkpoints"))
+        witnessed = tx.one("SELECT MIN(size) AS low, COUNT(*) AS n, SUM(CASE WHEN last_error IS NULL "
+                           "THEN 0 ELSE 1 END) AS failing FROM log_witnesses")
+    assert kept is not None and witnessed is not None
+    lag = 0 if not witnessed["n"] else max(0, latest - int(witnessed["low"]))
+    return FleetFigures(online, backlog, held, int(kept["kept"]), int(kept["dropped"]), entries, lag,
+                        int(witnessed["failing"] or 0))

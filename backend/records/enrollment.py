@@ -1,12 +1,13 @@
-"""Enrolment (DESIGN §4) and fleet tokens.
+"""Enrolment (docs/protocol.md §4.5) and fleet tokens.
 
-A device publishes its self-signed enrolment on ``odo/v1/<dev>/enroll``. A new device is
-approved at once when its fleet token matches the configured one or a stored one (kept only as
-a SHA-256 hash, with an expiry and a use count), and is otherwise pending until an operator
-approves it. A known device gets its current status back: a dev id is bound to the key that
-first enrolled it, and another key can never take it over. Every answer goes out on
-``odo/v1/<dev>/enrolled``, retained, and operators' later decisions are published again
-(:func:`decided_since`).
+A device publishes its self-signed enrolment on ``odo/v1/<dev>/enroll``, with its fleet token
+beside it (``{"enrolment", "fleet_token"}``, :func:`protocol.messages.decode_enroll`). A new
+device is approved at once when its fleet token matches the configured one or a stored one (kept
+only as a SHA-256 hash, with an expiry and a use count), and is otherwise pending until an
+operator approves it; the token itself is never stored. A known device gets its current status
+back: a dev id is bound to the key that first enrolled it, and another key can never take it
+over. Every answer goes out on ``odo/v1/<dev>/enrolled``, retained, and operators' later
+decisions are published again (:func:`decided_since`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import secrets
 from dataclasses import dataclass
 
 from backend.db import Database, Row, Tx
+from backend.records import device_log
 from backend.records.devices import active_device
 from backend.records.store import lock_device, lock_vehicles
 from protocol import messages
@@ -122,9 +124,14 @@ def _token_approves(tx: Tx, token: str | None, configured: str | None,
 # -- enrolment -------------------------------------------------------------------------------
 
 def handle(db: Database, topic_dev: str, body: bytes, now_ms: int, fleet_token: str | None) -> Answer:
-    """Decide one enrolment message published on ``topic_dev``'s topic."""
+    """Decide one enrolment message published on ``topic_dev``'s topic.
+
+    The fleet token travels beside the signed enrolment and is only compared (the configured
+    one in constant time, stored ones by their hash): it is never stored nor logged. A refused
+    message leaves nothing behind. A new device, and each new signed enrolment of a pending one,
+    is logged (:mod:`backend.records.device_log`), and so is an approval by a token."""
     try:
-        enrollment = messages.verify_enrollment(body)
+        enrollment, given = messages.decode_enroll(body)
         if enrollment.dev != topic_dev:
             raise BadFormat(f"enroll: the enrolment of {enrollment.dev} was published on {topic_dev}'s topic")
     except (BadFormat, BadSignature) as exc:
@@ -147,7 +154,7 @@ def handle(db: Database, topic_dev: str, body: bytes, now_ms: int, fleet_token: 
                 lock_vehicles(db, tx, [enrollment.vin])
                 active = active_device(tx, enrollment.vin, dev)
             if active is None:
-                approve, token_id = _token_approves(tx, enrollment.fleet_token, fleet_token, now_ms)
+                approve, token_id = _token_approves(tx, given, fleet_token, now_ms)
         status = "approved" if approve else "pending"
         decided = (now_ms, "fleet-token", now_ms) if approve else (None, None, None)
         if row is None:
@@ -156,23 +163,27 @@ def handle(db: Database, topic_dev: str, body: bytes, now_ms: int, fleet_token: 
                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (dev, enrollment.pub.raw, enrollment.vin, status, enrollment.jws, token_id, now_ms,
                         *decided, now_ms))
+            device_log.log_enrolment(tx, enrollment, now_ms)
             log.info("%s: enrolled (VIN %s): %s", dev, enrollment.vin, status)
         elif row["status"] == "pending":
             # Still undecided: keep the newest enrolment, so the operator sees the VIN it reads now.
             tx.execute("UPDATE devices SET vin = ?, status = ?, enrollment = ?, fleet_token_id = ?, "
                        "decided_at = ?, decided_by = ?, approved_at = ?, last_seen = ? WHERE dev = ?",
                        (enrollment.vin, status, enrollment.jws, token_id, *decided, now_ms, dev))
+            device_log.log_enrolment(tx, enrollment, now_ms)
             if approve:
                 log.info("%s: approved by its fleet token on enrolling again", dev)
         else:
             tx.execute("UPDATE devices SET last_seen = ? WHERE dev = ?", (now_ms, dev))
+        if approve:
+            device_log.log_decision(tx, "approve", dev, enrollment.vin, "fleet-token", now_ms)
         current = tx.one("SELECT dev, status FROM devices WHERE dev = ?", (dev,))
     assert current is not None
     answer = answer_for(current)
     if answer.status == "pending" and active is not None:
         return Answer(dev, "pending", f"VIN {enrollment.vin} already has an active device; waiting for an "
                                       "operator to replace it")
-    if answer.status == "pending" and enrollment.fleet_token:
+    if answer.status == "pending" and given:
         return Answer(dev, "pending", "fleet token unknown, expired or used up; waiting for an operator")
     return answer
 

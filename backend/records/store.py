@@ -1,4 +1,4 @@
-"""Storing a batch of records: one transaction per batch, then the ack (DESIGN §4).
+"""Storing a batch of records: one transaction per batch, then the ack (docs/protocol.md §4.3).
 
     result = store.process_batch(db, rules, dev, body, now_ms)
     publish(topics.ack(dev), messages.encode_ack(result.ack))     # after the commit

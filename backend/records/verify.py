@@ -1,4 +1,4 @@
-"""Verification decisions (DESIGN §4), as pure functions over values.
+"""Verification decisions (docs/protocol.md §5), as pure functions over values.
 
 Two steps, in this order for every record of a batch:
 

@@ -1,40 +1,25 @@
-"""Build a vehicle's mileage certificate from the database (DESIGN §6).
+"""Build a vehicle's mileage certificate from the database (docs/certificate.md).
 
-The certificate holds the keys and enrolments of the devices that signed the
-vehicle's accepted records, those records verbatim, an inclusion proof of each
-into one freshly signed checkpoint of the transparency log, and that
-checkpoint; :mod:`protocol.certificate` fixes the format and verifies it.
+The certificate holds the log entries of the vehicle: its accepted records, verbatim, and the
+enrolments and decisions of every device it has had; an inclusion proof of each into one
+checkpoint, the most cosigned that covers them all (a new one is signed, and pushed to the
+witnesses given, when none does); and the backend's annotations, signed by the log key.
+:mod:`protocol.certificate` fixes the format and verifies it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from backend.db import Database, Tx
 from backend.errors import CertificateError
-from backend.transparency import translog
-from protocol import BadFormat, BadSignature, messages
+from backend.records import device_log
+from backend.transparency import translog, witnesses
 from protocol import certificate as pc
-from protocol.identity import VerifyKey
 
 log = logging.getLogger(__name__)
-
-
-def _enrollment(row: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"status": row["status"], "approved_vin": row["vin"],
-                           "enrolled_at": int(row["enrolled_at"]),
-                           "decided_at": None if row["decided_at"] is None else int(row["decided_at"])}
-    try:
-        e = messages.verify_enrollment(str(row["enrollment"]))
-    except (BadFormat, BadSignature):
-        return out
-    out.update({"vin": e.vin, "t": e.t})
-    if e.fleet_token is None:
-        out["jws"] = e.jws
-    else:
-        out["fleet_token"] = "withheld: the signed enrolment carries the fleet's enrolment token"
-    return out
 
 
 def _gap_note(row: dict[str, Any] | None, vin: str) -> str:
@@ -60,48 +45,60 @@ def _gaps(tx: Tx, vin: str, seqs: dict[str, list[int]]) -> list[dict[str, Any]]:
     return out
 
 
-def build(db: Database, vin: str, now_ms: int) -> dict[str, Any]:
-    """The certificate object for ``vin``; raises :class:`CertificateError`."""
+def _indexes(db: Database, vin: str) -> tuple[list[dict[str, Any]], list[int], list[int]]:
     with db.read() as tx:
-        recs = tx.query("SELECT dev, seq, id, jws, clock, t_est FROM records "
+        recs = tx.query("SELECT dev, seq, id, clock, t_est FROM records "
                         "WHERE vin = ? AND status = 'accepted' ORDER BY dev, seq", (vin,))
         if not recs:
             raise CertificateError(f"no accepted records for VIN {vin}")
-        devs = sorted({str(r["dev"]) for r in recs})
-        rows = {str(d["dev"]): d for d in tx.query(
-            f"SELECT * FROM devices WHERE dev IN ({', '.join('?' for _ in devs)})", devs)}
-    cp = translog.checkpoint(db, now_ms)
-    with db.read() as tx:
-        indexes = []
+        record_indexes = []
         for r in recs:
             idx = translog.leaf_index(tx, str(r["id"]))
-            if idx is None or idx >= cp["size"]:
+            if idx is None:
                 raise CertificateError(f"record seq {r['seq']} of device {r['dev']} is accepted but not in "
                                        "the transparency log")
-            indexes.append(idx)
-        proofs = translog.inclusion_proofs(tx, indexes, cp["size"])
+            record_indexes.append(idx)
+        device_indexes = device_log.entries_for_vin(tx, vin)
+    return recs, record_indexes, device_indexes
+
+
+def build(db: Database, vin: str, now_ms: int, witness_urls: Sequence[str] = ()) -> dict[str, Any]:
+    """The certificate object for ``vin``; raises :class:`CertificateError`. When no checkpoint
+    that covers its entries is cosigned by every witness (``witness_urls``, or else those the
+    daemon pushes to), a new one is signed and pushed to them first."""
+    recs, record_indexes, device_indexes = _indexes(db, vin)
+    indexes = sorted({*record_indexes, *device_indexes})
+    with db.read() as tx:
+        cp = translog.best_checkpoint(tx, indexes[-1] + 1)
+        if not witness_urls:        # the witnesses ``odo-backend run`` pushes to
+            witness_urls = [str(r["witness"]) for r in tx.query("SELECT witness FROM log_witnesses "
+                                                                 "ORDER BY witness")]
+    if cp is None or (witness_urls and cp["cosignatures"] < len(witness_urls)):
+        fresh = translog.checkpoint(db, now_ms)
+        witnesses.push_all(db, witness_urls, now_ms)
+        with db.read() as tx:
+            cp = translog.checkpoint_at(tx, int(fresh["size"]))
+    assert cp is not None
+    size = int(cp["size"])
+    with db.read() as tx:
+        proofs = translog.inclusion_proofs(tx, indexes, size)
+        leaves = {int(r["idx"]): bytes(r["entry"]) for n in range(0, len(indexes), 500) for r in tx.query(
+            f"SELECT idx, entry FROM translog WHERE idx IN ({', '.join('?' for _ in indexes[n:n + 500])})",
+            indexes[n:n + 500])}
         seqs: dict[str, list[int]] = {}
         for r in recs:
             seqs.setdefault(str(r["dev"]), []).append(int(r["seq"]))
         gaps = _gaps(tx, vin, seqs)
-    devices = [pc.DeviceEntry(dev, VerifyKey(bytes(rows[dev]["pub"])), _enrollment(rows[dev]))
-               for dev in devs]
-    entries = [pc.RecordEntry(str(r["jws"]), i, tuple(p),
-                              None if r["clock"] == "synced" or r["t_est"] is None else int(r["t_est"]))
-               for r, i, p in zip(recs, indexes, proofs, strict=True)]
-    cert = pc.build(vin, devices, entries, cp["jws"], gaps, now_ms)
+    t_est = {str(r["id"]): int(r["t_est"]) for r in recs if r["clock"] != "synced" and r["t_est"] is not None}
+    with db.write() as tx:
+        key = translog.signing_key(tx)
+    annotations = pc.sign_annotations(key, vin, now_ms, size, t_est, gaps)
+    cert = pc.build(vin, str(cp["origin"]), str(cp["note"]),
+                    [(i, leaves[i], p) for i, p in zip(indexes, proofs, strict=True)], annotations)
     try:
-        pc.verify(cert, translog.public_key(db))
+        pc.verify(cert, translog.verifier(db))
     except pc.CertificateError as exc:
-        raise CertificateError(f"the certificate for {vin} does not verify: {exc}") from exc
-    log.info("certificate for %s: %d records from %d devices, checkpoint of %d leaves", vin, len(recs),
-             len(devices), cp["size"])
-    return cert
-
-
-def write(db: Database, vin: str, out_path: str, now_ms: int) -> dict[str, Any]:
-    """Build the certificate and write it to ``out_path``; return it."""
-    cert = build(db, vin, now_ms)
-    with open(out_path, "wb") as f:
-        f.write(pc.encode(cert))
+        raise CertificateError(f"the certificate for {vin} does not verify: {exc}") from None
+    log.info("certificate for %s: %d records and %d device entries, checkpoint of %d entries with %d "
+             "cosignature(s)", vin, len(recs), len(device_indexes), size, cp["cosignatures"])
     return cert

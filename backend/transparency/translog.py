@@ -1,28 +1,33 @@
-"""The transparency log: an append-only Merkle tree of accepted records and transfers (DESIGN §6).
+"""The transparency log (docs/log.md): an append-only Merkle tree of what the backend accepted
+and decided: records, transfers, enrolments, decisions on devices, rules versions.
 
 Leaves are hashed as RFC 6962 does (:mod:`protocol.merkle`). Each append stores
 the leaf and every complete subtree it closes (table ``translog_nodes``), so a
-root or an inclusion proof costs O(log n) lookups, never a pass over the log.
-Leaf indexes are allocated under one advisory lock, so several backend processes
-on one PostgreSQL never collide; on SQLite, ``BEGIN IMMEDIATE`` already
-serialises writers.
+root, an inclusion proof or a tile costs O(log n) lookups, never a pass over the
+log. Leaf indexes are allocated under one advisory lock, so several backend
+processes on one PostgreSQL never collide; on SQLite, ``BEGIN IMMEDIATE``
+already serialises writers.
 
-Checkpoints are signed by the backend's own Ed25519 log key, made on first use
-and kept (PKCS#8 PEM) in table ``settings``; :mod:`protocol.checkpoint` fixes
-their format.
+The log is named by its origin, fixed at first use. Checkpoints are C2SP notes
+(:mod:`protocol.checkpoint`) signed by the backend's own Ed25519 log key, made on
+first use and kept (PKCS#8 PEM) in table ``settings``; witnesses' cosignatures of
+them are kept beside them (:mod:`backend.transparency.witnesses`). Tiles
+(c2sp.org/tlog-tiles) are read straight from the stored nodes: a hash at tile
+level L is a node at tree level 8L.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from backend.db import Database, Tx
+from backend.db import Database, Row, Tx
 from backend.errors import TranslogError
 from common.clock import now_ms
 from protocol import checkpoint as cp
-from protocol import jws, merkle
+from protocol import merkle, note, tiles
 from protocol.identity import SigningKey, VerifyKey
 
 log = logging.getLogger(__name__)
@@ -31,7 +36,13 @@ log = logging.getLogger(__name__)
 #: it allocates leaf indexes, and orders assignments with crediting.
 LOCK = 0x0D0_7106
 KEY_SETTING = "translog.log_key"
-ENTRY_KINDS = ("record", "transfer")
+ORIGIN_SETTING = "translog.origin"
+#: The origin of a log whose operator named none: this prefix and the log key's id.
+DEFAULT_ORIGIN_PREFIX = "odoledger/log/"
+ORIGIN_RE = re.compile(r"[\x21-\x2a\x2c-\x7e]{1,255}")
+ENTRY_KINDS = ("record", "transfer", "enrolment", "decision", "rules")
+#: The largest entry: an entry bundle (c2sp.org/tlog-tiles) gives each a 16-bit length.
+MAX_ENTRY_BYTES = 65535
 T = TypeVar("T")
 
 
@@ -52,6 +63,9 @@ def append(tx: Tx, entry_kind: str, ref: str, entry: bytes) -> int:
     """
     if entry_kind not in ENTRY_KINDS:
         raise ValueError(f"entry kind must be one of {', '.join(ENTRY_KINDS)}, got {entry_kind!r}")
+    if len(entry) > MAX_ENTRY_BYTES:
+        raise TranslogError(f"{entry_kind} {ref}: {len(entry)} bytes, more than a log entry holds "
+                            f"({MAX_ENTRY_BYTES})")
     lock(tx, LOCK)
     known = tx.one("SELECT idx, entry FROM translog WHERE ref = ?", (ref,))
     if known is not None:
@@ -178,7 +192,8 @@ def consistency_proof(tx: Tx, old_size: int, new_size: int) -> list[bytes]:
 # -- the log key and checkpoints ------------------------------------------------------------
 
 
-def _signing_key(tx: Tx) -> SigningKey:
+def signing_key(tx: Tx) -> SigningKey:
+    """The log's private key (made on first use): it signs checkpoints and certificates' annotations."""
     pem = tx.scalar("SELECT value FROM settings WHERE name = ?", (KEY_SETTING,))
     if pem is None:
         fresh = SigningKey.generate()
@@ -192,34 +207,147 @@ def _signing_key(tx: Tx) -> SigningKey:
 def public_key(db: Database) -> VerifyKey:
     """The log's verifier key (made on first use)."""
     with db.write() as tx:
-        return _signing_key(tx).public
+        return signing_key(tx).public
 
 
-def _as_dict(row: dict[str, Any]) -> dict[str, Any]:
-    signed = str(row["signed"])
-    return {"v": cp.VERSION, "size": int(row["size"]), "root": _b(row["root"]).hex(),
-            "t": int(row["created_at"]), "kid": jws.split(signed).kid, "jws": signed}
+# -- the log's origin, its checkpoints and cosignatures ---------------------------------------
 
 
-def checkpoint(db: Database, now_ms: int) -> dict[str, Any]:
-    """Sign a checkpoint of the whole log, or return the latest one if the log has not grown.
+def _stored_origin(tx: Tx) -> str | None:
+    value = tx.scalar("SELECT value FROM settings WHERE name = ?", (ORIGIN_SETTING,))
+    return None if value is None else str(value)
 
-    Returns ``{"v", "size", "root" (hex), "t", "kid", "jws"}``.
+
+def _origin(tx: Tx, wanted: str | None = None) -> str:
+    stored = _stored_origin(tx)
+    if stored is None:
+        name = wanted or f"{DEFAULT_ORIGIN_PREFIX}{signing_key(tx).public.id[:16]}"
+        tx.insert_ignore("settings", {"name": ORIGIN_SETTING, "value": name}, ("name",))
+        stored = _stored_origin(tx)
+        assert stored is not None
+        log.info("the transparency log's origin is %s", stored)
+    if wanted is not None and wanted != stored:
+        raise TranslogError(f"the log's origin is {stored}, fixed when the log began; it cannot become "
+                            f"{wanted}")
+    return stored
+
+
+def check_origin(text: str) -> str:
+    """``text`` if it can name a log (a note key name: no spaces or '+'); else ValueError."""
+    if not ORIGIN_RE.fullmatch(text):
+        raise ValueError(f"{text!r} cannot name a log: 1 to 255 printable characters, no spaces and no '+' "
+                         "(e.g. odoledger.example.net/log)")
+    return text
+
+
+def origin(db: Database, wanted: str | None = None) -> str:
+    """The log's origin, fixed at first use (to ``wanted``, or a name made from the log key);
+    :class:`TranslogError` when ``wanted`` is not the fixed one."""
+    if wanted is not None:
+        check_origin(wanted)
+    with db.write() as tx:
+        return _origin(tx, wanted)
+
+
+def verifier(db: Database) -> note.Verifier:
+    """The log's note verifier key (its name is the origin)."""
+    with db.write() as tx:
+        return cp.log_verifier(_origin(tx), signing_key(tx).public)
+
+
+def _checkpoint_dict(row: Row, origin_name: str, cosignatures: list[str]) -> dict[str, Any]:
+    signed = str(row["note"]) + "".join(cosignatures)
+    return {"origin": origin_name, "size": int(row["size"]), "root": _b(row["root"]).hex(),
+            "t": int(row["created_at"]), "note": signed, "cosignatures": len(cosignatures)}
+
+
+def cosignature_lines(tx: Tx, size: int) -> list[str]:
+    """The witnesses' cosignature lines kept for the checkpoint of ``size``, by witness."""
+    return [str(r["line"]) for r in tx.query(
+        "SELECT line FROM log_cosignatures WHERE size = ? ORDER BY witness", (size,))]
+
+
+def checkpoint(db: Database, now_ms: int, *, min_interval_ms: int = 0) -> dict[str, Any]:
+    """The latest checkpoint, signing a new one first if the log has grown (and the latest is at
+    least ``min_interval_ms`` old).
+
+    Returns ``{"origin", "size", "root" (hex), "t", "note" (with its cosignatures), "cosignatures"}``.
     """
     with db.write() as tx:
+        name = _origin(tx)
+        latest = tx.one("SELECT * FROM log_checkpoints ORDER BY size DESC LIMIT 1")
         n = _size(tx)
-        latest = tx.one("SELECT * FROM checkpoints ORDER BY size DESC LIMIT 1")
-        if latest is not None and int(latest["size"]) >= n:
-            return _as_dict(latest)
-        signed = cp.sign(_signing_key(tx), n, root(tx, n), now_ms)
-        tx.insert_ignore("checkpoints", {"size": n, "root": signed.root, "signed": signed.jws,
-                                         "created_at": now_ms}, ("size",))
-        row = tx.one("SELECT * FROM checkpoints WHERE size = ?", (n,))
-        assert row is not None
-        log.debug("checkpoint of %d leaves, root %s", n, signed.root_hex)
-        return _as_dict(row)
+        fresh = latest is not None and (int(latest["size"]) >= n or (
+            min_interval_ms > 0 and now_ms - int(latest["created_at"]) < min_interval_ms))
+        if latest is None or not fresh:
+            signed = cp.sign_note(signing_key(tx), name, n, root(tx, n))
+            tx.insert_ignore("log_checkpoints", {"size": n, "root": signed.root, "note": signed.signed,
+                                                 "created_at": now_ms}, ("size",))
+            latest = tx.one("SELECT * FROM log_checkpoints WHERE size = ?", (n,))
+            assert latest is not None
+            log.debug("checkpoint of %d leaves, root %s", n, signed.root_b64)
+        return _checkpoint_dict(latest, name, cosignature_lines(tx, int(latest["size"])))
 
 
 def latest_checkpoint(db: Database) -> dict[str, Any] | None:
-    row = db.one("SELECT * FROM checkpoints ORDER BY size DESC LIMIT 1")
-    return None if row is None else _as_dict(row)
+    """The latest checkpoint signed, with its cosignatures; None before the first."""
+    with db.read() as tx:
+        row = tx.one("SELECT * FROM log_checkpoints ORDER BY size DESC LIMIT 1")
+        if row is None:
+            return None
+        name = _stored_origin(tx)
+        assert name is not None
+        return _checkpoint_dict(row, name, cosignature_lines(tx, int(row["size"])))
+
+
+def witnessed_checkpoint(db: Database, witnesses: int) -> dict[str, Any] | None:
+    """The largest checkpoint cosigned by at least ``witnesses`` witnesses, else the latest."""
+    with db.read() as tx:
+        row = tx.one("SELECT c.size FROM log_checkpoints c WHERE (SELECT COUNT(*) FROM log_cosignatures s "
+                     "WHERE s.size = c.size) >= ? ORDER BY c.size DESC LIMIT 1", (witnesses,))
+        if row is not None:
+            return checkpoint_at(tx, int(row["size"]))
+    return latest_checkpoint(db)
+
+
+def checkpoint_at(tx: Tx, size: int) -> dict[str, Any] | None:
+    row = tx.one("SELECT * FROM log_checkpoints WHERE size = ?", (size,))
+    name = _stored_origin(tx)
+    return None if row is None or name is None else _checkpoint_dict(row, name, cosignature_lines(tx, size))
+
+
+def best_checkpoint(tx: Tx, at_least: int) -> dict[str, Any] | None:
+    """Of the checkpoints that cover the first ``at_least`` leaves, the most cosigned (then the
+    largest)."""
+    row = tx.one("SELECT c.size, (SELECT COUNT(*) FROM log_cosignatures s WHERE s.size = c.size) AS n "
+                 "FROM log_checkpoints c WHERE c.size >= ? ORDER BY n DESC, c.size DESC LIMIT 1", (at_least,))
+    return None if row is None else checkpoint_at(tx, int(row["size"]))
+
+
+# -- tiles (c2sp.org/tlog-tiles), read from the stored nodes ---------------------------------
+
+
+def tile(tx: Tx, level: int | None, n: int, width: int | None, tree_size: int) -> bytes | None:
+    """The hash tile ``level``/``n`` (or entry bundle, ``level`` None) of ``width`` hashes (None:
+    a full tile), as served for a tree of ``tree_size`` leaves; None when the tree does not hold it."""
+    w = tiles.WIDTH if width is None else width
+    lvl = 0 if level is None else level
+    if (n * tiles.WIDTH + w) << (tiles.HEIGHT * lvl) > tree_size:
+        return None
+    first, end = n * tiles.WIDTH, n * tiles.WIDTH + w
+    if level is None:
+        rows = tx.query("SELECT entry FROM translog WHERE idx >= ? AND idx < ? ORDER BY idx", (first, end))
+        data = [_b(r["entry"]) for r in rows]
+        if len(data) != w:
+            raise TranslogError(f"log entries {first}..{end - 1} are missing")
+        return tiles.encode_bundle(data)
+    if level == 0:
+        rows = tx.query("SELECT leaf_hash AS h FROM translog WHERE idx >= ? AND idx < ? ORDER BY idx",
+                        (first, end))
+    else:
+        rows = tx.query("SELECT hash AS h FROM translog_nodes WHERE level = ? AND idx >= ? AND idx < ? "
+                        "ORDER BY idx", (tiles.HEIGHT * level, first, end))
+    hashes = [_b(r["h"]) for r in rows]
+    if len(hashes) != w:
+        raise TranslogError(f"log tile {tiles.path(level, n, width)}: {len(hashes)} of {w} hashes stored")
+    return b"".join(hashes)

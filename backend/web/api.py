@@ -1,4 +1,4 @@
-"""The JSON API under ``/api`` (DESIGN §7); the OpenAPI document is :mod:`backend.web.openapi`.
+"""The JSON API under ``/api`` (docs/DESIGN.md §7); the OpenAPI document is :mod:`backend.web.openapi`.
 
 When an API token is configured, every ``/api`` path needs ``Authorization: Bearer <token>``
 (compared in constant time) and answers 401 without it. Errors are ``{"error": "..."}`` naming

@@ -1,4 +1,5 @@
-"""The backend's Starlette app: the JSON API, the dashboard (when installed), metrics, liveness."""
+"""The backend's Starlette app: the JSON API, the public log, the dashboard (when installed), metrics,
+liveness."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from backend import metrics
 from backend.db import Database
 from backend.records import devices
 from backend.web import api
+from backend.web import log as log_routes
 from backend.web.auth import db_call
 from backend.web.context import AppContext
 
@@ -74,7 +76,8 @@ def create_app(ctx: AppContext) -> Starlette:
             return JSONResponse({"error": "the database does not answer"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    routes: list[BaseRoute] = [*api.routes(ctx), Route("/metrics", scrape), Route("/healthz", healthz)]
+    routes: list[BaseRoute] = [*api.routes(ctx), *log_routes.routes(ctx), Route("/metrics", scrape),
+                               Route("/healthz", healthz)]
     if dashboard is not None:
         routes += dashboard.routes(ctx)
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})

@@ -17,3 +17,4 @@ class AppContext:
     api_token: str | None = field(default=None, repr=False)
     clock: Callable[[], int] = now_ms      # Unix milliseconds
     secure_cookies: bool = False           # set behind TLS
+    witnesses: int = 0                     # how many witnesses cosign the log's checkpoints

@@ -72,10 +72,13 @@ _SCHEMAS: dict[str, Any] = {
                "properties": {"account": {"type": "string"},
                               "balance": {**_INT, "description": "milli-tokens"},
                               "transfers": {"type": "array", "items": _ref("Transfer")}}},
-    "Checkpoint": {"type": "object", "required": ["size", "root", "jws"],
-                   "properties": {"v": _INT, "size": _INT, "root": {"type": "string", "description": "hex"},
-                                  "t": _INT, "kid": {"type": "string"},
-                                  "jws": {"type": "string", "description": "signed by the log key"}}},
+    "Checkpoint": {"type": "object", "required": ["origin", "size", "root", "t", "note", "cosignatures"],
+                   "properties": {"origin": {"type": "string", "description": "the log's name"},
+                                  "size": _INT, "root": {"type": "string", "description": "hex"},
+                                  "t": _INT, "cosignatures": _INT,
+                                  "note": {"type": "string", "description":
+                                           "c2sp.org/tlog-checkpoint note, signed by the log key and "
+                                           "cosigned by witnesses (also at /log/checkpoint)"}}},
 }
 
 
@@ -132,11 +135,22 @@ def document() -> dict[str, Any]:
                 "responses": {"200": _json(_ref("Transfer"), "the redemption"), "400": _ERR, "401": _ERR,
                               "404": _ERR, "409": _ERR, "503": _ERR}}},
             "/api/checkpoint": {"get": {
-                "summary": "a signed checkpoint of the transparency log as it is now",
+                "summary": "the transparency log's latest checkpoint (a new one if the log has grown)",
                 "operationId": "getCheckpoint",
                 "responses": {"200": _json(_ref("Checkpoint"), "the checkpoint"), "401": _ERR}}},
             "/api/openapi.json": {"get": {"summary": "this document", "operationId": "openapi",
                                           "responses": {"200": {"description": "OpenAPI 3.1"}, "401": _ERR}}},
+            "/log/checkpoint": {"get": {
+                "summary": "the log's latest checkpoint (c2sp.org/tlog-checkpoint) with its cosignatures",
+                "security": [], "operationId": "logCheckpoint",
+                "responses": {"200": {"description": "text/plain; charset=utf-8: a signed note"}}}},
+            "/log/tile/{path}": {"get": {
+                "summary": "hash tiles <L>/<N>[.p/<W>] and entry bundles entries/<N>[.p/<W>] (tlog-tiles)",
+                "security": [], "operationId": "logTile",
+                "parameters": [{"name": "path", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "application/octet-stream"},
+                              "404": {"description": "no such tile within the latest checkpoint"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "security": [],
                                  "operationId": "metrics",
                                  "responses": {"200": {"description": "text/plain; version=0.0.4"}}}},
