@@ -205,6 +205,12 @@ class Database:
         if self.dialect == "postgresql":
             tx.execute("SELECT pg_advisory_xact_lock(?)", (key,))
 
+    def try_lock_key(self, tx: Tx, key: int) -> bool:
+        """:meth:`lock_key` if no other transaction holds it now; False (not waiting) if one does."""
+        if self.dialect == "postgresql":
+            return bool(tx.scalar("SELECT pg_try_advisory_xact_lock(?) AS ok", (key,)))
+        return True
+
     # -- schema ---------------------------------------------------------------
 
     def ddl(self, sql: str) -> str:

@@ -36,6 +36,8 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4     # the text format every Prometheus reads
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Merge delay buckets, in seconds: the goal is a p99 of at most 2 s under full load.
+MERGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
 @dataclass(frozen=True)
 class FleetFigures:
@@ -47,6 +49,7 @@ class FleetFigures:
     evidence_kept: int = 0          # refused messages kept for operators
     evidence_dropped: int = 0       # refused messages past their budget: counted, not stored
     log_entries: int = 0            # entries in the transparency log
+    log_queued: int = 0             # entries stored, waiting for the sequencer
     witness_lag: int = 0            # entries of the latest checkpoint not yet cosigned by every witness
     witnesses_failing: int = 0      # witnesses whose last push failed
 
@@ -60,7 +63,8 @@ _GAUGES = {
     "odo_devices_held": ("held", "Devices flagged for an odometer rollback: rewards wait for an operator."),
     "odo_evidence_kept": ("evidence_kept", "Refused messages kept for operators (within their budgets)."),
     "odo_evidence_dropped": ("evidence_dropped", "Refused messages past their budget: counted, not stored."),
-    "odo_log_entries": ("log_entries", "Entries in the transparency log."),
+    "odo_log_entries": ("log_entries", "Entries in the transparency log's tree."),
+    "odo_log_queued": ("log_queued", "Log entries stored and waiting for the sequencer."),
     "odo_log_witness_lag": ("witness_lag",
                             "Entries of the latest checkpoint that not every witness has cosigned."),
     "odo_log_witnesses_failing": ("witnesses_failing", "Witnesses whose last push failed."),
@@ -103,6 +107,9 @@ class Registry:
         self._seconds = Histogram("odo_ingest_seconds",
                                   "Time to verify, store and credit one batch of records.",
                                   buckets=tuple(buckets), registry=r)
+        self._merge = Histogram("odo_log_merge_delay_seconds",
+                                "Time from storing a log entry to integrating it into the tree.",
+                                buckets=MERGE_BUCKETS, registry=r)
         self.fleet = FleetCollector(fleet)
         self.registry.register(self.fleet)
 
@@ -119,6 +126,9 @@ class Registry:
 
     def observe_batch(self, seconds: float) -> None:
         self._seconds.observe(seconds)
+
+    def observe_merge_delay(self, seconds: float) -> None:
+        self._merge.observe(seconds)
 
     def records(self, status: str, reason: str = "") -> int:
         """How many records this process counted with that outcome (never reads the database)."""

@@ -202,14 +202,23 @@ CREATE TABLE log_witnesses (                 -- what each configured witness has
 """),
     ("105_device_log", """
 CREATE TABLE device_log (                    -- the log's enrolment and decision entries, by device and VIN
-    idx     {bigint} PRIMARY KEY,              -- the leaf index (table translog)
+    ref     TEXT PRIMARY KEY,                  -- the entry's ref (tables translog_queue, then translog)
     dev     TEXT NOT NULL,
     vin     TEXT,                              -- the enrolment's VIN, or the one the decision is about
     kind    TEXT NOT NULL,                     -- enrolment or decision
     action  TEXT,                              -- a decision's: approve, revoke, retire or clear
     at      {bigint} NOT NULL
 );
-CREATE INDEX device_log_dev ON device_log (dev, idx);
-CREATE INDEX device_log_vin ON device_log (vin, idx)
+CREATE INDEX device_log_dev ON device_log (dev);
+CREATE INDEX device_log_vin ON device_log (vin)
+"""),
+    ("106_translog_queue", """
+CREATE TABLE translog_queue (                -- entries stored, not yet in the tree: the sequencer's work
+    id          {id},                          -- arrival order: the order they are integrated in
+    entry_kind  TEXT NOT NULL,
+    ref         TEXT NOT NULL UNIQUE,
+    entry       {blob} NOT NULL,
+    created_at  {bigint} NOT NULL
+)
 """),
 ]

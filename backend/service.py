@@ -22,6 +22,7 @@ from backend.ledger.rules import load_rules
 from backend.records import device_log
 from backend.records.ingest import Ingest
 from backend.transparency import translog
+from backend.transparency.sequencer import Sequencer
 from backend.transparency.witnesses import Pusher
 from backend.web.app import create_app
 from backend.web.context import AppContext
@@ -76,10 +77,12 @@ def run(cfg: RunConfig) -> int:
     # stopped; before and after, these stop the server.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     ingest = Ingest(cfg.db, rules, cfg.broker, cfg.fleet_token, on_fatal=stop, evidence=cfg.evidence)
+    sequencer = Sequencer(cfg.db, ctx.clock)
     pusher = Pusher(cfg.db, cfg.witnesses, ctx.clock)
     started = time.monotonic()
     try:
         ingest.start()
+        sequencer.start()
         pusher.start()
         log.info("serving HTTP on %s:%d; rules %s; log %s, %d witness(es)", cfg.http_host, cfg.http_port,
                  rules.version, origin, len(cfg.witnesses))
@@ -91,6 +94,7 @@ def run(cfg: RunConfig) -> int:
     finally:
         pusher.stop()
         ingest.stop()
+        sequencer.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         log.info("stopped after %.0f s", time.monotonic() - started)

@@ -17,4 +17,5 @@ def snapshot(db: Database) -> dict[str, Any]:
         "forks": db.query("SELECT dev, seq, record_id FROM forks ORDER BY id"),
         "transfers": db.query("SELECT key, amount, to_account FROM transfers ORDER BY id"),
         "translog": db.query("SELECT idx, ref FROM translog ORDER BY idx"),
+        "translog_queue": db.query("SELECT ref FROM translog_queue ORDER BY id"),
     }

@@ -13,6 +13,7 @@ from backend.db import Database
 from backend.ledger import rewards
 from backend.ledger.accounts import Transfer
 from backend.ledger.rules import Rules, parse
+from backend.locks import lock_device, lock_vehicles
 from backend.records import device_log
 from backend.records.store import TRIP_BEFORE_SQL
 from backend.transparency import translog
@@ -113,8 +114,11 @@ class Car:
     def store(self, record: Record, *, status: str = "accepted", reason: str | None = None,
               t_est: int | None = None, rules: Rules | None = None,
               now_ms: int | None = None) -> list[Transfer]:
-        """Store ``record`` as ingest would; accepted ones are logged and credited."""
+        """Store ``record`` as ingest would (under the device's and the vehicle's locks);
+        accepted ones are logged and credited."""
         with self.db.write() as tx:
+            lock_device(self.db, tx, record.dev)
+            lock_vehicles(self.db, tx, [v for v in (record.vin, self.vin) if v is not None])
             base = None
             if record.kind == "trip" and record.vin is not None:     # as ingest finds it
                 base = tx.scalar(TRIP_BEFORE_SQL, (record.vin, int(record.fields["start_t"])))

@@ -225,7 +225,9 @@ def test_metrics_scrape_parses_after_an_ingest(db: Database, rules: Any, device:
     assert types == {"odo_records": "counter", "odo_ingest_errors": "counter",
                      "odo_ingest_seconds": "histogram", "odo_devices_online": "gauge",
                      "odo_backlog_total": "gauge", "odo_devices_held": "gauge", "odo_evidence_kept": "gauge",
-                     "odo_evidence_dropped": "gauge"}
+                     "odo_evidence_dropped": "gauge", "odo_log_entries": "gauge",
+                     "odo_log_merge_delay_seconds": "histogram", "odo_log_queued": "gauge",
+                     "odo_log_witness_lag": "gauge", "odo_log_witnesses_failing": "gauge"}
 
     def samples(family: str) -> list[tuple[str, float]]:
         return [(s.name, s.value) for s in families[family].samples]

@@ -7,6 +7,7 @@ from typing import Any
 from backend.db import Database
 from backend.metrics import FleetFigures
 from backend.records import devices, store
+from backend.transparency import translog
 from protocol import b64, messages
 from protocol.identity import SigningKey
 from protocol.messages import Ack, Rejection
@@ -29,6 +30,7 @@ def test_a_chain_is_accepted_logged_and_acknowledged(db: Database, rules: Any) -
     rows = db.query("SELECT seq, id, status, reason FROM records ORDER BY seq")
     assert [(r["seq"], r["id"], r["status"], r["reason"]) for r in rows] == [
         (r.seq, r.id, "accepted", None) for r in recs]
+    translog.integrate_all(db)
     logged = db.query("SELECT ref FROM translog WHERE entry_kind = 'record' ORDER BY idx")
     assert [r["ref"] for r in logged] == [r.id for r in recs]
     assert db.one("SELECT through, head_id FROM devices") == {"through": 3, "head_id": recs[-1].id}
@@ -120,6 +122,7 @@ def test_chain_break_takes_its_seq_and_the_chain_goes_on_from_it(db: Database, r
     assert rows[1] == {"seq": 2, "status": "rejected", "reason": "chain_break"}
     assert rows[2] == {"seq": 3, "status": "accepted", "reason": None}
     # only accepted records enter the transparency log
+    translog.integrate_all(db)
     assert broken.id not in {r["ref"] for r in db.query("SELECT ref FROM translog")}
     # a resent rejected record is a no-op that reports its verdict again
     assert ingest(db, rules, d.dev, batch(broken)).rejected == (Rejection(2, "chain_break"),)
@@ -253,7 +256,7 @@ def test_status_messages_are_kept(db: Database, rules: Any) -> None:
     assert devices.update_status(db, d.dev, messages.OFFLINE, NOW + 1)
     row = devices.list_devices(db)[0]
     assert (row["online"], row["backlog"], row["last_seen"]) == (False, 7, NOW + 1)
-    assert devices.fleet_gauges(db) == FleetFigures(0, 7)
+    assert devices.fleet_gauges(db) == FleetFigures(0, 7, log_queued=2)    # its enrolment and approval
     assert not devices.update_status(db, Dongle().dev, messages.encode_status(), NOW)
     assert not devices.update_status(db, d.dev, b'{"online": "yes"}', NOW)
 

@@ -21,7 +21,8 @@ from sim.devices import FLEET_TOKEN, RULES, T0, Dongle, batch, enroll, fresh_vin
 
 NOW = T0 + 1000
 SECRET = "fleet-token-that-must-never-be-stored"
-TABLES = ("devices", "records", "rejections", "evidence_budget", "settings", "translog", "device_log",
+TABLES = ("devices", "records", "rejections", "evidence_budget", "settings", "translog", "translog_queue",
+          "device_log",
           "fleet_tokens", "forks", "transfers")
 
 
@@ -35,7 +36,9 @@ def everything(db: Database) -> dict[str, list[dict[str, Any]]]:
 
 
 def leaves(db: Database) -> list[dict[str, Any]]:
-    """Every entry of the log, parsed when it is a JSON entry."""
+    """Every entry of the log (once the sequencer has integrated what is stored), parsed when
+    it is a JSON entry."""
+    translog.integrate_all(db)
     out = []
     for row in db.query("SELECT idx, entry_kind, entry FROM translog ORDER BY idx"):
         data = bytes(row["entry"])
@@ -52,7 +55,18 @@ def decisions(db: Database, since: int = 0) -> list[dict[str, Any]]:
     return [e for e in leaves(db) if e["kind"] == "decision" and e["idx"] >= since]
 
 
+def _index(db: Database, ref: str | None) -> int:
+    """The leaf index of the entry stored under ``ref`` (integrated first)."""
+    assert ref is not None
+    translog.integrate_all(db)
+    with db.read() as tx:
+        idx = translog.leaf_index(tx, ref)
+    assert idx is not None
+    return idx
+
+
 def size(db: Database) -> int:
+    translog.integrate_all(db)
     with db.read() as tx:
         return translog.size(tx)
 
@@ -159,7 +173,9 @@ def test_a_pending_device_logs_each_new_enrolment_once(db: Database) -> None:
     again = messages.verify_enrollment(d.enrollment(T0 + 2))
     assert db.one("SELECT COUNT(*) AS n FROM device_log") == {"n": 2}
     with db.write() as tx:
-        assert device_log.log_enrolment(tx, again, NOW + 99) == 1
+        ref = device_log.log_enrolment(tx, again, NOW + 99)
+    with db.read() as tx:
+        assert translog.leaf_index(tx, ref) == 1
     assert size(db) == 2 and db.one("SELECT COUNT(*) AS n FROM device_log") == {"n": 2}
 
 
@@ -198,7 +214,8 @@ def test_every_decision_path_appends_one_decision_entry(db: Database, rules: Any
     assert [(e["action"], e["dev"], e["vin"], e["replaces"]) for e in decisions(db, mark)] == [
         ("approve", loose.dev, None, None)]
     # the index names each one
-    kinds = db.query("SELECT kind, action FROM device_log WHERE dev = ? ORDER BY idx", (second.dev,))
+    kinds = db.query("SELECT d.kind, d.action FROM device_log d JOIN translog t ON t.ref = d.ref "
+                     "WHERE d.dev = ? ORDER BY t.idx", (second.dev,))
     assert [(r["kind"], r["action"]) for r in kinds] == [
         ("enrolment", None), ("decision", "approve"), ("decision", "clear"), ("decision", "revoke")]
 
@@ -251,6 +268,7 @@ def test_entries_for_vin_cover_every_device_the_vehicle_has_had(db: Database, ru
     stranger = Dongle(vin=elsewhere)
     enroll(db, stranger, approved=False)
     devices.approve(db, stranger.dev, NOW + 8, "ann")
+    translog.integrate_all(db)
     with db.read() as tx:
         got = device_log.entries_for_vin(tx, vin)
         theirs = device_log.entries_for_vin(tx, elsewhere)
@@ -277,7 +295,7 @@ def test_a_rules_version_is_logged_once(db: Database, tmp_path: Path) -> None:
     with db.write() as tx:                                               # as a later run of the backend
         assert device_log.log_rules_of(tx, load_rules(tmp_path / "a.toml"), NOW + 2) == first
     entry = [e for e in leaves(db) if e["kind"] == "rules"]
-    assert entry == [{"idx": first, "kind": "rules", "entry": "rules", "version": "test-2026",
+    assert entry == [{"idx": _index(db, first), "kind": "rules", "entry": "rules", "version": "test-2026",
                       "sha256": hashlib.sha256((tmp_path / "a.toml").read_bytes()).hexdigest(),
                       "text": RULES, "at": NOW}]
     # the same version with another file is another entry; one too large keeps no text
@@ -288,6 +306,7 @@ def test_a_rules_version_is_logged_once(db: Database, tmp_path: Path) -> None:
         third = device_log.log_rules(tx, "test-2026", huge, NOW + 4)
         assert device_log.log_rules(tx, "test-2026", huge, NOW + 5) == third
     got = {e["idx"]: e for e in leaves(db)}
+    second, third = _index(db, second), _index(db, third)
     assert got[second]["text"] == edited and "text" not in got[third]
     assert got[third]["sha256"] == hashlib.sha256(huge.encode()).hexdigest()
     # rules that were not read from a file are not logged

@@ -49,6 +49,7 @@ def _grow(db: Database, entries: list[bytes], to: int, rng: random.Random) -> No
             data = rng.randbytes(rng.randrange(1, 300))
             entries.append(data)
             translog.append(tx, "record", f"r{len(entries)}", data)
+    translog.integrate_all(db)
 
 
 def _checkpoint(db: Database, client: TestClient, clock: Clock) -> NoteCheckpoint:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -10,23 +11,27 @@ from protocol import checkpoint, merkle
 from tests.ledger_support import open_db
 
 
-def _append(db: Database, n: int, start: int = 0) -> list[int]:
-    out = []
+def _append(db: Database, n: int, start: int = 0) -> int:
+    """Store ``n`` entries and have the sequencer integrate them; the log's size after."""
     with db.write() as tx:
         for i in range(start, start + n):
-            out.append(translog.append(tx, "record", f"r{i}", b"entry %d" % i))
-    return out
+            translog.append(tx, "record", f"r{i}", b"entry %d" % i)
+    return translog.integrate_all(db)
 
 
 def test_roots_and_proofs_match_the_reference(db_url: str) -> None:
     db = open_db(db_url)
     entries = [b"entry %d" % i for i in range(37)]
     leaves = [merkle.leaf_hash(e) for e in entries]
-    with db.write() as tx:
+    with db.read() as tx:
         assert translog.root(tx) == merkle.EMPTY_ROOT
-        for i, e in enumerate(entries):
-            assert translog.append(tx, "record", f"r{i}", e) == i
-            assert translog.root(tx) == merkle.root(leaves[:i + 1])
+    for i, e in enumerate(entries):
+        with db.write() as tx:
+            translog.append(tx, "record", f"r{i}", e)
+        if i % 5 == 0 or i == len(entries) - 1:      # integrated in batches of several sizes
+            translog.integrate_all(db)
+            with db.read() as tx:
+                assert translog.root(tx) == merkle.root(leaves[:i + 1])
     with db.read() as tx:
         for size in (1, 2, 3, 8, 13, 32, 37):
             proofs = translog.inclusion_proofs(tx, range(size), size)
@@ -47,13 +52,17 @@ def test_an_entry_is_logged_once_and_never_changes(db_url: str) -> None:
     db = open_db(db_url)
     _append(db, 3)
     with db.write() as tx:
-        assert translog.append(tx, "record", "r1", b"entry 1") == 1
-    with pytest.raises(translog.TranslogError, match="other content"), db.write() as tx:
-        translog.append(tx, "record", "r1", b"changed")
+        translog.append(tx, "record", "r1", b"entry 1")          # again: a no-op
+        translog.append(tx, "record", "r3", b"entry 3")          # stored, not yet integrated
+        translog.append(tx, "record", "r3", b"entry 3")
+    for ref in ("r1", "r3"):
+        with pytest.raises(translog.TranslogError, match="other content"), db.write() as tx:
+            translog.append(tx, "record", ref, b"changed")
     with pytest.raises(ValueError, match="entry kind"), db.write() as tx:
         translog.append(tx, "device", "d1", b"x")
+    assert translog.integrate_all(db) == 4
     with db.read() as tx:
-        assert translog.size(tx) == 3
+        assert translog.leaf_index(tx, "r1") == 1 and translog.leaf_index(tx, "r3") == 3
     db.close()
 
 
@@ -99,15 +108,92 @@ def test_two_writers_never_share_an_index(db_url: str) -> None:
         finally:
             db.close()
 
+    def sequencer() -> None:
+        db = Database.open(db_url)
+        try:
+            while not done.is_set():
+                translog.integrate(db)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+        finally:
+            db.close()
+
+    done = threading.Event()
     threads = [threading.Thread(target=writer, args=(n,)) for n in ("a", "b", "c")]
-    for t in threads:
+    sequencers = [threading.Thread(target=sequencer) for _ in range(2)]   # two processes' sequencers
+    for t in (*threads, *sequencers):
         t.start()
     for t in threads:
         t.join()
+    done.set()
+    for t in sequencers:
+        t.join()
     assert not errors
     db = Database.open(db_url)
+    assert translog.integrate_all(db) == 75
     rows = db.query("SELECT idx, entry FROM translog ORDER BY idx")
     assert [r["idx"] for r in rows] == list(range(75))
     with db.read() as tx:
         assert translog.root(tx) == merkle.root([merkle.leaf_hash(bytes(r["entry"])) for r in rows])
+    db.close()
+
+
+def test_a_sequencer_that_dies_mid_batch_loses_nothing(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = open_db(db_url)
+    _append(db, 3)
+    with db.write() as tx:
+        for i in range(3, 10):
+            translog.append(tx, "record", f"r{i}", b"entry %d" % i)
+    real = translog._insert_many
+    calls = []
+
+    def dies(tx: object, table: str, *args: object) -> None:
+        calls.append(table)
+        if table == "translog_nodes":
+            raise RuntimeError("killed mid-batch")
+        real(tx, table, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(translog, "_insert_many", dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        translog.integrate(db)
+    monkeypatch.setattr(translog, "_insert_many", real)
+    with db.read() as tx:
+        assert translog.size(tx) == 3 and translog.queued(tx) == 7
+    assert translog.integrate_all(db) == 10
+    with db.read() as tx:
+        assert translog.root(tx) == merkle.root([merkle.leaf_hash(b"entry %d" % i) for i in range(10)])
+        assert translog.queued(tx) == 0
+    db.close()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)     # SQLite has one writer at a time
+def test_storing_an_entry_waits_for_no_sequencer(db_url: str) -> None:
+    """A sequencer stopped in the middle of its transaction (holding the log's lock) does not
+    stop writers from storing entries: ingest takes no lock that every device shares."""
+    db = open_db(db_url)
+    holding, release = threading.Event(), threading.Event()
+
+    def frozen_sequencer() -> None:
+        other = Database.open(db_url)
+        try:
+            with other.write() as tx:
+                translog.lock(tx, translog.LOCK)
+                holding.set()
+                release.wait(20)
+        finally:
+            other.close()
+
+    t = threading.Thread(target=frozen_sequencer)
+    t.start()
+    try:
+        assert holding.wait(10)
+        started = time.monotonic()
+        with db.write() as tx:
+            translog.append(tx, "record", "while-frozen", b"stored at once")
+        assert time.monotonic() - started < 2
+        assert translog.integrate(db).size is None          # the other sequencer holds the lock
+    finally:
+        release.set()
+        t.join()
+    assert translog.integrate_all(db) == 1
     db.close()

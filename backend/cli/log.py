@@ -60,7 +60,7 @@ def cmd_log_key(args: argparse.Namespace) -> int:
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     db = database(args)
     try:
-        cp = translog.checkpoint(db, now_ms())
+        cp = translog.checkpoint_now(db, now_ms())
     finally:
         db.close()
     print(json.dumps(cp) if args.json else f"checkpoint of {cp['origin']}: {cp['size']} entries, root "

@@ -16,7 +16,7 @@ from backend.db import Database, Tx
 from backend.errors import AssignmentError
 from backend.ledger import accounts
 from backend.ledger.rewards import Assignment, reading_time
-from backend.transparency import translog
+from backend.locks import lock_vehicles
 from protocol.identity import VIN_RE
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,10 @@ def assign(db: Database, driver_id: str, vin: str, valid_from: int, now_ms: int)
     if not VIN_RE.fullmatch(vin):
         raise AssignmentError(f"VIN {vin!r}: not a VIN (17 characters of A-H, J-N, P, R-Z and 0-9)")
     with db.write() as tx:
-        # The lock every crediting transaction holds: a reward credited by another process
-        # either sees this assignment, or is committed before it and moved below.
-        db.lock_key(tx, translog.LOCK)
+        # The vehicle's lock, which every crediting transaction of the vehicle holds: a reward
+        # credited by another process either sees this assignment, or is committed before it
+        # and moved below.
+        lock_vehicles(db, tx, [vin])
         if not tx.one("SELECT id FROM drivers WHERE id = ?", (driver_id,)):
             raise AssignmentError(f"no driver {driver_id!r} (add it: odo-backend drivers add {driver_id})")
         later = tx.one("SELECT driver_id, valid_from FROM assignments WHERE vin = ? AND valid_from >= ? "

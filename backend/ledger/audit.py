@@ -85,8 +85,9 @@ def _log_and_balances(db: Database) -> list[str]:
     problems = []
     sums: dict[str, int] = {}
     with db.read() as tx:
-        logged = {str(r["ref"]): bytes(r["entry"])
-                  for r in tx.query("SELECT ref, entry FROM translog WHERE entry_kind = 'transfer'")}
+        # In the tree, or stored for the sequencer to integrate: both are the log's.
+        logged = {str(r["ref"]): bytes(r["entry"]) for table in ("translog", "translog_queue")
+                  for r in tx.query(f"SELECT ref, entry FROM {table} WHERE entry_kind = 'transfer'")}
         rows = tx.query("SELECT * FROM transfers ORDER BY id")
     for row in rows:
         t = accounts.Transfer.from_row(row)

@@ -46,7 +46,6 @@ from typing import Any, Protocol
 from backend.db import Tx
 from backend.ledger import accounts
 from backend.ledger.rules import DistanceRule, Rules, StreakRule, WeeklyRule
-from backend.transparency import translog
 from protocol.records import Record, iso_week
 
 log = logging.getLogger(__name__)
@@ -240,9 +239,9 @@ def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any],
     """
     if not any(rule.on == record.kind for rule in rules.rules):
         return []
-    # Under the log's lock (which the record's own append already holds), so that an
-    # assignment made meanwhile by another process is either seen here, or sees this credit.
-    translog.lock(tx, translog.LOCK)
+    # Under the vehicle's lock (taken by the caller, as process_batch and devices.clear do), so
+    # that an assignment made meanwhile by another process is either seen here, or sees this
+    # credit.
     row = tx.one("SELECT t_est, received_at, base_odo_m FROM records WHERE id = ?", (record.id,))
     assert row is not None, "credit() runs in the transaction that stored the record"
     base = row["base_odo_m"]

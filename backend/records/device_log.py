@@ -42,28 +42,26 @@ def _check_at(at: int) -> None:
         raise ValueError(f"a log entry's time must be 0..{MAX_MS} ms, got {at!r}")
 
 
-def _index(tx: Tx, idx: int, dev: str, vin: str | None, kind: str, action: str | None, at: int) -> None:
-    tx.insert_ignore("device_log", {"idx": idx, "dev": dev, "vin": vin, "kind": kind, "action": action,
-                                    "at": at}, ("idx",))
+def _index(tx: Tx, ref: str, dev: str, vin: str | None, kind: str, action: str | None, at: int) -> None:
+    tx.insert_ignore("device_log", {"ref": ref, "dev": dev, "vin": vin, "kind": kind, "action": action,
+                                    "at": at}, ("ref",))
 
 
-def log_enrolment(tx: Tx, enrollment: messages.Enrollment, at: int) -> int:
-    """Log a device's signed enrolment as the backend received it at ``at``; return its leaf
-    index. The same signed enrolment again (a replay, at any time) is the leaf it already is."""
+def log_enrolment(tx: Tx, enrollment: messages.Enrollment, at: int) -> str:
+    """Log a device's signed enrolment as the backend received it at ``at``; return its ref.
+    The same signed enrolment again (a replay, at any time) is the entry it already is."""
     _check_at(at)
     ref = "enrolment:" + _sha256(enrollment.jws.encode("ascii"))
-    translog.lock(tx, translog.LOCK)       # as append does: no other writer logs it meanwhile
-    idx = translog.leaf_index(tx, ref)
-    if idx is None:
+    if not translog.has(tx, ref):
         entry = canonical.dumps({"entry": "enrolment", "enrolment": enrollment.jws, "at": at})
-        idx = translog.append(tx, "enrolment", ref, entry)
-    _index(tx, idx, enrollment.dev, enrollment.vin, "enrolment", None, at)
-    return idx
+        translog.append(tx, "enrolment", ref, entry, at)
+    _index(tx, ref, enrollment.dev, enrollment.vin, "enrolment", None, at)
+    return ref
 
 
 def log_decision(tx: Tx, action: str, dev: str, vin: str | None, by: str, at: int,
-                 replaces: str | None = None) -> int:
-    """Log a decision on device ``dev``; return its leaf index. ``vin`` is the VIN it is
+                 replaces: str | None = None) -> str:
+    """Log a decision on device ``dev``; return its ref. ``vin`` is the VIN it is
     about (the one approved for, or the device's), ``replaces`` on an approve the device it
     retired. The same entry appended twice is one leaf."""
     if action not in ACTIONS:
@@ -80,45 +78,51 @@ def log_decision(tx: Tx, action: str, dev: str, vin: str | None, by: str, at: in
     _check_at(at)
     entry = canonical.dumps({"entry": "decision", "action": action, "dev": dev, "vin": vin, "by": by,
                              "at": at, "replaces": replaces})
-    idx = translog.append(tx, "decision", "decision:" + _sha256(entry), entry)
-    _index(tx, idx, dev, vin, "decision", action, at)
-    return idx
+    ref = "decision:" + _sha256(entry)
+    translog.append(tx, "decision", ref, entry, at)
+    _index(tx, ref, dev, vin, "decision", action, at)
+    return ref
 
 
-def log_rules(tx: Tx, version: str, text: str, at: int) -> int:
-    """Log a rules file the backend credits by; return its leaf index. Logged once per version
-    and SHA-256 of the file; ``text`` is left out of an entry it would make too large."""
+def log_rules(tx: Tx, version: str, text: str, at: int) -> str:
+    """Log a rules file the backend credits by; return its ref. Logged once per version and
+    SHA-256 of the file; ``text`` is left out of an entry it would make too large."""
     if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
         raise ValueError(f"a rules version must match {VERSION_RE.pattern}, got {version!r}")
     _check_at(at)
     digest = _sha256(text.encode("utf-8"))
     ref = f"rules:{version}:{digest}"
-    translog.lock(tx, translog.LOCK)
-    idx = translog.leaf_index(tx, ref)
-    if idx is not None:
-        return idx
+    if translog.has(tx, ref):
+        return ref
     fields: dict[str, Any] = {"entry": "rules", "version": version, "sha256": digest, "at": at}
     entry = canonical.dumps({**fields, "text": text})
     if len(entry) > translog.MAX_ENTRY_BYTES:
         entry = canonical.dumps(fields)
-    return translog.append(tx, "rules", ref, entry)
+    translog.append(tx, "rules", ref, entry, at)
+    return ref
 
 
-def log_rules_of(tx: Tx, rules: Rules, at: int) -> int | None:
+def log_rules_of(tx: Tx, rules: Rules, at: int) -> str | None:
     """:func:`log_rules` of rules read from a file; None for rules that were not (no text)."""
     if not rules.text:
         return None
     return log_rules(tx, rules.version, rules.text, at)
 
 
-def entries_for_vin(tx: Tx, vin: str) -> list[int]:
-    """The leaf indexes, ascending, of every enrolment and decision entry of every device the
-    vehicle ``vin`` has had: one that signed an accepted record about it, enrolled with it, or
-    that a decision names it for."""
+def refs_for_vin(tx: Tx, vin: str) -> list[str]:
+    """The refs of every enrolment and decision entry of every device the vehicle ``vin`` has
+    had: one that signed an accepted record about it, enrolled with it, or that a decision
+    names it for."""
     if not isinstance(vin, str) or not VIN_RE.fullmatch(vin):
         raise ValueError(f"not a VIN: {vin!r}")
     rows = tx.query(
-        "SELECT idx FROM device_log WHERE dev IN ("
+        "SELECT ref FROM device_log WHERE dev IN ("
         "SELECT dev FROM device_log WHERE vin = ? "
-        "UNION SELECT dev FROM records WHERE vin = ? AND status = 'accepted') ORDER BY idx", (vin, vin))
-    return [int(r["idx"]) for r in rows]
+        "UNION SELECT dev FROM records WHERE vin = ? AND status = 'accepted') ORDER BY ref", (vin, vin))
+    return [str(r["ref"]) for r in rows]
+
+
+def entries_for_vin(tx: Tx, vin: str) -> list[int]:
+    """The leaf indexes, ascending, of :func:`refs_for_vin`'s entries that are in the tree
+    (:func:`backend.transparency.translog.integrate_all` first, to have them all)."""
+    return sorted(i for i in (translog.leaf_index(tx, ref) for ref in refs_for_vin(tx, vin)) if i is not None)

@@ -23,9 +23,9 @@ from backend.db import Database, Row, Tx
 from backend.errors import DeviceInputError, UnknownDevice
 from backend.ledger import rewards
 from backend.ledger.rules import Rules
+from backend.locks import lock_device, lock_vehicles
 from backend.metrics import FleetFigures
 from backend.records import device_log
-from backend.records.store import lock_device, lock_vehicles
 from protocol import b64, canonical, jws, messages
 from protocol.errors import BadFormat
 from protocol.identity import DEV_RE, VIN_RE, VerifyKey
@@ -263,10 +263,11 @@ def fleet_gauges(db: Database) -> FleetFigures:
         kept = tx.one("SELECT COALESCE(SUM(kept), 0) AS kept, COALESCE(SUM(dropped), 0) AS dropped "
                       "FROM evidence_budget")
         entries = int(tx.scalar("SELECT COALESCE(MAX(idx) + 1, 0) AS n FROM translog"))
+        queued = int(tx.scalar("SELECT COUNT(*) AS n FROM translog_queue"))
         latest = int(tx.scalar("SELECT COALESCE(MAX(size), 0) AS n FROM log_checkpoints"))
         witnessed = tx.one("SELECT MIN(size) AS low, COUNT(*) AS n, SUM(CASE WHEN last_error IS NULL "
                            "THEN 0 ELSE 1 END) AS failing FROM log_witnesses")
     assert kept is not None and witnessed is not None
     lag = 0 if not witnessed["n"] else max(0, latest - int(witnessed["low"]))
-    return FleetFigures(online, backlog, held, int(kept["kept"]), int(kept["dropped"]), entries, lag,
+    return FleetFigures(online, backlog, held, int(kept["kept"]), int(kept["dropped"]), entries, queued, lag,
                         int(witnessed["failing"] or 0))

@@ -19,9 +19,9 @@ import secrets
 from dataclasses import dataclass
 
 from backend.db import Database, Row, Tx
+from backend.locks import lock_device, lock_vehicles
 from backend.records import device_log
 from backend.records.devices import active_device
-from backend.records.store import lock_device, lock_vehicles
 from protocol import messages
 from protocol.errors import BadFormat, BadSignature
 

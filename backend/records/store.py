@@ -13,16 +13,15 @@ credited together or not at all. The ``through`` of the ack is therefore durable
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from backend.db import Database, Row, Tx
 from backend.ledger import accounts, rewards
 from backend.ledger.rules import Rules
+from backend.locks import lock_device, lock_vehicles
 from backend.records import evidence
 from backend.records.evidence import DEFAULT_LIMITS, MAX_LOGGED_BODY, EvidenceLimits
 from backend.records.verify import (
@@ -54,34 +53,10 @@ from protocol.records import Record
 log = logging.getLogger(__name__)
 
 
-def device_lock_key(dev: str) -> int:
-    """The advisory-lock key that serialises every writer of one device (60 bits of its id)."""
-    try:
-        return int(dev[:15], 16)
-    except ValueError:
-        return 0
-
-
-def lock_device(db: Database, tx: Tx, dev: str) -> None:
-    db.lock_key(tx, device_lock_key(dev))
-
-
 #: The vehicle's highest accepted reading taken at or before a time (the trip's start).
 TRIP_BEFORE_SQL = (
     "SELECT MAX(odo_m) FROM (SELECT odo_m FROM records WHERE vin = ? AND t_est <= ? AND status = 'accepted' "
     "AND odo_m IS NOT NULL ORDER BY t_est DESC LIMIT 50) AS latest")
-
-
-def vehicle_lock_key(vin: str) -> int:
-    """The advisory-lock key that serialises the writers of one vehicle's odometer (60 bits)."""
-    return int(hashlib.sha256(b"vehicle:" + vin.encode("ascii")).hexdigest()[:15], 16)
-
-
-def lock_vehicles(db: Database, tx: Tx, vins: Iterable[str]) -> None:
-    """Lock each vehicle a batch touches, in one order for every process: no deadlock. Taken
-    after the device's lock; two devices of one car are judged one after the other."""
-    for vin in sorted(set(vins)):
-        db.lock_key(tx, vehicle_lock_key(vin))
 
 
 @dataclass(frozen=True)

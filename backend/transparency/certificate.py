@@ -46,6 +46,7 @@ def _gaps(tx: Tx, vin: str, seqs: dict[str, list[int]]) -> list[dict[str, Any]]:
 
 
 def _indexes(db: Database, vin: str) -> tuple[list[dict[str, Any]], list[int], list[int]]:
+    translog.integrate_all(db)         # entries stored a moment ago get their leaf indexes now
     with db.read() as tx:
         recs = tx.query("SELECT dev, seq, id, clock, t_est FROM records "
                         "WHERE vin = ? AND status = 'accepted' ORDER BY dev, seq", (vin,))
@@ -63,7 +64,8 @@ def _indexes(db: Database, vin: str) -> tuple[list[dict[str, Any]], list[int], l
 
 
 def build(db: Database, vin: str, now_ms: int, witness_urls: Sequence[str] = ()) -> dict[str, Any]:
-    """The certificate object for ``vin``; raises :class:`CertificateError`. When no checkpoint
+    """The certificate object for ``vin``; raises :class:`CertificateError`. The sequencer is
+    run first, so every entry stored so far has its leaf index. When no checkpoint
     that covers its entries is cosigned by every witness (``witness_urls``, or else those the
     daemon pushes to), a new one is signed and pushed to them first."""
     recs, record_indexes, device_indexes = _indexes(db, vin)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from backend.db import Database, Row, Tx
@@ -32,9 +33,10 @@ from protocol.identity import SigningKey, VerifyKey
 
 log = logging.getLogger(__name__)
 
-#: Advisory lock held by every transaction that appends (so every one that credits a reward);
-#: it allocates leaf indexes, and orders assignments with crediting.
+#: The sequencer's advisory lock: whoever holds it allocates leaf indexes. Nothing else takes it.
 LOCK = 0x0D0_7106
+#: Entries the sequencer integrates in one transaction, at most.
+INTEGRATE_BATCH = 5000
 KEY_SETTING = "translog.log_key"
 ORIGIN_SETTING = "translog.origin"
 #: The origin of a log whose operator named none: this prefix and the log key's id.
@@ -55,33 +57,118 @@ def lock(tx: Tx, key: int) -> None:
     tx._db.lock_key(tx, key)
 
 
-def append(tx: Tx, entry_kind: str, ref: str, entry: bytes) -> int:
-    """Append ``entry`` as the next leaf; return its index.
+def append(tx: Tx, entry_kind: str, ref: str, entry: bytes, now: int | None = None) -> None:
+    """Store ``entry`` for the log, to be integrated into the tree by the sequencer
+    (:func:`integrate`), in arrival order. Takes no lock that other writers share: the
+    entry is durable when the transaction commits, and gets its leaf index a moment later.
 
-    Appending the same ``ref`` with the same bytes again returns the first index;
-    other bytes under a ``ref`` already logged raise :class:`TranslogError`.
+    Appending the same ``ref`` with the same bytes again is a no-op; other bytes under a
+    ``ref`` already stored raise :class:`TranslogError`.
     """
     if entry_kind not in ENTRY_KINDS:
         raise ValueError(f"entry kind must be one of {', '.join(ENTRY_KINDS)}, got {entry_kind!r}")
     if len(entry) > MAX_ENTRY_BYTES:
         raise TranslogError(f"{entry_kind} {ref}: {len(entry)} bytes, more than a log entry holds "
                             f"({MAX_ENTRY_BYTES})")
-    lock(tx, LOCK)
-    known = tx.one("SELECT idx, entry FROM translog WHERE ref = ?", (ref,))
-    if known is not None:
-        if _b(known["entry"]) != entry:
-            raise TranslogError(f"{entry_kind} {ref}: already logged with other content")
-        return int(known["idx"])
-    idx = _size(tx)
-    leaf = merkle.leaf_hash(entry)
-    tx.execute("INSERT INTO translog (idx, entry_kind, ref, entry, leaf_hash, created_at) "
-               "VALUES (?, ?, ?, ?, ?, ?)", (idx, entry_kind, ref, entry, leaf, now_ms()))
-    level, i, h = 0, idx, leaf
-    while i & 1:
-        h = merkle.node_hash(_node(tx, level, i - 1), h)
-        level, i = level + 1, i >> 1
-        tx.execute("INSERT INTO translog_nodes (level, idx, hash) VALUES (?, ?, ?)", (level, i, h))
-    return idx
+    known = _stored(tx, ref)
+    if known is None:
+        tx.insert_ignore("translog_queue", {"entry_kind": entry_kind, "ref": ref, "entry": entry,
+                                            "created_at": now_ms() if now is None else now}, ("ref",))
+        known = _stored(tx, ref)        # a writer that raced us to the same ref: its bytes
+    if known is not None and known != entry:
+        raise TranslogError(f"{entry_kind} {ref}: already logged with other content")
+
+
+def _stored(tx: Tx, ref: str) -> bytes | None:
+    for table in ("translog", "translog_queue"):
+        value = tx.scalar(f"SELECT entry FROM {table} WHERE ref = ?", (ref,))
+        if value is not None:
+            return _b(value)
+    return None
+
+
+@dataclass(frozen=True)
+class Integrated:
+    """What one run of the sequencer did."""
+
+    entries: int                     # leaves added
+    size: int | None                 # the tree's size after; None: another sequencer was at work
+    delays_ms: tuple[int, ...] = ()  # from storing to integrating, per entry
+
+
+def integrate(db: Database, now: int | None = None, *, limit: int = INTEGRATE_BATCH,
+              wait: bool = False) -> Integrated:
+    """The sequencer: move up to ``limit`` stored entries, oldest first, into the tree, with
+    the subtrees they close, in one transaction. One sequencer at a time across processes (the
+    log's advisory lock); another one finds the lock taken and returns at once (or, with
+    ``wait``, waits for it). An entry whose ref the tree already holds (two writers raced) is
+    dropped from the queue."""
+    with db.write() as tx:
+        if wait:
+            lock(tx, LOCK)
+        elif not db.try_lock_key(tx, LOCK):
+            return Integrated(0, None)
+        rows = tx.query("SELECT id, entry_kind, ref, entry, created_at FROM translog_queue "
+                        "ORDER BY id LIMIT ?", (limit,))
+        size = _size(tx)
+        if not rows:
+            return Integrated(0, size)
+        refs = [str(r["ref"]) for r in rows]
+        done = {str(r["ref"]) for n in range(0, len(refs), 500) for r in tx.query(
+            f"SELECT ref FROM translog WHERE ref IN ({', '.join('?' for _ in refs[n:n + 500])})",
+            refs[n:n + 500])}
+        at = now_ms() if now is None else now
+        leaves: list[tuple[int, str, str, bytes, bytes, int]] = []
+        nodes: list[tuple[int, int, bytes]] = []
+        made: dict[tuple[int, int], bytes] = {}
+        delays = []
+        for r in rows:
+            if str(r["ref"]) in done:
+                continue
+            entry = _b(r["entry"])
+            idx = size + len(leaves)
+            leaf = merkle.leaf_hash(entry)
+            leaves.append((idx, str(r["entry_kind"]), str(r["ref"]), entry, leaf, at))
+            delays.append(max(0, at - int(r["created_at"])))
+            made[(0, idx)] = leaf
+            level, i, h = 0, idx, leaf
+            while i & 1:
+                left = made.get((level, i - 1)) or _node(tx, level, i - 1)
+                h = merkle.node_hash(left, h)
+                level, i = level + 1, i >> 1
+                made[(level, i)] = h
+                nodes.append((level, i, h))
+        _insert_many(tx, "translog", ("idx", "entry_kind", "ref", "entry", "leaf_hash", "created_at"), leaves)
+        _insert_many(tx, "translog_nodes", ("level", "idx", "hash"), nodes)
+        ids = [int(r["id"]) for r in rows]
+        for n in range(0, len(ids), 500):
+            tx.execute(f"DELETE FROM translog_queue WHERE id IN ({', '.join('?' for _ in ids[n:n + 500])})",
+                       ids[n:n + 500])
+        return Integrated(len(leaves), size + len(leaves), tuple(delays))
+
+
+def integrate_all(db: Database) -> int:
+    """Integrate every entry stored so far (waiting for another sequencer if one is at it);
+    the tree's size after. For what needs leaf indexes now: certificates, the audit, tests."""
+    while True:
+        done = integrate(db, wait=True)
+        if done.entries == 0:
+            assert done.size is not None
+            return done.size
+
+
+def queued(tx: Tx) -> int:
+    """Entries stored and not yet in the tree."""
+    return int(tx.scalar("SELECT COUNT(*) AS n FROM translog_queue"))
+
+
+def _insert_many(tx: Tx, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    per = max(1, 900 // len(columns))           # SQLite allows 999 parameters a statement
+    marks = "(" + ", ".join("?" for _ in columns) + ")"
+    for n in range(0, len(rows), per):
+        chunk = rows[n:n + per]
+        tx.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join(marks for _ in chunk)}",
+                   [v for row in chunk for v in row])
 
 
 def _size(tx: Tx) -> int:
@@ -166,6 +253,11 @@ def root(tx: Tx, tree_size: int | None = None) -> bytes:
     n = _size(tx) if tree_size is None else tree_size
     tree = _Tree(tx, n)
     return tree.run(lambda: tree.mth(0, n))
+
+
+def has(tx: Tx, ref: str) -> bool:
+    """Whether an entry of ``ref`` is stored, in the tree or waiting for it."""
+    return _stored(tx, ref) is not None
 
 
 def leaf_index(tx: Tx, ref: str) -> int | None:
@@ -287,6 +379,12 @@ def checkpoint(db: Database, now_ms: int, *, min_interval_ms: int = 0) -> dict[s
             assert latest is not None
             log.debug("checkpoint of %d leaves, root %s", n, signed.root_b64)
         return _checkpoint_dict(latest, name, cosignature_lines(tx, int(latest["size"])))
+
+
+def checkpoint_now(db: Database, now_ms: int) -> dict[str, Any]:
+    """:func:`checkpoint` of every entry stored so far (the sequencer run first)."""
+    integrate_all(db)
+    return checkpoint(db, now_ms)
 
 
 def latest_checkpoint(db: Database) -> dict[str, Any] | None:

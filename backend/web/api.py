@@ -168,7 +168,7 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         return made.to_dict()
 
     async def checkpoint(request: Request) -> Any:
-        return await db_call(db, translog.checkpoint, ctx.clock())
+        return await db_call(db, translog.checkpoint_now, ctx.clock())
 
     async def openapi(request: Request) -> Any:
         return document()
