@@ -1,9 +1,12 @@
 """The one place that knows SQLite from PostgreSQL.
 
 Everything else writes portable SQL with ``?`` placeholders and gets rows as
-dicts. Write transactions are serialised per database (one writer per SQLite
-file; on PostgreSQL the lock only orders this process's writers), and both
-dialects see the same schema through named, ordered migrations.
+dicts. On SQLite, a process's write transactions take turns on one lock (the file
+has one writer anyway, and waiting on a lock beats SQLite's busy retries); on
+PostgreSQL each thread writes on its own connection, at the same time as the
+others, and what must be ordered is ordered by advisory locks (:meth:`Database.lock_key`),
+across threads and processes alike. Both dialects see the same schema through
+named, ordered migrations.
 
     db = Database.open("sqlite:///var/lib/odo/backend.db")
     db.migrate()
@@ -19,11 +22,11 @@ import sqlite3
 import threading
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from backend.errors import DatabaseError, IntegrityError
+from backend.errors import DatabaseError, IntegrityError, LockTimeout
 from common.clock import now_ms
 
 Row = dict[str, Any]
@@ -80,7 +83,9 @@ class Database:
         self._target = target
         self._schema = schema
         self._local = threading.local()
-        self._write_lock = threading.RLock()
+        # SQLite only: its writers take turns in the process. PostgreSQL's run at once.
+        self._write_lock: AbstractContextManager[Any] = (
+            threading.RLock() if dialect == "sqlite" else nullcontext())
 
     # -- opening --------------------------------------------------------------
 
@@ -167,7 +172,10 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Tx]:
-        """A write transaction (``BEGIN IMMEDIATE`` on SQLite); commits on success."""
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite); commits on success.
+
+        On SQLite one thread of the process at a time is in one; on PostgreSQL, threads are
+        in theirs at once (each has its own connection)."""
         with self._write_lock:
             conn = self._conn()
             if self.dialect == "sqlite":
@@ -199,11 +207,21 @@ class Database:
         rows = self.query(sql, params)
         return rows[0] if rows else None
 
-    def lock_key(self, tx: Tx, key: int) -> None:
+    def lock_key(self, tx: Tx, key: int, wait_ms: int | None = None) -> None:
         """Serialise writers across processes on one key (PostgreSQL advisory lock;
-        SQLite's BEGIN IMMEDIATE already serialises every writer)."""
-        if self.dialect == "postgresql":
+        SQLite's BEGIN IMMEDIATE already serialises every writer). With ``wait_ms``, waiting
+        longer than that for a lock (this one or any later one of the transaction) raises
+        :class:`LockTimeout`, and the transaction is rolled back."""
+        if self.dialect != "postgresql":
+            return
+        if wait_ms is not None:
+            tx.execute(f"SET LOCAL lock_timeout = {int(wait_ms)}")
+        try:
             tx.execute("SELECT pg_advisory_xact_lock(?)", (key,))
+        except Exception as exc:
+            if type(exc).__name__ == "LockNotAvailable":
+                raise LockTimeout(f"a lock was held by another process for more than {wait_ms} ms") from None
+            raise
 
     def try_lock_key(self, tx: Tx, key: int) -> bool:
         """:meth:`lock_key` if no other transaction holds it now; False (not waiting) if one does."""

@@ -36,6 +36,11 @@ class IntegrityError(DatabaseError):
     """A unique or foreign key constraint refused a write."""
 
 
+class LockTimeout(DatabaseError):
+    """Another process held a lock longer than a writer waits for it (it may be stopped); the
+    transaction is rolled back, and what it was for is done again later."""
+
+
 class RulesError(BackendError):
     """The rules file is unreadable or wrong; the message names the file and the key."""
 
