@@ -4,20 +4,33 @@
         device.enroll()                       # ("approved", None) with the fleet token
         ack = device.send([device.device.odometer(1)])
 
+:class:`MqttFleet` is one connection that speaks for many devices at once (a load generator):
+it publishes their enrolments and batches and hands every ack to a callback, with the
+monotonic time it came.
+
+    with MqttFleet(broker.host, broker.port, on_ack=lambda dev, ack, at: ...) as fleet:
+        fleet.enroll(dongles)
+        fleet.publish(dongle.dev, batch(*records))
+
 For the backend's tests and the benchmarks, against a real ``odo-backend run``.
 """
 
 from __future__ import annotations
 
 import queue
+import socket
+import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from protocol import messages, topics
+from protocol.errors import BadFormat
 from protocol.records import Record
 from sim.devices import FLEET_TOKEN, Dongle
 
@@ -82,3 +95,91 @@ class MqttDevice:
         """Publish a retained status message with ``fields``."""
         self.client.publish(topics.status(self.device.dev), messages.encode_status(**fields), qos=1,
                             retain=True).wait_for_publish(5)
+
+
+AckHandler = Callable[[str, messages.Ack, float], None]
+"""Called in paho's network thread with (device id, ack, ``time.monotonic()`` when it came)."""
+
+
+@dataclass
+class MqttFleet:
+    """One MQTT 5 connection publishing for many devices, subscribed (QoS 1) to every device's
+    ack and enrolment answer; an ack goes to ``on_ack``, an answer to :attr:`answers`.
+
+    With ``nodelay`` (the default) its socket has ``TCP_NODELAY``: one connection carrying the
+    messages of many devices should not hold one back until the broker has acknowledged the
+    last at the TCP level (Nagle's algorithm against delayed ACKs: up to 40 ms a message)."""
+
+    host: str
+    port: int
+    client_id: str = "odo-sim-fleet"
+    on_ack: AckHandler | None = None
+    answers: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    malformed: int = 0                         # acks or answers that did not decode
+    nodelay: bool = True
+    client: Any = None
+    _answered: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    def __enter__(self) -> MqttFleet:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        subscribed = queue.Queue[bool]()
+
+        def on_message(client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+            at = time.monotonic()
+            try:
+                dev, channel = topics.parse(msg.topic)
+                if channel == "ack":
+                    ack = messages.decode_ack(bytes(msg.payload))
+                    if self.on_ack is not None:
+                        self.on_ack(dev, ack, at)
+                elif channel == "enrolled":
+                    answer = messages.decode_enrolled(bytes(msg.payload))
+                    with self._answered:
+                        self.answers[dev] = answer
+                        self._answered.notify_all()
+            except BadFormat:
+                self.malformed += 1
+
+        c.on_message = on_message
+        c.on_connect = lambda client, *a: client.subscribe(
+            [(f"{topics.PREFIX}/+/ack", 1), (f"{topics.PREFIX}/+/enrolled", 1)])
+        c.on_subscribe = lambda *a: subscribed.put(True)
+        c.connect(self.host, self.port)
+        sock = c.socket()
+        if self.nodelay and isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.loop_start()
+        try:
+            subscribed.get(timeout=5)
+        except queue.Empty:
+            c.loop_stop()
+            raise TimeoutError(f"no SUBACK from the broker at {self.host}:{self.port} within 5 s") from None
+        self.client = c
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def enroll(self, devices: Sequence[Dongle], token: str | None = FLEET_TOKEN,
+               timeout: float = 60) -> dict[str, tuple[str, str | None]]:
+        """Publish every device's enrolment, again every 2 s for those not answered yet (the
+        backend may still be subscribing); the answers, once every device has one."""
+        deadline = time.monotonic() + timeout
+        waiting = {d.dev: d for d in devices}
+        while True:
+            with self._answered:
+                waiting = {dev: d for dev, d in waiting.items() if dev not in self.answers}
+            if not waiting:
+                return {d.dev: self.answers[d.dev] for d in devices}
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(waiting)} of {len(devices)} enrolments unanswered after "
+                                   f"{timeout:.0f} s")
+            for dev, d in waiting.items():
+                self.client.publish(topics.enroll(dev), d.enroll_message(token), qos=1)
+            with self._answered:
+                self._answered.wait_for(partial(set(waiting).issubset, self.answers.keys()), timeout=2)
+
+    def publish(self, dev: str, body: bytes) -> None:
+        """Publish a records message (QoS 1) on ``dev``'s topic."""
+        self.client.publish(topics.records(dev), body, qos=1)

@@ -12,8 +12,8 @@ an ELM327 emulator (``python -m sim.car``) with its own ``odo-agent``.
 Every process runs in a session (process group) of its own and writes its log to
 ``workdir/logs/<name>.log`` (:mod:`sim.processes`); :meth:`Stack.close` stops every group it
 started, so nothing is left running. The broker and the backend are started here, the cars and
-their agents by :mod:`sim.cars`. Used by ``python -m sim.demo``, the end-to-end tests and
-``bench.ingest``.
+their agents by :mod:`sim.cars`. Used by ``python -m sim.demo``, the end-to-end tests,
+``bench.ingest`` and ``bench.load``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -67,9 +68,11 @@ class Stack:
     agent_settings: str = ('clock = "synced"\nresend_after_s = 2.0\n\n'
                            "[vehicle]\nrecord_every_ms = 10000\n\n[power]\non_poll_s = 1.0\n")
     broker_port: int = 0
+    broker_conf: str = ""                      # appended to mosquitto's configuration
     http_port: int = 0
     broker: Proc | None = None
     backend: Proc | None = None
+    backends: list[Proc] = field(default_factory=list)   # every backend process running, backend first
     cars: list[Car] = field(default_factory=list)
     log_origin: str | None = None              # the transparency log's name (default: made by the backend)
     witnesses: dict[str, Witness] = field(default_factory=dict)     # by name, started by start_witness
@@ -112,7 +115,7 @@ class Stack:
     def start_broker(self) -> None:
         """mosquitto on 127.0.0.1:broker_port (the same port again after stop_broker)."""
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(mosquitto_conf(self.broker_port))
+        conf.write_text(mosquitto_conf(self.broker_port, self.broker_conf))
         self.broker = self._group.spawn("mosquitto", [mosquitto_binary(), "-c", str(conf)])
         wait_port(self.broker, self.broker_port)
 
@@ -131,11 +134,18 @@ class Stack:
         return subprocess.run(argv, cwd=ROOT, env=child_env(), input=stdin, capture_output=True, text=True,
                               timeout=timeout, check=False)
 
-    def start_backend(self, timeout: float = 30) -> None:
-        """``odo-backend run`` on db_url and the broker; return once it answers /healthz."""
+    def start_backend(self, timeout: float = 30, *, client_id: str | None = None,
+                      http_port: int | None = None, extra_args: Sequence[str] = ()) -> Proc:
+        """``odo-backend run`` on db_url and the broker; return once it answers /healthz.
+
+        Without ``http_port`` it is :attr:`backend`, serving :attr:`api_url`. With one, it is
+        another process beside it (``backend-<client_id or port>``, in :attr:`backends` only), sharing
+        the broker's subscriptions; each process needs a ``client_id`` of its own.
+        ``extra_args`` go after the others (e.g. ``--session-expiry 0``)."""
         assert self.db_url is not None
+        port = self.http_port if http_port is None else http_port
         argv = [*command("odo-backend", "backend.cli"), "--log-level", "info", "run", "--db", self.db_url,
-                "--broker", self.broker_url, "--http", f"127.0.0.1:{self.http_port}",
+                "--broker", self.broker_url, "--http", f"127.0.0.1:{port}",
                 "--rules", str(self.rules), "--api-token", self.api_token]
         if self.fleet_token:
             argv += ["--fleet-token", self.fleet_token]
@@ -143,21 +153,26 @@ class Stack:
             argv += ["--log-origin", self.log_origin]
         for w in self.witnesses.values():
             argv += ["--witness", w.url]
-        self.backend = self._group.spawn("backend", argv)
+        if client_id is not None:
+            argv += ["--client-id", client_id]
+        argv += list(extra_args)
+        main = http_port is None
+        proc = self._group.spawn("backend" if main else f"backend-{client_id or port}", argv)
+        if main:
+            self.backend = proc
+        self.backends.append(proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.backend.running():
-                raise StackError(f"odo-backend exited with {self.backend.popen.returncode}; "
-                                 f"see {self.backend.log}")
+            if not proc.running():
+                raise StackError(f"odo-backend exited with {proc.popen.returncode}; see {proc.log}")
             try:
-                with urllib.request.urlopen(self.api_url + "/healthz", timeout=1) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
                     if r.status == 200:
-                        return
+                        return proc
             except OSError:
                 pass
             time.sleep(0.1)
-        raise StackError(f"odo-backend did not answer /healthz within {timeout:.0f} s; "
-                         f"see {self.backend.log}")
+        raise StackError(f"odo-backend did not answer /healthz within {timeout:.0f} s; see {proc.log}")
 
     def log_key(self, *, pem: bool = False) -> Path:
         """The log's verifier key (``odo-backend log-key``), written into the workdir."""
@@ -194,8 +209,11 @@ class Stack:
         self._group.stop(self.witnesses[name].proc, timeout=10)
 
     def stop_backend(self) -> None:
+        """Stop :attr:`backend` (the processes started beside it keep running)."""
         if self.backend is not None:
             self._group.stop(self.backend, timeout=15)
+            if self.backend in self.backends:
+                self.backends.remove(self.backend)
             self.backend = None
 
     def add_operator(self, name: str, password: str) -> None:
