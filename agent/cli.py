@@ -154,7 +154,7 @@ def cmd_init(args: argparse.Namespace, cfg: AgentConfig) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace, cfg: AgentConfig) -> int:
-    from agent import daemon, sync
+    from agent import daemon
 
     fleet_token = _fleet_token(cfg.fleet_token)
     key, outbox = _open(cfg)
@@ -164,6 +164,8 @@ def cmd_enroll(args: argparse.Namespace, cfg: AgentConfig) -> int:
         # The broker takes one connection per client id: let the daemon send it.
         result = enrol.request_via_daemon(outbox, args.wait, fleet_token)
     else:
+        from agent import sync  # paho: only without a daemon, which would otherwise send it
+
         try:
             result = sync.enroll(cfg.broker, key, vin=VIN.get(outbox), fleet_token=fleet_token,
                                  wait_s=args.wait)
@@ -327,8 +329,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load(_flags(args), require=require, missing_source=missing_source)
         level = cfg.log_level or ("info" if args.command in ("run", "ui") else "warning")
         logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
-        # python-OBD's unit library warns about its own unit definitions when imported.
-        logging.getLogger("pint").setLevel(logging.ERROR)
         return fn(args, cfg)
     except ConfigError as exc:
         where = {"flag": "", "env": " (from the environment)", "file": " (in the config file)"}[exc.source]

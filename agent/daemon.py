@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from agent import sdnotify
 from agent.backoff import Backoff
@@ -53,8 +53,10 @@ from agent.state import (
     save,
     writes,
 )
-from agent.sync import Syncer
 from common.clock import now_ms
+
+if TYPE_CHECKING:  # `odo-agent enroll` asks whether a daemon runs, and needs no MQTT for that
+    from agent.sync import Syncer
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: The longest polling interval either setting may ask for.
+MAX_POLL_S = 3600.0
+
 
 @dataclass(frozen=True)
 class PowerConfig:
-    off_poll_s: int = 10                 # polling interval with the engine off
+    """The ``[power]`` table. Poll intervals are seconds, fractions allowed: a simulation that runs
+    the car's time faster than the clock (``bench.agent``) polls faster in proportion."""
+
+    off_poll_s: float = 10.0             # polling interval with the engine off
     on_poll_s: float = 1.0
     low_voltage_mv: int = 12200          # below this for low_voltage_for_s → shut down
     low_voltage_for_s: int = 180
@@ -30,8 +36,11 @@ class PowerConfig:
     off_shutdown_max_s: int = 4 * 3600   # engine off this long → shut down even with a backlog
 
     def __post_init__(self) -> None:
-        if not self.off_poll_s > 0 or not self.on_poll_s > 0:
-            raise ValueError("off_poll_s and on_poll_s must be positive")
+        for name in ("off_poll_s", "on_poll_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_POLL_S:
+                raise ValueError(f"{name}: {value!r} must be a number of seconds above 0 and at most "
+                                 f"{MAX_POLL_S:.0f}")
         if self.low_voltage_mv < 0 or self.low_voltage_for_s < 0:
             raise ValueError("low_voltage_mv and low_voltage_for_s must not be negative")
         if self.off_shutdown_after_s < 0 or self.off_shutdown_max_s < self.off_shutdown_after_s:
