@@ -74,6 +74,22 @@ class Tx:
         return self.execute(sql, tuple(values.values())) == 1
 
 
+def insert_many(tx: Tx, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                conflict: str | None = None) -> int:
+    """Insert ``rows`` in as few statements as the parameter limit allows (SQLite takes 999 a
+    statement); with ``conflict``, rows that clash on that column are skipped. Returns the rows
+    inserted."""
+    per = max(1, 900 // len(columns))
+    marks = "(" + ", ".join("?" for _ in columns) + ")"
+    tail = f" ON CONFLICT ({conflict}) DO NOTHING" if conflict else ""
+    done = 0
+    for n in range(0, len(rows), per):
+        chunk = rows[n:n + per]
+        done += tx.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+                           f"{', '.join(marks for _ in chunk)}{tail}", [v for row in chunk for v in row])
+    return done
+
+
 class Database:
     """A SQLite file or a PostgreSQL database, opened from a URL."""
 

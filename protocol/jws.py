@@ -6,6 +6,7 @@ exactly as signed, and nothing here re-serialises them.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -45,6 +46,20 @@ def sign(payload: bytes, key: SigningKey, kid: str) -> str:
     return f"{signing_input}.{b64.encode(key.sign(signing_input.encode('ascii')))}"
 
 
+@functools.lru_cache(maxsize=4096)
+def _header(segment: str) -> tuple[tuple[str, object], ...]:
+    """A protected header, checked; cached, as one device signs every record under the same
+    header (a refused one raises every time: exceptions are not cached)."""
+    header = canonical.loads_object(b64.decode(segment, "jws header"), "jws header")
+    if header.get("alg") != ALG:
+        raise BadFormat(f"jws header: alg must be {ALG!r}, got {header.get('alg')!r}")
+    if not isinstance(header.get("kid"), str):
+        raise BadFormat("jws header: kid missing")
+    if set(header) - {"alg", "kid"}:
+        raise BadFormat(f"jws header: unexpected fields {sorted(set(header) - {'alg', 'kid'})}")
+    return tuple(header.items())
+
+
 def split(text: str | bytes) -> Compact:
     """Parse the structure and the protected header; raise :class:`BadFormat`."""
     if isinstance(text, bytes):
@@ -59,13 +74,7 @@ def split(text: str | bytes) -> Compact:
     parts = text.split(".")
     if len(parts) != 3:
         raise BadFormat("jws: compact serialization needs three parts")
-    header = canonical.loads_object(b64.decode(parts[0], "jws header"), "jws header")
-    if header.get("alg") != ALG:
-        raise BadFormat(f"jws header: alg must be {ALG!r}, got {header.get('alg')!r}")
-    if not isinstance(header.get("kid"), str):
-        raise BadFormat("jws header: kid missing")
-    if set(header) - {"alg", "kid"}:
-        raise BadFormat(f"jws header: unexpected fields {sorted(set(header) - {'alg', 'kid'})}")
+    header = dict(_header(parts[0]))
     payload = b64.decode(parts[1], "jws payload")
     signature = b64.decode(parts[2], "jws signature")
     if len(signature) != 64:

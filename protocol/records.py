@@ -196,19 +196,29 @@ def open_unverified(compact: str | bytes) -> jws.Compact:
     return parts
 
 
-def verify(compact: str | bytes | jws.Compact, key: VerifyKey) -> Record:
-    """Verify the signature over the bytes, then parse and validate the payload.
+def read_payload(parts: jws.Compact) -> dict[str, Any]:
+    """Parse and validate a record's payload, the signature not yet checked: to refuse a
+    malformed record before its key is looked up. Raises :class:`BadFormat`."""
+    payload = canonical.loads_object(parts.payload)
+    validate(payload)
+    if payload["dev"] != parts.kid:
+        raise BadFormat("dev: differs from the header's kid")
+    return payload
+
+
+def verify(compact: str | bytes | jws.Compact, key: VerifyKey, *,
+           payload: Mapping[str, Any] | None = None) -> Record:
+    """Verify the signature over the bytes, then parse and validate the payload. ``payload``
+    is what :func:`read_payload` read from these same bytes, when the caller has it: the
+    signature is checked over the bytes it was read from, and they are not read again.
 
     Raises :class:`BadSignature` or :class:`BadFormat`.
     """
     parts = compact if isinstance(compact, jws.Compact) else open_unverified(compact)
     if key.id != parts.kid:
         raise BadFormat("jws header: kid does not match the key")
-    payload = canonical.loads_object(jws.verify(parts, key))
-    validate(payload)
-    if payload["dev"] != parts.kid:
-        raise BadFormat("dev: differs from the header's kid")
-    return _from_payload(parts.text, payload)
+    jws.verify(parts, key)
+    return _from_payload(parts.text, read_payload(parts) if payload is None else payload)
 
 
 def peek_seq(compact: str | bytes) -> int | None:

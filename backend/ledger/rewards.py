@@ -231,9 +231,19 @@ class _InDatabase:
             (week, rule_id, accounts.ISSUER, f"reward:{rule_id}:{scope}:%")))
 
 
+@dataclass(frozen=True)
+class Stored:
+    """What the backend stored with an accepted record, when the caller has it in hand."""
+
+    t_est: int | None
+    received_at: int
+    base_odo_m: int | None
+
+
 def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any],
-           now_ms: int) -> list[accounts.Transfer]:
-    """Credit what ``record`` earns; call in the transaction that stored it as accepted.
+           now_ms: int, stored: Stored | None = None) -> list[accounts.Transfer]:
+    """Credit what ``record`` earns; call in the transaction that stored it as accepted (with
+    ``stored``, what was stored with it, else it is read back).
 
     Returns the transfers made (none when it earns nothing or was credited before).
     """
@@ -242,12 +252,13 @@ def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any],
     # Under the vehicle's lock (taken by the caller, as process_batch and devices.clear do), so
     # that an assignment made meanwhile by another process is either seen here, or sees this
     # credit.
-    row = tx.one("SELECT t_est, received_at, base_odo_m FROM records WHERE id = ?", (record.id,))
-    assert row is not None, "credit() runs in the transaction that stored the record"
-    base = row["base_odo_m"]
-    reading = Reading(record, reading_time(record.clock, record.t, row["t_est"]),
-                      record.vin or device.get("vin"), int(row["received_at"]),
-                      None if base is None else int(base))
+    if stored is None:
+        row = tx.one("SELECT t_est, received_at, base_odo_m FROM records WHERE id = ?", (record.id,))
+        assert row is not None, "credit() runs in the transaction that stored the record"
+        stored = Stored(row["t_est"], int(row["received_at"]),
+                        None if row["base_odo_m"] is None else int(row["base_odo_m"]))
+    reading = Reading(record, reading_time(record.clock, record.t, stored.t_est),
+                      record.vin or device.get("vin"), stored.received_at, stored.base_odo_m)
     if not eligible(rules, reading, Standing.of(device)):
         return []
     credits = decide(rules, reading, _InDatabase(tx))

@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from backend.db import Database, Row, Tx
+from backend.db import Database, Row, Tx, insert_many
 from backend.ledger import accounts, rewards
 from backend.ledger.rules import Rules
 from backend.locks import lock_device, lock_vehicles
@@ -52,6 +52,13 @@ from protocol.records import Record
 
 log = logging.getLogger(__name__)
 
+
+_RECORD_COLUMNS = ("dev", "seq", "id", "jws", "kind", "t", "t_est", "clock", "boot", "mono_ms", "vin",
+                   "odo_m",
+                   "src", "status", "reason", "received_at", "base_odo_m")
+
+_KIND, _T_EST, _VIN, _ODO, _STATUS = (_RECORD_COLUMNS.index(c)
+                                      for c in ("kind", "t_est", "vin", "odo_m", "status"))
 
 #: The vehicle's highest accepted reading taken at or before a time (the trip's start).
 TRIP_BEFORE_SQL = (
@@ -151,6 +158,8 @@ class _Batch:
         self._tops: dict[str, VehicleTop | None] = {}
         self._raised: dict[str, bool] = {}          # VINs whose top this batch raised: was there a row?
         self._trips: dict[str, TripContext] = {}
+        self._rows: list[tuple[Any, ...]] = []          # records decided, written by _flush
+        self._logged: list[tuple[str, bytes]] = []       # accepted ones, for the log
         self.held_now = False
         self.limits = Limits(int(rules.max_speed_kph), now_ms, rules.max_clock_ahead_ms,
                                rules.rollback_tolerance_m)
@@ -170,9 +179,20 @@ class _Batch:
         assert self.device is not None
         return record.vin if record.vin is not None else self.device["vin"]
 
+    def _flush(self) -> None:
+        """Write the records decided so far, and store the accepted ones for the log: in a few
+        statements a batch, and before anything reads the records table."""
+        if self._rows:
+            insert_many(self.tx, "records", _RECORD_COLUMNS, self._rows)
+            self._rows = []
+        if self._logged:
+            translog.append_many(self.tx, "record", self._logged, self.now_ms)
+            self._logged = []
+
     def _last_reading(self, vin: str | None) -> Reading | None:
         """The last accepted odometer reading of this device in the vehicle ``vin``."""
         if vin not in self._last:
+            self._flush()
             where = "vin = ?" if vin is not None else "vin IS NULL"
             params: tuple[Any, ...] = (self.dev, vin) if vin is not None else (self.dev,)
             row = self.tx.one(
@@ -235,8 +255,15 @@ class _Batch:
             (vin, start, end))
         lo = during["lo"] if during is not None else None
         hi = during["hi"] if during is not None else None
-        return TripContext(None if before is None else int(before), None if lo is None else int(lo),
-                           None if hi is None else int(hi))
+        # and this batch's records, decided but not written yet (_flush)
+        mine = [(int(r[_T_EST]), int(r[_ODO]), r[_KIND]) for r in self._rows if r[_VIN] == vin
+                and r[_STATUS] == "accepted" and r[_ODO] is not None and r[_T_EST] is not None]
+        earlier = [odo for t, odo, _ in mine if t <= start]
+        inside = [odo for t, odo, kind in mine if start <= t <= end and kind == "odometer"]
+        before = max([*earlier, *([] if before is None else [int(before)])], default=None)
+        lo = min([*inside, *([] if lo is None else [int(lo)])], default=None)
+        hi = max([*inside, *([] if hi is None else [int(hi)])], default=None)
+        return TripContext(before, lo, hi)
 
     def _sent_mono(self, record: Record) -> int | None:
         return self.sent.mono_ms if self.sent.boot == record.boot else None
@@ -306,13 +333,9 @@ class _Batch:
         base = None
         if record.kind == "trip" and vin is not None:
             base = self._trip_context(record, vin, later).before_m
-        self.tx.execute(
-            "INSERT INTO records (dev, seq, id, jws, kind, t, t_est, clock, boot, mono_ms, vin, odo_m, src, "
-            "status, reason, received_at, base_odo_m) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (self.dev, record.seq, record.id, record.jws, record.kind, record.t, t_est, record.clock,
-             record.boot, record.mono_ms, record.vin, record.odo_m, record.fields.get("src"), status,
-             decision.reason, self.now_ms, base))
+        self._rows.append((self.dev, record.seq, record.id, record.jws, record.kind, record.t, t_est,
+                           record.clock, record.boot, record.mono_ms, record.vin, record.odo_m,
+                           record.fields.get("src"), status, decision.reason, self.now_ms, base))
         self.through, self.head_id = record.seq, record.id
         self._taken[record.seq] = Stored(record.id, status, decision.reason)
         if _is_anchor(record):
@@ -333,8 +356,9 @@ class _Batch:
             scope = self._vin_scope(record)
             if scope is not None:
                 self._raise_top(scope, record, reading.odo_m)
-        translog.append(self.tx, "record", record.id, record.jws.encode("ascii"))
-        rewards.credit(self.tx, self.rules, record, self.device, self.now_ms)
+        self._logged.append((record.id, record.jws.encode("ascii")))
+        rewards.credit(self.tx, self.rules, record, self.device, self.now_ms,
+                       stored=rewards.Stored(t_est, self.now_ms, base))
         self.outcomes.append(("accepted", ""))
 
     def _hold(self, why: str) -> None:
@@ -348,6 +372,7 @@ class _Batch:
             log.warning("%s: flagged, rewards held until an operator clears it: %s", self.dev, why)
 
     def finish(self) -> Ack:
+        self._flush()
         self._write_tops()
         if self.device is None:
             return Ack(0, tuple(self.rejected), None)

@@ -20,12 +20,12 @@ Nothing here touches a database, a clock or a socket; :mod:`backend.records.stor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from backend.ledger.rules import DEFAULT_MAX_CLOCK_AHEAD_MS, DEFAULT_ROLLBACK_TOLERANCE_M
-from protocol import canonical, jws, records
+from protocol import jws, records
 from protocol.errors import BadFormat, BadSignature
 from protocol.identity import VerifyKey
 from protocol.records import GENESIS, Record
@@ -64,7 +64,11 @@ class Parsed:
     """A record whose form is right; its signature is not checked yet."""
 
     parts: jws.Compact
-    seq: int
+    payload: Mapping[str, Any] = field(repr=False)     # read from parts.payload, validated
+
+    @property
+    def seq(self) -> int:
+        return int(self.payload["seq"])
 
     @property
     def kid(self) -> str:
@@ -77,13 +81,10 @@ def parse(item: object) -> Parsed | Refusal:
         return Refusal(None, "bad_format", "a record must be a JWS string")
     try:
         parts = records.open_unverified(item)
-        payload = canonical.loads_object(parts.payload)
-        records.validate(payload)
+        payload = records.read_payload(parts)
     except BadFormat as exc:
         return Refusal(records.peek_seq(item), "bad_format", str(exc))
-    if payload["dev"] != parts.kid:
-        return Refusal(payload["seq"], "bad_format", "dev: differs from the header's kid")
-    return Parsed(parts, payload["seq"])
+    return Parsed(parts, payload)
 
 
 def authenticate(topic_dev: str, parsed: Parsed, device: DeviceKey | None) -> Record | Refusal:
@@ -96,7 +97,7 @@ def authenticate(topic_dev: str, parsed: Parsed, device: DeviceKey | None) -> Re
     if kid != topic_dev:
         return Refusal(seq, "dev_mismatch", f"record of {kid} published on {topic_dev}'s topic")
     try:
-        return records.verify(parsed.parts, VerifyKey(device.pub))
+        return records.verify(parsed.parts, VerifyKey(device.pub), payload=parsed.payload)
     except BadSignature as exc:
         return Refusal(seq, "bad_signature", str(exc))
     except BadFormat as exc:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from backend.db import Database, Row, Tx
+from backend.db import Database, Row, Tx, insert_many
 from backend.errors import TranslogError
 from common.clock import now_ms
 from protocol import checkpoint as cp
@@ -70,13 +70,32 @@ def append(tx: Tx, entry_kind: str, ref: str, entry: bytes, now: int | None = No
     if len(entry) > MAX_ENTRY_BYTES:
         raise TranslogError(f"{entry_kind} {ref}: {len(entry)} bytes, more than a log entry holds "
                             f"({MAX_ENTRY_BYTES})")
-    known = _stored(tx, ref)
-    if known is None:
-        tx.insert_ignore("translog_queue", {"entry_kind": entry_kind, "ref": ref, "entry": entry,
-                                            "created_at": now_ms() if now is None else now}, ("ref",))
-        known = _stored(tx, ref)        # a writer that raced us to the same ref: its bytes
-    if known is not None and known != entry:
+    if tx.insert_ignore("translog_queue", {"entry_kind": entry_kind, "ref": ref, "entry": entry,
+                                           "created_at": now_ms() if now is None else now}, ("ref",)):
+        known = tx.scalar("SELECT entry FROM translog WHERE ref = ?", (ref,))    # integrated before?
+    else:
+        known = tx.scalar("SELECT entry FROM translog_queue WHERE ref = ?", (ref,))
+    if known is not None and _b(known) != entry:
         raise TranslogError(f"{entry_kind} {ref}: already logged with other content")
+
+
+def append_many(tx: Tx, entry_kind: str, items: Sequence[tuple[str, bytes]], now: int) -> None:
+    """:func:`append` of many entries in a few statements, for entries whose ref is a hash of
+    their content (a record's id is that of its JWS): a ref stored before holds the same bytes.
+    Those are checked all the same when the queue already held them."""
+    if entry_kind not in ENTRY_KINDS:
+        raise ValueError(f"entry kind must be one of {', '.join(ENTRY_KINDS)}, got {entry_kind!r}")
+    for ref, entry in items:
+        if len(entry) > MAX_ENTRY_BYTES:
+            raise TranslogError(f"{entry_kind} {ref}: {len(entry)} bytes, more than a log entry holds "
+                                f"({MAX_ENTRY_BYTES})")
+    inserted = _insert_many(tx, "translog_queue", ("entry_kind", "ref", "entry", "created_at"),
+                            [(entry_kind, ref, entry, now) for ref, entry in items], conflict="ref")
+    if inserted < len(items):
+        for ref, entry in items:
+            known = _stored(tx, ref)
+            if known is not None and known != entry:
+                raise TranslogError(f"{entry_kind} {ref}: already logged with other content")
 
 
 def _stored(tx: Tx, ref: str) -> bytes | None:
@@ -162,13 +181,9 @@ def queued(tx: Tx) -> int:
     return int(tx.scalar("SELECT COUNT(*) AS n FROM translog_queue"))
 
 
-def _insert_many(tx: Tx, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    per = max(1, 900 // len(columns))           # SQLite allows 999 parameters a statement
-    marks = "(" + ", ".join("?" for _ in columns) + ")"
-    for n in range(0, len(rows), per):
-        chunk = rows[n:n + per]
-        tx.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join(marks for _ in chunk)}",
-                   [v for row in chunk for v in row])
+def _insert_many(tx: Tx, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                 conflict: str | None = None) -> int:
+    return insert_many(tx, table, columns, rows, conflict)
 
 
 def _size(tx: Tx) -> int:
