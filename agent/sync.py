@@ -25,6 +25,7 @@ good (:class:`agent.errors.AuthRefused`): retrying cannot help, and the log says
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +52,16 @@ from protocol.identity import SigningKey
 log = logging.getLogger(__name__)
 
 AUTH_REFUSALS = frozenset({"Not authorized", "Bad user name or password"})
+
+
+def nodelay(client: mqtt.Client) -> None:
+    """Send small packets (a batch of one record, a PUBACK) at once, not after Nagle's delay."""
+    sock = client.socket()
+    if sock is not None and hasattr(sock, "setsockopt"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
 
 @dataclass(frozen=True)
@@ -209,6 +220,7 @@ class Syncer:
             refused.append(rc.getName())
             return
         log.info("connected to %s as %s", self.broker.display, self.dev)
+        nodelay(client)
         client.subscribe([(topics.ack(self.dev), 1), (topics.enrolled(self.dev), 1)])
         self._connected = True
         self.state = "online"
