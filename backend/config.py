@@ -44,10 +44,10 @@ EVIDENCE_KEYS = {"evidence_per_device": "per_device", "evidence_per_device_bytes
 #: Keys the config file may hold (besides the options of the command being run).
 KEYS = frozenset({
     "db", "broker", "http", "rules", "fleet_token", "api_token", "tls_ca", "tls_cert", "tls_key",
-    "client_id", "session_expiry", "log_level", "secure_cookies", "log_origin", "witness",
+    "client_id", "session_expiry", "log_level", "secure_cookies", "log_origin", "witness", "workers",
     *EVIDENCE_KEYS,
 })
-_INT_KEYS = frozenset({"session_expiry", *EVIDENCE_KEYS})
+_INT_KEYS = frozenset({"session_expiry", "workers", *EVIDENCE_KEYS})
 _BOOL_KEYS = frozenset({"secure_cookies"})
 _LIST_KEYS = frozenset({"witness"})          # a list of strings (a flag given again, or a TOML array)
 #: At most this many witnesses, each an http(s) URL of at most 500 characters.
@@ -56,6 +56,8 @@ _WITNESS_URL = re.compile(r"https?://[A-Za-z0-9.\[\]:-]{1,255}(/[\x21-\x7e]{0,24
 _NOT_SETTINGS = frozenset({"config", "command", "func", "json"})
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 DEFAULT_SESSION_EXPIRY_S = 300
+#: At most this many ingest workers (``workers``); the default is two to four, after the CPU count.
+MAX_WORKERS = 32
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +237,7 @@ class RunConfig:
     evidence: EvidenceLimits = DEFAULT_LIMITS
     witnesses: tuple[str, ...] = ()
     log_origin: str | None = None
+    workers: int | None = None          # ingest worker threads; None: after the CPU count
 
 
 def _existing_file(s: Settings, key: str) -> Path | None:
@@ -295,7 +298,17 @@ def run_config(s: Settings) -> RunConfig:
         evidence=_evidence_limits(s),
         witnesses=witness_urls(s),
         log_origin=_log_origin(s),
+        workers=_workers(s),
     )
+
+
+def _workers(s: Settings) -> int | None:
+    value = s.get("workers")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_WORKERS:
+        raise s.error("workers", f"{value!r}: must be an integer from 1 to {MAX_WORKERS}")
+    return value
 
 
 def _log_origin(s: Settings) -> str | None:

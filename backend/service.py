@@ -76,7 +76,8 @@ def run(cfg: RunConfig) -> int:
     # uvicorn installs its own handlers while it serves and calls these again once it has
     # stopped; before and after, these stop the server.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    ingest = Ingest(cfg.db, rules, cfg.broker, cfg.fleet_token, on_fatal=stop, evidence=cfg.evidence)
+    ingest = Ingest(cfg.db, rules, cfg.broker, cfg.fleet_token, on_fatal=stop, evidence=cfg.evidence,
+                    workers=cfg.workers)
     sequencer = Sequencer(cfg.db, ctx.clock)
     pusher = Pusher(cfg.db, cfg.witnesses, ctx.clock)
     started = time.monotonic()

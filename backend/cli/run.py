@@ -3,6 +3,7 @@
     odo-backend run     --db URL --broker URL --http HOST:PORT --rules FILE
                         [--fleet-token TOKEN] [--api-token TOKEN] [--tls-ca F --tls-cert F --tls-key F]
                         [--client-id ID] [--session-expiry S] [--log-origin NAME] [--witness URL ...]
+                        [--workers N]
     odo-backend migrate --db URL
 """
 
@@ -39,6 +40,8 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--tls-key", metavar="FILE", help="client key (mqtts)")
     p.add_argument("--client-id", help="MQTT client id, one per backend process (default: odo-backend-HOST)")
     p.add_argument("--session-expiry", type=int, metavar="SECONDS", help="MQTT session expiry (default 300)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="threads that verify and store messages (1 to 32; default: 2 to 4, by CPU count)")
     add_log_origin(p)
     p.add_argument("--witness", action="append", metavar="URL",
                    help="a witness to push each checkpoint to (c2sp.org/tlog-witness); repeatable")
