@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol import b64, canonical, jws, messages, note, records
+from protocol import b64, canonical, jws, merkle, messages, note, records
 from protocol.checkpoint import NoteCheckpoint, log_verifier, open_note, verify_inclusion
 from protocol.errors import BadFormat, BadSignature, ProtocolError
 from protocol.identity import DEV_RE, VIN_RE, SigningKey, VerifyKey
@@ -55,7 +55,6 @@ _ANNOTATIONS = {"v", "vin", "issued_at", "size", "t_est", "gaps", "signature"}
 _GAP = {"dev", "seq", "note"}
 _ENROLMENT = {"entry", "enrolment", "at"}
 _DECISION = {"entry", "action", "dev", "vin", "by", "at", "replaces"}
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _RECORD_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_INT = 2**53 - 1
 
@@ -157,9 +156,49 @@ def build(vin: str, origin: str, checkpoint_note: str, entries: Sequence[tuple[i
     }
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, indent=1, sort_keys=True, ensure_ascii=True)
+
+
+_quote = json.encoder.encode_basestring_ascii    # what json.dumps writes a string with
+
+
+def _entry_text(entry: Any) -> str:
+    """An entry as :func:`_dumps` writes it two levels in; an entry of the usual shape directly."""
+    if type(entry) is dict and len(entry) == 3:
+        index, leaf, proof = entry.get("index"), entry.get("leaf"), entry.get("proof")
+        if type(index) is int and type(leaf) is str and type(proof) is list:
+            try:
+                hashes = ",\n    ".join(map(_quote, proof))    # TypeError unless strings
+            except TypeError:
+                pass
+            else:
+                listed = f"[\n    {hashes}\n   ]" if proof else "[]"
+                return f'{{\n   "index": {index},\n   "leaf": {_quote(leaf)},\n   "proof": {listed}\n  }}'
+    return _dumps(entry).replace("\n", "\n  ")
+
+
 def encode(cert: Mapping[str, Any]) -> bytes:
-    """The certificate's one encoding (an entry a line or so, for people who open it)."""
-    return (json.dumps(cert, indent=1, sort_keys=True, ensure_ascii=True) + "\n").encode("ascii")
+    """The certificate's one encoding (an entry a line or so, for people who open it): that of
+    ``json.dumps(cert, indent=1, sort_keys=True, ensure_ascii=True)`` and a newline.
+
+    json's indented encoder is pure Python; the entries, nearly all of a certificate, are written
+    here directly in the same form (a value's text n levels in is its text alone with n spaces
+    after each newline: no string in it holds a newline)."""
+    if type(cert) is not dict or not cert or not all(type(k) is str for k in cert):
+        return (_dumps(cert) + "\n").encode("ascii")
+    parts = ["{"]
+    for n, key in enumerate(sorted(cert)):
+        value = cert[key]
+        parts.append(f'{"," if n else ""}\n {_quote(key)}: ')
+        if key == "entries" and type(value) is list and value:
+            parts.append("[\n  ")
+            parts.append(",\n  ".join([_entry_text(e) for e in value]))
+            parts.append("\n ]")
+        else:
+            parts.append(_dumps(value).replace("\n", "\n "))
+    parts.append("\n}\n")
+    return "".join(parts).encode("ascii")
 
 
 # -- verification -----------------------------------------------------------------------------
@@ -198,12 +237,36 @@ class _Leaf:
     data: bytes
 
 
+def _hashes(proof: object) -> list[bytes] | None:
+    """A proof's hashes; None unless it is a list of at most MAX_PROOF strings, each 64 lowercase
+    hex. (Joined by newlines, n strings make 65n - 1 characters of n such hashes only if no
+    string holds a newline and each is one hash.)"""
+    if not isinstance(proof, list) or len(proof) > MAX_PROOF:
+        return None
+    if not proof:
+        return []
+    try:
+        lines = "\n".join(proof)
+    except TypeError:           # not all strings
+        return None
+    if len(lines) != 65 * len(proof) - 1:
+        return None
+    try:
+        raw = bytes.fromhex(lines)      # which skips whitespace, and reads capitals ...
+    except ValueError:
+        return None
+    if raw.hex("\n", 32) != lines:     # ... so: each line 32 bytes in lowercase hex, and nothing else
+        return None
+    return [raw[i:i + 32] for i in range(0, len(raw), 32)]
+
+
 def _entries(raw: object, cp: NoteCheckpoint) -> list[_Leaf]:
     if not isinstance(raw, list) or not raw:
         raise _fail("certificate: entries must be a non-empty list")
     if len(raw) > MAX_ENTRIES:
         raise _fail(f"certificate: more than {MAX_ENTRIES} entries")
     out: list[_Leaf] = []
+    walker = merkle.InclusionWalker(cp.size)
     for n, item in enumerate(raw):
         where = f"entries[{n}]"
         obj = _members(item, _ENTRY, where)
@@ -215,12 +278,11 @@ def _entries(raw: object, cp: NoteCheckpoint) -> list[_Leaf]:
         data = _str(obj, "leaf", where).encode("utf-8", "surrogatepass")
         if len(data) > MAX_ENTRY_BYTES:
             raise _fail(f"{where}: an entry of more than {MAX_ENTRY_BYTES} bytes")
-        proof = obj["proof"]
-        if (not isinstance(proof, list) or len(proof) > MAX_PROOF
-                or not all(isinstance(p, str) and _HEX64.fullmatch(p) for p in proof)):
+        proof = _hashes(obj["proof"])
+        if proof is None:
             raise _fail(f"{where}: proof must be a list of at most {MAX_PROOF} hashes, each 64 lowercase hex")
         try:
-            verify_inclusion(cp, index, data, [bytes.fromhex(p) for p in proof])
+            verify_inclusion(cp, index, data, proof, walker)
         except BadFormat as exc:
             raise _fail(f"{where}: not included in the checkpoint ({exc})") from None
         out.append(_Leaf(index, data))

@@ -96,11 +96,18 @@ def open_note(data: str | bytes, log: note.Verifier, witnesses: Sequence[note.Ve
     return NoteCheckpoint(origin, size, root, parsed.text, signed, tuple(cosigned))
 
 
-def verify_inclusion(checkpoint: NoteCheckpoint, index: int, entry: bytes, proof: Sequence[bytes]) -> None:
-    """Raise BadFormat unless ``entry`` is leaf ``index`` of the checkpointed tree."""
+def verify_inclusion(checkpoint: NoteCheckpoint, index: int, entry: bytes, proof: Sequence[bytes],
+                     walker: merkle.InclusionWalker | None = None) -> None:
+    """Raise BadFormat unless ``entry`` is leaf ``index`` of the checkpointed tree; ``walker``
+    (of the checkpoint's size) checks many entries of it faster, with the same answers."""
     if not 0 <= index < checkpoint.size:
         raise BadFormat(f"inclusion proof: leaf {index} is outside the checkpoint's {checkpoint.size} leaves")
-    got = merkle.root_from_inclusion(index, checkpoint.size, merkle.leaf_hash(entry), proof)
+    if walker is None:
+        got = merkle.root_from_inclusion(index, checkpoint.size, merkle.leaf_hash(entry), proof)
+    elif walker.size != checkpoint.size:
+        raise ValueError(f"a walker of a tree of {walker.size} leaves, not {checkpoint.size}")
+    else:
+        got = walker.root(index, merkle.leaf_hash(entry), proof)
     if got != checkpoint.root:
         raise BadFormat(f"inclusion proof: leaf {index} does not lead to the checkpoint's root")
 

@@ -1,9 +1,20 @@
-"""Device and log identities: Ed25519 keys, and the ids derived from them."""
+"""Device and log identities: Ed25519 keys, and the ids derived from them.
+
+Keys are generated, kept and used to sign with ``cryptography``. Signatures are checked with
+libsodium (PyNaCl) when it can be imported, about twice as fast, and with ``cryptography``
+otherwise (the base install, that of ``odo-verify``, has only that). Both give the same answer to
+every signature, because what is accepted is decided here and not left to the library: RFC 8032's
+equation ``[S]B = R + [k]A`` (without the cofactor), with ``S`` below the group order, a public key
+``A`` in its canonical encoding, and neither ``A`` nor ``R`` a point of small order (a signature
+anyone could make). libsodium checks all of that itself; ``cryptography`` (OpenSSL) checks only
+``S`` and the equation, so the rest is checked before it is called (:func:`acceptable`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
@@ -100,8 +111,73 @@ class VerifyKey:
         )
 
     def verify(self, signature: bytes, data: bytes) -> None:
-        """Raise :class:`BadSignature` unless ``signature`` signs ``data``."""
+        """Raise :class:`BadSignature` unless ``signature`` signs ``data`` (with :data:`LIBRARY`)."""
+        if not (acceptable(self.raw, signature) and _verify(self.raw, signature, data)):
+            raise BadSignature("signature does not verify")
+
+
+# -- checking signatures ----------------------------------------------------------------------
+
+#: The field's prime, and the mask of the 255 bits of an encoded point that hold its y.
+_P = 2**255 - 19
+_Y_BITS = (1 << 255) - 1
+#: The y of every point of small order (the eight of order 1, 2, 4 and 8), the sign bit of x
+#: aside, and the two other encodings of 0 and 1 (y = p, p + 1): libsodium's list.
+_SMALL_ORDER_Y = frozenset({
+    0, 1, _P - 1, _P, _P + 1,
+    2707385501144840649318225287225658788936804267575313519463743609750303402022,
+    55188659117513257062467267217118295137698188065244968500265048394206261417927,
+})
+
+
+def weak_key(public: bytes) -> bool:
+    """Whether no signature by this 32-byte public key is accepted: its y is not below the
+    field's prime (a non-canonical encoding), or it is a point of small order."""
+    y = int.from_bytes(public, "little") & _Y_BITS
+    return y >= _P or y in _SMALL_ORDER_Y
+
+
+def acceptable(public: bytes, signature: bytes) -> bool:
+    """What is checked here before the library's verify: a 64-byte signature whose ``R`` is not
+    of small order, by a public key that is not :func:`weak <weak_key>`."""
+    return (len(signature) == 64
+            and int.from_bytes(signature[:32], "little") & _Y_BITS not in _SMALL_ORDER_Y
+            and not weak_key(public))
+
+
+def _cryptography(public: bytes, signature: bytes, data: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True
+
+
+#: The libraries that can check a signature, each as ``verify(public, signature, data) -> bool``
+#: (after :func:`acceptable`); both always give the same answer.
+LIBRARIES: dict[str, Callable[[bytes, bytes, bytes], bool]] = {"cryptography": _cryptography}
+
+try:
+    from nacl.bindings import crypto_sign_open
+    from nacl.exceptions import BadSignatureError
+except ImportError:  # the base install: odo-verify and the agent need only cryptography
+    pass
+else:
+    def _libsodium(public: bytes, signature: bytes, data: bytes) -> bool:
         try:
-            Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, data)
-        except InvalidSignature:
-            raise BadSignature("signature does not verify") from None
+            crypto_sign_open(signature + data, public)  # what nacl.signing.VerifyKey.verify calls
+        except BadSignatureError:
+            return False
+        return True
+
+    LIBRARIES["libsodium"] = _libsodium
+
+#: The library :meth:`VerifyKey.verify` uses: libsodium when PyNaCl is installed.
+LIBRARY = "libsodium" if "libsodium" in LIBRARIES else "cryptography"
+_verify = LIBRARIES[LIBRARY]
+
+
+def verify_with(library: str, public: bytes, signature: bytes, data: bytes) -> bool:
+    """Whether ``signature`` signs ``data`` by ``public``, checked with ``library`` (a key of
+    :data:`LIBRARIES`); :meth:`VerifyKey.verify` is this with :data:`LIBRARY`."""
+    return acceptable(public, signature) and LIBRARIES[library](public, signature, data)
