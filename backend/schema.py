@@ -221,4 +221,7 @@ CREATE TABLE translog_queue (                -- entries stored, not yet in the t
     created_at  {bigint} NOT NULL
 )
 """),
+    ("107_transfers_week", """
+CREATE INDEX transfers_rule_week ON transfers (rule_id, week)   -- a rule's weekly total, at each credit
+"""),
 ]

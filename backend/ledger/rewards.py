@@ -217,18 +217,30 @@ def decide(rules: Rules, reading: Reading, credited: Credited) -> list[Credit]:
     return list(planned.values())
 
 
+#: A rule's credits to a scope in a week, as credited so far: (rule id, scope, week) -> milli-tokens.
+WeekTotals = dict[tuple[str, str, str], int]
+
+
 class _InDatabase:
-    def __init__(self, tx: Tx) -> None:
+    """What was credited, read from the transaction; week totals are read once per scope and
+    week and then kept in ``totals`` (a batch holds its vehicle's lock, so no other writer adds
+    to them meanwhile)."""
+
+    def __init__(self, tx: Tx, totals: WeekTotals | None = None) -> None:
         self.tx = tx
+        self.totals = {} if totals is None else totals
 
     def has(self, key: str) -> bool:
         return self.tx.one("SELECT id FROM transfers WHERE key = ?", (key,)) is not None
 
     def week_total(self, rule_id: str, scope: str, week: str) -> int:
-        return int(self.tx.scalar(
-            "SELECT COALESCE(SUM(amount), 0) AS n FROM transfers WHERE week = ? AND rule_id = ? "
-            "AND from_account = ? AND key LIKE ?",
-            (week, rule_id, accounts.ISSUER, f"reward:{rule_id}:{scope}:%")))
+        key = (rule_id, scope, week)
+        if key not in self.totals:
+            self.totals[key] = int(self.tx.scalar(
+                "SELECT COALESCE(SUM(amount), 0) AS n FROM transfers WHERE week = ? AND rule_id = ? "
+                "AND from_account = ? AND key LIKE ?",
+                (week, rule_id, accounts.ISSUER, f"reward:{rule_id}:{scope}:%")))
+        return self.totals[key]
 
 
 @dataclass(frozen=True)
@@ -240,10 +252,11 @@ class Stored:
     base_odo_m: int | None
 
 
-def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any],
-           now_ms: int, stored: Stored | None = None) -> list[accounts.Transfer]:
+def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any], now_ms: int,
+           stored: Stored | None = None, totals: WeekTotals | None = None) -> list[accounts.Transfer]:
     """Credit what ``record`` earns; call in the transaction that stored it as accepted (with
-    ``stored``, what was stored with it, else it is read back).
+    ``stored``, what was stored with it, else it is read back; ``totals``, week totals the
+    transaction has read already, kept up to date).
 
     Returns the transfers made (none when it earns nothing or was credited before).
     """
@@ -261,7 +274,8 @@ def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any],
                       record.vin or device.get("vin"), stored.received_at, stored.base_odo_m)
     if not eligible(rules, reading, Standing.of(device)):
         return []
-    credits = decide(rules, reading, _InDatabase(tx))
+    credited = _InDatabase(tx, totals)
+    credits = decide(rules, reading, credited)
     if not credits:
         return []
     account = accounts.reward_account(tx, record.dev, reading.vin, reading.at_ms)
@@ -272,6 +286,9 @@ def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any],
                               dev=c.dev, record_id=c.record_id, week=c.week, memo=c.memo)
         if t is not None:
             made.append(t)
+            week_key = (c.rule_id, c.scope, c.week)
+            if week_key in credited.totals:
+                credited.totals[week_key] += t.amount
             log.info("credited %d milli-tokens to %s: %s", t.amount, account, t.key)
     return made
 

@@ -160,6 +160,7 @@ class _Batch:
         self._trips: dict[str, TripContext] = {}
         self._rows: list[tuple[Any, ...]] = []          # records decided, written by _flush
         self._logged: list[tuple[str, bytes]] = []       # accepted ones, for the log
+        self._week_totals: rewards.WeekTotals = {}
         self.held_now = False
         self.limits = Limits(int(rules.max_speed_kph), now_ms, rules.max_clock_ahead_ms,
                                rules.rollback_tolerance_m)
@@ -358,7 +359,7 @@ class _Batch:
                 self._raise_top(scope, record, reading.odo_m)
         self._logged.append((record.id, record.jws.encode("ascii")))
         rewards.credit(self.tx, self.rules, record, self.device, self.now_ms,
-                       stored=rewards.Stored(t_est, self.now_ms, base))
+                       stored=rewards.Stored(t_est, self.now_ms, base), totals=self._week_totals)
         self.outcomes.append(("accepted", ""))
 
     def _hold(self, why: str) -> None:
