@@ -111,7 +111,7 @@ class Integrated:
     """What one run of the sequencer did."""
 
     entries: int                     # leaves added
-    size: int | None                 # the tree's size after; None: another sequencer was at work
+    size: int | None                 # the tree's size after; None: nothing stored, or another sequencer at it
     delays_ms: tuple[int, ...] = ()  # from storing to integrating, per entry
 
 
@@ -122,6 +122,8 @@ def integrate(db: Database, now: int | None = None, *, limit: int = INTEGRATE_BA
     log's advisory lock); another one finds the lock taken and returns at once (or, with
     ``wait``, waits for it). An entry whose ref the tree already holds (two writers raced) is
     dropped from the queue."""
+    if not wait and db.one("SELECT id FROM translog_queue LIMIT 1") is None:
+        return Integrated(0, None)          # nothing stored: no write transaction (SQLite has one writer)
     with db.write() as tx:
         if wait:
             lock(tx, LOCK)
