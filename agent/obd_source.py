@@ -18,15 +18,8 @@ messages. We use no more of it than that, because as published (0.7.3) it:
   an odometer of 0 km.
 - strips ``0``, ``1``, ``2`` and ``x`` off both ends of a VIN: we take the raw
   mode 09 PID 02 bytes and validate 17 characters of [A-HJ-NPR-Z0-9].
-- adds its own stderr log handler on import, and its package ``__init__``
-  imports everything: the ``OBD`` class, its command table and, for the
-  command table's units, pint, which builds a unit registry (about 7 MiB and
-  0.2 s on a desktop CPU; the time is several times that on a Pi). We load
-  only the three modules we use (``obd.elm327``, ``obd.protocols``,
-  ``obd.utils``, which need none of that) without running the package's
-  ``__init__``; ``obd_source.obd``, the whole package, is imported only if
-  something asks for it, and then loses its stderr handler. Either way the
-  ``obd`` logger is quietened: a parked car is not an error.
+- adds its own stderr log handler on import: removed below (and its logger
+  quietened: a parked car is not an error).
 
 Nothing here raises because the car is off or the adapter is unplugged: such
 outcomes are values (``Sample.connected`` / ``ecu`` false, fields None).
@@ -35,71 +28,30 @@ Not thread-safe: one daemon thread owns an ``ObdSource``.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
-import serial  # type: ignore[import-untyped]
+# python-OBD redefines some of pint's units on import, which pint logs as warnings
+logging.getLogger("pint.util").setLevel(logging.ERROR)
+
+import obd  # type: ignore[import-untyped]  # noqa: E402
+import serial  # type: ignore[import-untyped]  # noqa: E402
+from obd.elm327 import ELM327  # type: ignore[import-untyped]  # noqa: E402
+from obd.protocols import ECU  # type: ignore[import-untyped]  # noqa: E402
+from obd.utils import OBDStatus  # type: ignore[import-untyped]  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-
-def _package_without_init() -> ModuleType | None:
-    """Put python-OBD's package in ``sys.modules`` without running its ``__init__``, so that its
-    submodules can be imported alone; None when the whole package is imported already."""
-    if "obd" in sys.modules:
-        return None
-    spec = importlib.util.find_spec("obd")
-    if spec is None or spec.submodule_search_locations is None:
-        raise ImportError("python-OBD is not installed (pip install 'odoledger[agent]')", name="obd")
-    package = importlib.util.module_from_spec(spec)
-    sys.modules["obd"] = package
-    return package
-
-
-def _quieten() -> None:
-    """Remove python-OBD's stderr handler, if its ``__init__`` ran, and silence its logger:
-    it logs a parked car ("ignition is off", "unable to connect") as errors, on every protocol
-    search; this module reports the adapter's state itself."""
-    package = sys.modules.get("obd")
-    handler = getattr(package, "console_handler", None)
-    if isinstance(handler, logging.Handler):
-        logging.getLogger("obd").removeHandler(handler)
-    logging.getLogger("obd").setLevel(logging.CRITICAL)
-
-
-_bare = _package_without_init()
-try:
-    from obd.elm327 import ELM327  # type: ignore[import-untyped]
-    from obd.protocols import ECU  # type: ignore[import-untyped]
-    from obd.utils import OBDStatus  # type: ignore[import-untyped]
-finally:
-    # An ``import obd`` elsewhere then gets the real package, which finds these modules loaded.
-    if _bare is not None and sys.modules.get("obd") is _bare:
-        del sys.modules["obd"]
-_quieten()
-
-
-def __getattr__(name: str) -> Any:
-    """``obd_source.obd``: the whole python-OBD package, imported on first use (see above)."""
-    if name != "obd":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    logging.getLogger("pint.util").setLevel(logging.ERROR)  # python-OBD redefines pint units, pint warns
-    import obd  # type: ignore[import-untyped]
-
-    for child in ("elm327", "protocols", "utils"):  # loaded before the package: bind them to it
-        if not hasattr(obd, child):
-            setattr(obd, child, sys.modules[f"obd.{child}"])
-    _quieten()
-    globals()["obd"] = obd
-    return obd
-
+_obd_handler = getattr(obd, "console_handler", None)
+if _obd_handler is not None:
+    logging.getLogger("obd").removeHandler(_obd_handler)
+# python-OBD logs a parked car ("ignition is off", "unable to connect") as errors, on every
+# protocol search; this module reports the adapter's state itself.
+logging.getLogger("obd").setLevel(logging.CRITICAL)
 
 VIN_RE = re.compile(r"[A-HJ-NPR-Z0-9]{17}")
 SOCKET_BAUDRATE = 38400          # pyserial's socket:// cannot detect a baud rate; any value works

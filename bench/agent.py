@@ -12,8 +12,8 @@ the agent's configuration does not answer: an offline day, every record kept in 
 
 1. Baselines, each in a fresh interpreter: the RSS and import time of Python alone, of
    ``import agent``, of what every ``odo-agent`` command imports (``agent.cli``), of what
-   ``odo-agent run`` imports, and of the same with python-OBD's whole package (pint and all),
-   which the agent imported until it took only the three modules it uses. Then the CPU of one
+   ``odo-agent run`` imports, and of python-OBD's whole package (pint and all) imported on top,
+   the part of it that the agent's imports are. Then the CPU of one
    poll's queries sent through bare pyserial: the floor under the agent's.
 2. One hertz, in real time: ``odo-agent run`` with its stock timings, driving, for
    ``--realtime-s``: its share of a core, timers and idle threads included (summed from the
@@ -453,7 +453,7 @@ def report(r: Results) -> list[str]:
     names = {"python": "Python alone", "agent": "`import agent`",
              "cli": "`import agent.cli`: every `odo-agent` command, `--help`",
              "daemon": "what `odo-agent run` imports",
-             "whole": "the same with python-OBD's whole package, as before"}
+             "whole": "the same, python-OBD's whole package imported on top"}
     for key, label in names.items():
         fp = r.base[key]
         ms = f"{fp.import_ms:.0f} ms" if key != "python" else "—"

@@ -24,12 +24,6 @@ def imported_after(code: str) -> set[str]:
     return set(done.stdout.split())
 
 
-def test_the_daemon_imports_python_obd_parts_without_pint() -> None:
-    loaded = imported_after("from agent import cli, daemon, obd_source, power, sync, vehicle")
-    assert "pint" not in loaded
-    assert {"obd", "serial", "paho"} <= loaded
-
-
 def test_the_other_commands_import_neither_obd_nor_mqtt() -> None:
     """status, confirm, remind, ui; and enroll beside a running daemon, which asks it to send."""
     loaded = imported_after("from agent import cli, daemon, summary, ui")
@@ -40,20 +34,6 @@ def test_help_imports_neither_obd_nor_mqtt() -> None:
     loaded = imported_after("import sys\nfrom agent import cli\ntry:\n    cli.main(['--help'])\n"
                             "except SystemExit:\n    pass")
     assert not {"obd", "serial", "pint", "paho"} & loaded
-
-
-def test_the_whole_python_obd_package_on_demand() -> None:
-    code = """
-import logging, sys
-from agent import obd_source
-assert "obd" not in sys.modules and "obd.elm327" in sys.modules
-whole = obd_source.obd
-assert "pint" in sys.modules and whole is sys.modules["obd"]
-assert whole.elm327.ELM327 is obd_source.ELM327 and whole.OBDStatus is obd_source.OBDStatus
-assert whole.console_handler not in logging.getLogger("obd").handlers
-assert logging.getLogger("obd").level == logging.CRITICAL
-"""
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60, check=True)
 
 
 def test_python_obd_imported_first_is_used_as_it_is() -> None:
