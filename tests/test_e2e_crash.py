@@ -14,7 +14,8 @@ from tests.e2e_support import wait_until
 
 #: a record a second while moving, so that every short run has something to lose
 SETTINGS = ('clock = "synced"\nresend_after_s = 1.0\n\n'
-            "[vehicle]\nrecord_every_ms = 1000\nignition_on_debounce_ms = 0\n\n[power]\non_poll_s = 0.5\noff_poll_s = 0.5\n")
+            "[vehicle]\nrecord_every_ms = 1000\nignition_on_debounce_ms = 0\n\n"
+            "[power]\non_poll_s = 0.5\noff_poll_s = 0.5\n")
 KILLS = 20
 
 
