@@ -89,7 +89,7 @@ def append_many(tx: Tx, entry_kind: str, items: Sequence[tuple[str, bytes]], now
         if len(entry) > MAX_ENTRY_BYTES:
             raise TranslogError(f"{entry_kind} {ref}: {len(entry)} bytes, more than a log entry holds "
                                 f"({MAX_ENTRY_BYTES})")
-    inserted = _insert_many(tx, "translog_queue", ("entry_kind", "ref", "entry", "created_at"),
+    inserted = insert_many(tx, "translog_queue", ("entry_kind", "ref", "entry", "created_at"),
                             [(entry_kind, ref, entry, now) for ref, entry in items], conflict="ref")
     if inserted < len(items):
         for ref, entry in items:
@@ -159,8 +159,8 @@ def integrate(db: Database, now: int | None = None, *, limit: int = INTEGRATE_BA
                 level, i = level + 1, i >> 1
                 made[(level, i)] = h
                 nodes.append((level, i, h))
-        _insert_many(tx, "translog", ("idx", "entry_kind", "ref", "entry", "leaf_hash", "created_at"), leaves)
-        _insert_many(tx, "translog_nodes", ("level", "idx", "hash"), nodes)
+        insert_many(tx, "translog", ("idx", "entry_kind", "ref", "entry", "leaf_hash", "created_at"), leaves)
+        insert_many(tx, "translog_nodes", ("level", "idx", "hash"), nodes)
         ids = [int(r["id"]) for r in rows]
         for n in range(0, len(ids), 500):
             tx.execute(f"DELETE FROM translog_queue WHERE id IN ({', '.join('?' for _ in ids[n:n + 500])})",
@@ -181,11 +181,6 @@ def integrate_all(db: Database) -> int:
 def queued(tx: Tx) -> int:
     """Entries stored and not yet in the tree."""
     return int(tx.scalar("SELECT COUNT(*) AS n FROM translog_queue"))
-
-
-def _insert_many(tx: Tx, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
-                 conflict: str | None = None) -> int:
-    return insert_many(tx, table, columns, rows, conflict)
 
 
 def _size(tx: Tx) -> int:
