@@ -88,6 +88,10 @@ DECISION_SKEW_MS = 10 * 60 * 1000
 QUEUE_PER_WORKER = 4
 #: How often the network thread, waiting for room in a full queue, looks whether the ingest stops.
 ROUTE_POLL_S = 0.2
+#: After a device's lock timed out (another process holds it), its messages are left for its agent
+#: to send again for this long, rather than each one waiting out the lock in a worker.
+HELD_DEVICE_S = 5
+
 #: How long ``stop()`` waits for the workers to finish the messages in hand.
 STOP_WAIT_S = 30.0
 
@@ -140,6 +144,7 @@ class Ingest:
         self._connection = 0
         self._connection_lock = threading.Lock()
         self._dropped = 0
+        self._held: dict[str, float] = {}     # device -> until when its lock is not waited for (monotonic)
         self.client = self._make_client()
 
     # -- connection ----------------------------------------------------------------------------
@@ -343,6 +348,14 @@ class Ingest:
         """Handle one message (commit, then the device's ack), then PUBACK it. A handler that
         fails is logged; its message is PUBACKed too, as sending it again would fail again (the
         device sends again what it has no ack for)."""
+        held_until = self._held.get(item.dev)
+        if held_until is not None and time.monotonic() >= held_until:
+            del self._held[item.dev]          # one device is always handled by the same worker
+        elif held_until is not None:
+            # Its lock timed out a moment ago: waiting for it again would hold up this worker's
+            # other devices too. The agent sends again what has no ack.
+            self._puback(item)
+            return
         try:
             if item.channel == "records":
                 self.handle_records(item.dev, item.body)
@@ -352,7 +365,9 @@ class Ingest:
                 devices.update_status(self.db, item.dev, item.body, self.clock())
         except LockTimeout as exc:
             # Another process holds this device (stopped mid-transaction?): its agent sends again.
-            log.warning("%s: %s message left for the device to send again: %s", item.dev, item.channel, exc)
+            self._held[item.dev] = time.monotonic() + HELD_DEVICE_S
+            log.warning("%s: %s message left for the device to send again, and its messages for %d s: %s",
+                        item.dev, item.channel, HELD_DEVICE_S, exc)
         except Exception:  # noqa: BLE001 - one bad message must not stop the ingest; the agent resends
             self.registry.count_error()
             log.exception("%s: failed to handle a %s message; not acknowledged to the device",
