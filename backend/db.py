@@ -223,17 +223,18 @@ class Database:
         rows = self.query(sql, params)
         return rows[0] if rows else None
 
-    def lock_key(self, tx: Tx, key: int, wait_ms: int | None = None) -> None:
+    def lock_key(self, tx: Tx, key: int, wait_ms: int | None = None, *, shared: bool = False) -> None:
         """Serialise writers across processes on one key (PostgreSQL advisory lock;
-        SQLite's BEGIN IMMEDIATE already serialises every writer). With ``wait_ms``, waiting
-        longer than that for a lock (this one or any later one of the transaction) raises
-        :class:`LockTimeout`, and the transaction is rolled back."""
+        SQLite's BEGIN IMMEDIATE already serialises every writer); ``shared``: only against
+        those that take the key exclusively. With ``wait_ms``, waiting longer than that for a
+        lock (this one or any later one of the transaction) raises :class:`LockTimeout`, and
+        the transaction is rolled back."""
         if self.dialect != "postgresql":
             return
         if wait_ms is not None:
             tx.execute(f"SET LOCAL lock_timeout = {int(wait_ms)}")
         try:
-            tx.execute("SELECT pg_advisory_xact_lock(?)", (key,))
+            tx.execute(f"SELECT pg_advisory_xact_lock{'_shared' if shared else ''}(?)", (key,))
         except Exception as exc:
             if type(exc).__name__ == "LockNotAvailable":
                 raise LockTimeout(f"a lock was held by another process for more than {wait_ms} ms") from None

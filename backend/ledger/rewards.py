@@ -31,8 +31,11 @@ each device's records in seq order, so both reach the same credits.
   ``reward:<rule>:<scope>:<W>``. A week rewarded late, after later weeks, does not
   re-open runs already counted.
 - The reward goes from ``issuer`` to ``driver:<id>`` of the driver assigned to the
-  vehicle at the reading time, else to ``unassigned:<dev>``; the rules' version
-  is recorded on the transfer.
+  vehicle at the reading time, else to ``unassigned:<dev>``.
+- *Which rules*: the version of the rule book in force at the reading time
+  (:mod:`backend.ledger.contracts`), its ``reward_backfill_days`` included; nothing before the
+  earliest version. Its name and sha256 are recorded on the transfer. Week totals and streaks
+  run on across versions: a rule of the new version with the id of an old one continues it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from typing import Any, Protocol
 
 from backend.db import Tx
 from backend.ledger import accounts
+from backend.ledger.contracts import RuleBook, book_of
 from backend.ledger.rules import DistanceRule, Rules, StreakRule, WeeklyRule
 from protocol.records import Record, iso_week
 
@@ -252,15 +256,17 @@ class Stored:
     base_odo_m: int | None
 
 
-def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any], now_ms: int,
+def credit(tx: Tx, rules: Rules | RuleBook, record: Record, device: Mapping[str, Any], now_ms: int,
            stored: Stored | None = None, totals: WeekTotals | None = None) -> list[accounts.Transfer]:
-    """Credit what ``record`` earns; call in the transaction that stored it as accepted (with
-    ``stored``, what was stored with it, else it is read back; ``totals``, week totals the
-    transaction has read already, kept up to date).
+    """Credit what ``record`` earns under the version of ``rules`` in force at its reading time;
+    call in the transaction that stored it as accepted (with ``stored``, what was stored with
+    it, else it is read back; ``totals``, week totals the transaction has read already, kept up
+    to date).
 
     Returns the transfers made (none when it earns nothing or was credited before).
     """
-    if not any(rule.on == record.kind for rule in rules.rules):
+    book = book_of(rules)
+    if record.kind not in book.kinds:
         return []
     # Under the vehicle's lock (taken by the caller, as process_batch and devices.clear do), so
     # that an assignment made meanwhile by another process is either seen here, or sees this
@@ -272,17 +278,20 @@ def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any], now_
                         None if row["base_odo_m"] is None else int(row["base_odo_m"]))
     reading = Reading(record, reading_time(record.clock, record.t, stored.t_est),
                       record.vin or device.get("vin"), stored.received_at, stored.base_odo_m)
-    if not eligible(rules, reading, Standing.of(device)):
+    version = book.at(reading.at_ms)
+    if version is None or record.kind not in version.kinds:
+        return []
+    if not eligible(version.rules, reading, Standing.of(device)):
         return []
     credited = _InDatabase(tx, totals)
-    credits = decide(rules, reading, credited)
+    credits = decide(version.rules, reading, credited)
     if not credits:
         return []
     account = accounts.reward_account(tx, record.dev, reading.vin, reading.at_ms)
     made = []
     for c in credits:
         t = accounts.transfer(tx, key=c.key, from_account=accounts.ISSUER, to_account=account,
-                              amount=c.amount, now_ms=now_ms, rule_id=c.rule_id, rules_version=rules.version,
+                              amount=c.amount, now_ms=now_ms, rule_id=c.rule_id, rules_version=version.name,
                               dev=c.dev, record_id=c.record_id, week=c.week, memo=c.memo)
         if t is not None:
             made.append(t)
@@ -290,6 +299,9 @@ def credit(tx: Tx, rules: Rules, record: Record, device: Mapping[str, Any], now_
             if week_key in credited.totals:
                 credited.totals[week_key] += t.amount
             log.info("credited %d milli-tokens to %s: %s", t.amount, account, t.key)
+    if made and version.sha256 is not None:
+        tx.execute(f"UPDATE transfers SET rules_sha256 = ? WHERE id IN ({', '.join('?' for _ in made)})",
+                   (version.sha256, *(t.id for t in made)))
     return made
 
 
@@ -326,21 +338,28 @@ def driver_at(assignments: Iterable[Assignment], vin: str | None, at_ms: int) ->
 class Expected:
     credit: Credit
     to_account: str
+    rules_version: str = ""
+    rules_sha256: str | None = None
 
 
-def recompute(rules: Rules, readings: Sequence[Reading], assignments: Sequence[Assignment],
+def recompute(rules: Rules | RuleBook, readings: Sequence[Reading], assignments: Sequence[Assignment],
               standings: Mapping[str, Standing] | None = None) -> dict[str, Expected]:
-    """Every reward the rules give for these accepted records, by key; pure. Records are taken
-    in the order the backend received them (each device's in seq order), as it credited them."""
+    """Every reward the rules give for these accepted records, by key, each under the version in
+    force at its reading time; pure. Records are taken in the order the backend received them
+    (each device's in seq order), as it credited them."""
+    book = book_of(rules)
     tally = _Tally()
     out: dict[str, Expected] = {}
     for reading in sorted(readings, key=lambda x: (x.received_at, x.record.dev, x.record.seq)):
-        standing = (standings or {}).get(reading.record.dev)
-        if standing is not None and not eligible(rules, reading, standing):
+        version = book.at(reading.at_ms)
+        if version is None:
             continue
-        for c in decide(rules, reading, tally):
+        standing = (standings or {}).get(reading.record.dev)
+        if standing is not None and not eligible(version.rules, reading, standing):
+            continue
+        for c in decide(version.rules, reading, tally):
             tally.add(c)
             driver = driver_at(assignments, reading.vin, reading.at_ms)
             account = accounts.driver_account(driver) if driver else accounts.unassigned_account(c.dev)
-            out[c.key] = Expected(c, account)
+            out[c.key] = Expected(c, account, version.name, version.sha256)
     return out

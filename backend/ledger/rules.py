@@ -1,6 +1,7 @@
 """The fleet partner's rules file (docs/DESIGN.md §5), read once and validated strictly.
 
     version = "acme-2026-11"
+    effective_from = 2027-01-01T00:00:00Z   # to publish: from when it decides credits (with an offset)
     max_speed_kph = 250
     max_clock_ahead_ms = 600000      # optional: a record dated later than its receipt by more is clock_ahead
     reward_backfill_days = 35        # optional: rewards for readings from this long before approval on
@@ -15,10 +16,17 @@ A streak counts the weeks that its weekly rule rewarded (``weekly`` names that
 rule; it may be left out when the file has exactly one weekly rule). Integers
 only; an unknown key, a wrong type, a float or a negative amount is a
 :class:`RulesError` naming the key.
+
+``effective_from`` is a TOML offset datetime (a local datetime or a date, without an offset,
+is refused: it would mean another instant on every host); kept as Unix milliseconds. A file
+without it is still read (``Rules.effective_from`` is None): :mod:`backend.ledger.contracts`
+publishes such a file as in force from the beginning of time, which only a first version can
+be.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import re
 import tomllib
@@ -39,6 +47,9 @@ VERSION_RE = _VERSION
 MAX_AMOUNT = 10**15
 #: The largest rules file read: a few rules and a catalogue are a few KiB.
 MAX_RULES_BYTES = 1024 * 1024
+#: The latest ``effective_from``: times are Unix ms, JSON-safe integers.
+MAX_EFFECTIVE_MS = 2**53 - 1
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,8 @@ class Rules:
     rollback_tolerance_m: int = DEFAULT_ROLLBACK_TOLERANCE_M
     #: The file's text, when read from one (:func:`load_rules`): what the log keeps of it.
     text: str = field(default="", repr=False, compare=False)
+    #: From when it decides credits, Unix ms; None when the file does not say.
+    effective_from: int | None = None
 
     def rule(self, rule_id: str) -> Rule | None:
         return next((r for r in self.rules if r.id == rule_id), None)
@@ -142,6 +155,30 @@ class _Table:
         if value > MAX_AMOUNT:
             raise RulesError(f"{self.where}{key}: {value} is too large")
         return value
+
+    def instant(self, key: str) -> int | None:
+        """An optional TOML offset datetime, as Unix milliseconds."""
+        value = self._value(key, False)
+        if value is None:
+            return None
+        example = "e.g. 2027-01-01T00:00:00Z"
+        if isinstance(value, str):
+            raise RulesError(f"{self.where}{key}: must be a TOML datetime, not a string ({value!r}); "
+                             f"write it without quotes, {example}")
+        if isinstance(value, datetime.datetime):
+            if value.tzinfo is None or value.utcoffset() is None:
+                raise RulesError(f"{self.where}{key}: {value.isoformat()} has no offset; give one "
+                                 f"(Z for UTC), {example}")
+            if value.microsecond % 1000:
+                raise RulesError(f"{self.where}{key}: {value.isoformat()} is finer than a millisecond")
+            ms = (value - _EPOCH) // datetime.timedelta(milliseconds=1)
+            if not 0 <= ms <= MAX_EFFECTIVE_MS:
+                raise RulesError(f"{self.where}{key}: {value.isoformat()} is before 1970 or too far ahead")
+            return ms
+        if isinstance(value, datetime.date | datetime.time):
+            raise RulesError(f"{self.where}{key}: {value.isoformat()} is a date or a time alone; give a "
+                             f"date and time with an offset, {example}")
+        raise RulesError(f"{self.where}{key}: must be a datetime with an offset, got {_show(value)}")
 
     def finish(self) -> None:
         unknown = sorted(set(self.data) - self.used)
@@ -209,6 +246,7 @@ def parse(data: Mapping[str, Any], source: str = "rules") -> Rules:
 def _parse(data: dict[str, Any], source: str) -> Rules:
     top = _Table("", data)
     version = _req(top.string("version", _VERSION))
+    effective_from = top.instant("effective_from")
     max_speed = _req(top.integer("max_speed_kph", 1))
     ahead = top.integer("max_clock_ahead_ms", 0, False)
     backfill = top.integer("reward_backfill_days", 0, False)
@@ -253,7 +291,8 @@ def _parse(data: dict[str, Any], source: str) -> Rules:
     return Rules(version, max_speed, tuple(rules), MappingProxyType(catalogue), source,
                  DEFAULT_MAX_CLOCK_AHEAD_MS if ahead is None else ahead,
                  DEFAULT_REWARD_BACKFILL_DAYS if backfill is None else backfill,
-                 DEFAULT_ROLLBACK_TOLERANCE_M if tolerance is None else tolerance)
+                 DEFAULT_ROLLBACK_TOLERANCE_M if tolerance is None else tolerance,
+                 effective_from=effective_from)
 
 
 def load_rules(path: str | Path) -> Rules:
@@ -269,11 +308,22 @@ def load_rules(path: str | Path) -> Rules:
         raise RulesError(f"{p}: cannot read the rules file ({exc.strerror or exc})") from None
     except UnicodeDecodeError:
         raise RulesError(f"{p}: not UTF-8") from None
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise RulesError(f"{p}: not valid TOML: {exc}") from None
-    rules = replace(parse(document, str(p)), text=text)
+    rules = loads(text, str(p))
     log.info("rules %s from %s: %d rules, %d catalogue items", rules.version, p, len(rules.rules),
              len(rules.catalogue))
     return rules
+
+
+def loads(text: str, source: str = "rules") -> Rules:
+    """Validate the text of a rules file (as stored when it was published); it is kept in
+    ``Rules.text``."""
+    if len(text.encode("utf-8")) > MAX_RULES_BYTES:
+        raise RulesError(f"{source}: larger than {MAX_RULES_BYTES} bytes")
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RulesError(f"{source}: not valid TOML: {exc}") from None
+    except (ValueError, RecursionError) as exc:        # what tomllib itself cannot take
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise RulesError(f"{source}: not valid TOML: {why}") from None
+    return replace(parse(document, source), text=text)
