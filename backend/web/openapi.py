@@ -1,10 +1,16 @@
-"""The OpenAPI 3.1 document of the JSON API, written by hand (served at ``/api/openapi.json``)."""
+"""The OpenAPI 3.1 document of the JSON API, written by hand (served at ``/api/openapi.json``).
+
+Each ``/api`` operation's ``security`` names the roles that may use it, from
+:data:`backend.web.roles.ACCESS` (OpenAPI 3.1 lets a bearer scheme list role names); a driver's
+scope is in ``x-driver-parameter``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from backend.records.devices import MAX_RECORDS_PAGE
+from backend.web import roles
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -23,6 +29,9 @@ _DEV = {"name": "dev", "in": "path", "required": True,
         "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}, "description": "device id"}
 _ACCOUNT = {"name": "account", "in": "path", "required": True, "schema": {"type": "string"},
             "description": "driver:<id>, unassigned:<dev>, issuer or redeemed:<item>"}
+_DRIVER = {"name": "id", "in": "path", "required": True,
+           "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"},
+           "description": "driver id"}
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
@@ -72,6 +81,14 @@ _SCHEMAS: dict[str, Any] = {
                "properties": {"account": {"type": "string"},
                               "balance": {**_INT, "description": "milli-tokens"},
                               "transfers": {"type": "array", "items": _ref("Transfer")}}},
+    "DriverWallet": {"allOf": [_ref("Wallet"), {"type": "object", "required": ["id", "name"], "properties": {
+        "id": {"type": "string"}, "name": _STR_OR_NULL}}]},
+    "Catalogue": {"type": "object", "required": ["rules_version", "items"],
+                  "properties": {"rules_version": {"type": "string", "description": "the rules in force"},
+                                 "items": {"type": "array", "items": {
+                                     "type": "object", "required": ["item", "milli_tokens"],
+                                     "properties": {"item": {"type": "string"},
+                                                    "milli_tokens": {**_INT, "description": "its price"}}}}}},
     "Checkpoint": {"type": "object", "required": ["origin", "size", "root", "t", "note", "cosignatures"],
                    "properties": {"origin": {"type": "string", "description": "the log's name"},
                                   "size": _INT, "root": {"type": "string", "description": "hex"},
@@ -82,6 +99,22 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
+def _secured(paths: dict[str, Any]) -> dict[str, Any]:
+    """Each ``/api`` operation with the roles :data:`roles.ACCESS` lets use it, and its 403."""
+    for path, operations in paths.items():
+        if not path.startswith("/api/"):
+            continue
+        for method, op in operations.items():
+            declared = roles.access(method.upper(), path)
+            names = [] if declared is None else [r for r in roles.ROLES if r in declared.roles]
+            op["security"] = [{"bearer": names}]
+            op["x-roles"] = [] if declared is None else declared.describe()
+            if declared is not None and declared.own is not None:
+                op["x-driver-parameter"] = {"name": declared.own[0], "value": declared.own[1]}
+            op["responses"].setdefault("403", _ERR)
+    return paths
+
+
 def document() -> dict[str, Any]:
     dev_ok = _json(_ref("DeviceDetail"), "the device")
     return {
@@ -90,7 +123,7 @@ def document() -> dict[str, Any]:
                  "description": "Devices, records, wallets and the transparency log's checkpoint. "
                                 "Amounts are milli-tokens, distances metres, times Unix milliseconds."},
         "security": [{"bearer": []}],
-        "paths": {
+        "paths": _secured({
             "/api/devices": {"get": {"summary": "every device", "operationId": "listDevices",
                                      "responses": {"200": _json({"type": "array", "items": _ref("Device")},
                                                                 "the devices"), "401": _ERR}}},
@@ -122,6 +155,34 @@ def document() -> dict[str, Any]:
                 "summary": "clear a device's rollback flag; the rewards held since are credited",
                 "operationId": "clearDevice", "parameters": [_DEV],
                 "responses": {"200": dev_ok, "400": _ERR, "401": _ERR, "404": _ERR}}},
+            "/api/vehicles/{vin}/mileage": {"get": {
+                "summary": "a vehicle's mileage per month or ISO week, against its lease allowance (JSON, or "
+                           "CSV with format=csv or Accept: text/csv)",
+                "operationId": "getMileage",
+                "parameters": [
+                    {"name": "vin", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "from", "in": "query", "required": True, "schema": {"type": "string"},
+                     "description": "ISO 8601 date or time (UTC unless it names a zone)"},
+                    {"name": "to", "in": "query", "required": True, "schema": {"type": "string"},
+                     "description": "ISO 8601, not included; at most ten years after from"},
+                    {"name": "per", "in": "query", "schema": {"enum": ["month", "week"], "default": "month"}},
+                    {"name": "unit", "in": "query", "schema": {"enum": ["km", "mi"]}},
+                    {"name": "format", "in": "query", "schema": {"enum": ["json", "csv"]}}],
+                "responses": {"200": _json({"type": "object", "required": ["vin", "per", "unit", "from", "to",
+                                                                           "columns", "periods"],
+                                            "properties": {"total_distance_m": _INT,
+                                                           "allowance_per_year_m": _INT_OR_NULL}},
+                                           "the periods (or text/csv)"),
+                              "400": _ERR, "401": _ERR, "404": _ERR}}},
+            "/api/catalogue": {"get": {
+                "summary": "the items a driver can redeem and their prices, from the rules in force",
+                "operationId": "getCatalogue",
+                "responses": {"200": _json(_ref("Catalogue"), "the catalogue"), "401": _ERR, "503": _ERR}}},
+            "/api/drivers/{id}": {"get": {
+                "summary": "a driver and their wallet: balance and transfers, newest first",
+                "operationId": "getDriver", "parameters": [_DRIVER],
+                "responses": {"200": _json(_ref("DriverWallet"), "the driver's wallet"), "401": _ERR,
+                              "404": _ERR}}},
             "/api/wallets/{account}": {"get": {
                 "summary": "an account's balance and transfers, newest first", "operationId": "getWallet",
                 "parameters": [_ACCOUNT],
@@ -157,10 +218,16 @@ def document() -> dict[str, Any]:
             "/healthz": {"get": {"summary": "liveness", "security": [], "operationId": "healthz",
                                  "responses": {"200": _json({"type": "object"}, "alive"),
                                                "503": _ERR}}},
-        },
+        }),
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "the API token (--api-token), when configured"}},
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "an API token (odo-backend api-tokens add NAME --role ROLE), or the "
+                               "api_token setting (--api-token, an operator's); needed on every /api path "
+                               "once either exists. Each operation's security lists the roles that may use "
+                               "it; a driver's token only where x-driver-parameter names its own account or "
+                               "id. 401: no token that works (missing, unknown, expired, revoked); 403: the "
+                               "token's role may not use the path"}},
             "schemas": _SCHEMAS,
             "responses": {"Error": _json(_ref("Error"), "what was wrong")},
         },
