@@ -1,38 +1,29 @@
-"""The dashboard in a real headless Chromium (Debian's ``chromium``), driven by Playwright.
-
-The app runs under uvicorn on a free loopback port. Screenshots go to
-``test-artifacts/`` (git-ignored). Chromium missing is a failure, never a skip.
+"""The dashboard in a real headless Chromium (Debian's ``chromium``), driven by Playwright
+(tests/browser_support.py: the app under uvicorn, the browser, screenshots in ``test-artifacts/``).
+Chromium missing is a failure, never a skip.
 """
 
 from __future__ import annotations
 
 import re
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from backend.db import Database
 from backend.web import auth
 from backend.web.app import create_app
 from backend.web.context import AppContext
-from sim.processes import free_port
+from tests import browser_support
 from tests import dashboard_seed as seed
+from tests.browser_support import ARTIFACTS, PHONE, serve, shot
+
+playwright, browser_for = browser_support.playwright, browser_support.browser_for     # the fixtures
 
 #: A date of the Unix epoch, as the pages write dates: what an unsynced clock must never show.
 EPOCH_DATE = re.compile(r"\b1970-[01][0-9]-[0-3][0-9]")
-
-CHROMIUM = Path("/usr/bin/chromium")
-INSTALL = "sudo apt-get update && sudo apt-get install -y chromium chromium-driver   (or: sudo make deps)"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-PHONE = {"width": 390, "height": 844}
 
 
 @dataclass
@@ -47,67 +38,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     db = Database.open(f"sqlite:///{tmp_path_factory.mktemp('browser')}/backend.db")
     fleet = seed.seed(db)
     auth.add_operator(db, "op", seed.PASSWORD, seed.NOW)
-    app = create_app(AppContext(db=db, clock=lambda: seed.NOW))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off", ws="none"))
-    thread = threading.Thread(target=server.run, name="dashboard-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"uvicorn did not start on 127.0.0.1:{port}")
-        time.sleep(0.02)
-    yield Served(f"http://127.0.0.1:{port}", db, fleet)
-    server.should_exit = True
-    thread.join(10)
+    with serve(create_app(AppContext(db=db, clock=lambda: seed.NOW))) as url:
+        yield Served(url, db, fleet)
     db.close()
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"Chromium is not installed at {CHROMIUM}; install it with: {INSTALL}")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("the playwright package is missing; install the dev extra: pip install -e '.[dev]'")
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        yield p
-
-
-@dataclass
-class Browser:
-    context: Any
-    page: Any
-    errors: list[str]
-
-
-@pytest.fixture
-def browser_for(playwright: Any, tmp_path: Path) -> Iterator[Any]:
-    """Open a fresh Chromium profile at a viewport size; closed after the test."""
-    opened: list[Any] = []
-
-    def open_browser(viewport: dict[str, int], mobile: bool = False) -> Browser:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / f"profile-{len(opened)}"), executable_path=str(CHROMIUM), headless=True,
-            args=ARGS, viewport=viewport, is_mobile=mobile, has_touch=mobile, timeout=30_000)
-        opened.append(context)
-        context.set_default_timeout(10_000)
-        page = context.pages[0] if context.pages else context.new_page()
-        errors: list[str] = []
-        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        return Browser(context, page, errors)
-
-    yield open_browser
-    for context in opened:
-        context.close()
-
-
-def shot(page: Any, name: str, full_page: bool = True) -> None:
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=full_page)
 
 
 def sign_in(page: Any, url: str) -> None:
