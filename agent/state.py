@@ -21,6 +21,8 @@ key                    value                      written by                    
 ``confirmation_due``   :class:`ConfirmationDue`   ``remind``; null by a confirmation  none (status: confirmed)
 ``enrollment``         :class:`EnrollAnswer`      each answer (daemon or ``enroll``)  sync, enroll, status
 ``enroll_request``     :class:`EnrollRequest`     ``enroll`` beside a daemon          the daemon's sync
+``claim_request``      :class:`ClaimRequest`      the UI's claim form                 the daemon's sync, UI
+``claim_answer``       :class:`ClaimAnswer`       the daemon's sync                   the daemon's sync, UI
 ``sync``               :class:`Connection`        the daemon's sync                   status
 =====================  =========================  ==================================  ======================
 
@@ -245,6 +247,46 @@ class EnrollRequest:
 
 
 @dataclass(frozen=True)
+class ClaimRequest:
+    """The driver typed a pairing code on the page: the signed claim (``jws``, whose SHA-256 hex
+    is ``id``) for the daemon's sync to publish until it is answered."""
+
+    id: str
+    jws: str = field(repr=False)
+    t: int
+
+    def as_json(self) -> dict[str, object]:
+        return {"id": self.id, "jws": self.jws, "t": self.t}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, object]) -> Self:
+        return cls(_str(d, "id") or "", _str(d, "jws") or "", _int(d, "t") or 0)
+
+
+@dataclass(frozen=True)
+class ClaimAnswer:
+    """The backend's answer to the claim ``id``: ``claimed`` (``driver`` drives ``vin`` from
+    ``valid_from``) or ``refused`` (``reason``); ``t`` is when it came."""
+
+    id: str
+    status: str | None
+    reason: str | None
+    driver: str | None
+    vin: str | None
+    valid_from: int | None
+    t: int
+
+    def as_json(self) -> dict[str, object]:
+        return {"id": self.id, "status": self.status, "reason": self.reason, "driver": self.driver,
+                "vin": self.vin, "valid_from": self.valid_from, "t": self.t}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, object]) -> Self:
+        return cls(_str(d, "id") or "", _str(d, "status"), _str(d, "reason"), _str(d, "driver"),
+                   _str(d, "vin"), _int(d, "valid_from"), _int(d, "t") or 0)
+
+
+@dataclass(frozen=True)
 class Connection:
     """The daemon's broker connection: ``online``, ``offline`` or ``auth_refused`` (and why)."""
 
@@ -318,9 +360,11 @@ CONFIRMATION_DUE = _value("confirmation_due", ConfirmationDue.from_json)
 ENROLLMENT = _value("enrollment", EnrollAnswer.from_json)
 ENROLL_REQUEST = _value("enroll_request", EnrollRequest.from_json)
 SYNC = _value("sync", Connection.from_json)
+CLAIM_REQUEST = _value("claim_request", ClaimRequest.from_json)
+CLAIM_ANSWER = _value("claim_answer", ClaimAnswer.from_json)
 
 NAMES = frozenset(key.name for key in (
     TIP, ACK, LAST_REJECTION, VIN, VEHICLE, LIVE, CLOCK_SYNCED_BOOT, CONFIRM_APPLIED, CONFIRMED,
-    CONFIRMATION_DUE, ENROLLMENT, ENROLL_REQUEST, SYNC,
+    CONFIRMATION_DUE, ENROLLMENT, ENROLL_REQUEST, SYNC, CLAIM_REQUEST, CLAIM_ANSWER,
 ))
 """Every key the agent uses."""

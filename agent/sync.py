@@ -15,7 +15,8 @@ Beside records, the session carries the retained status (built by
 connect until approved, on request of ``odo-agent enroll``, and by
 :func:`enroll` on a connection of its own); acks are applied to the outbox by
 :meth:`agent.buffer.Outbox.apply_ack`, and the connection state is kept for
-``odo-agent status`` (:data:`agent.state.SYNC`).
+``odo-agent status`` (:data:`agent.state.SYNC`). A claim of the car that the driver's page
+left is published on ``claim``, and its answer (on ``enrolled``) kept (:mod:`agent.claim`).
 
 Reconnects use jittered, capped exponential backoff. A CONNACK refusing the
 credentials ("not authorized", "bad user name or password") stops the loop for
@@ -37,6 +38,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from agent.backoff import Backoff
 from agent.buffer import Outbox
+from agent.claim import Claimer
 from agent.clock import mono_ms
 from agent.enrol import AnswerWait, Enroller, EnrollResult, Publish
 from agent.errors import AuthRefused, StorageError, Unreachable
@@ -129,6 +131,7 @@ class Syncer:
         self.dev = dev
         self.outbox = outbox
         self.enroller = Enroller(outbox, enrollment)
+        self.claimer = Claimer(outbox)
         self.settings = settings or SyncSettings()
         self.status = StatusReport(outbox, obd_state=obd_state, error=error,
                                    every_s=self.settings.status_every_s)
@@ -229,6 +232,7 @@ class Syncer:
             counts = self.outbox.counts()
             first = self.outbox.first_unsynced()
             self.enroller.on_connect(self._enroll_publisher(client))
+            self.claimer.on_connect()
         except StorageError as exc:
             log.error("sync: %s", exc)
             self.window.resend_now(self._mono())
@@ -239,6 +243,9 @@ class Syncer:
         def publish(body: str) -> None:
             client.publish(topics.enroll(self.dev), body, qos=1)
         return publish
+
+    def _publish_claim(self, client: mqtt.Client, body: str) -> None:
+        client.publish(topics.claim(self.dev), body, qos=1)
 
     def _go_offline(self, client: mqtt.Client) -> None:
         info = client.publish(topics.status(self.dev), messages.OFFLINE, qos=1, retain=True)
@@ -260,6 +267,7 @@ class Syncer:
             if status is not None:
                 client.publish(topics.status(self.dev), status, qos=1, retain=True)
             self.enroller.serve(self._enroll_publisher(client), now)
+            self.claimer.serve(lambda body: self._publish_claim(client, body), now)
         except StorageError as exc:
             log.error("sync: %s", exc)
 
@@ -288,6 +296,8 @@ class Syncer:
         try:
             if msg.topic == topics.ack(self.dev):
                 self._on_ack(messages.decode_ack(bytes(msg.payload)))
+            elif msg.topic == topics.enrolled(self.dev) and messages.is_claim_result(bytes(msg.payload)):
+                self.claimer.on_result(messages.decode_claim_result(bytes(msg.payload)))
             elif msg.topic == topics.enrolled(self.dev):
                 if self.enroller.on_answer(*messages.decode_enrolled(bytes(msg.payload))):
                     self.window.resend_now(self._mono())
@@ -328,6 +338,8 @@ def enroll(
             c.subscribe(topics.enrolled(dev), qos=1)
 
     def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
+        if messages.is_claim_result(bytes(m.payload)):
+            return                               # the daemon's business, not this enrolment's
         try:
             status, reason = messages.decode_enrolled(bytes(m.payload))
         except BadFormat as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ UNSEQUENCED = frozenset(
     {"bad_format", "bad_signature", "unknown_device", "revoked_device", "dev_mismatch", "vin_mismatch"}
 )
 ENROLL_STATUSES = ("approved", "pending", "rejected")
+
+
+class TooLarge(BadFormat):
+    """A message over its size or count limit, refused before its parts are read."""
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
@@ -91,13 +96,13 @@ def decode_batch(body: bytes) -> Batch:
     ignored (it only helps dating); a body that is not an object with a list of at most
     :data:`MAX_BATCH_RECORDS` items is :class:`BadFormat`."""
     if len(body) > MAX_BATCH_BYTES:
-        raise BadFormat(f"records batch: larger than {MAX_BATCH_BYTES} bytes")
+        raise TooLarge(f"records batch: larger than {MAX_BATCH_BYTES} bytes")
     obj = canonical.loads_object(body, "records batch")
     items = obj.get("records")
     if not isinstance(items, list):
         raise BadFormat("records batch: 'records' must be a list")
     if len(items) > MAX_BATCH_RECORDS:
-        raise BadFormat(f"records batch: more than {MAX_BATCH_RECORDS} records")
+        raise TooLarge(f"records batch: more than {MAX_BATCH_RECORDS} records")
     boot, mono = obj.get("boot"), obj.get("mono_ms")
     if (isinstance(boot, str) and _BOOT.fullmatch(boot) and isinstance(mono, int)
             and not isinstance(mono, bool) and 0 <= mono <= MAX_MONO_MS):
@@ -216,7 +221,7 @@ def decode_enroll(body: bytes) -> tuple[Enrollment, str | None]:
     (a bare signed enrolment, or one whose payload holds the token) is refused saying so.
     Raises :class:`BadFormat` or :class:`BadSignature`; no message repeats the token."""
     if len(body) > MAX_ENROLL_BYTES:
-        raise BadFormat(f"enroll: larger than {MAX_ENROLL_BYTES} bytes")
+        raise TooLarge(f"enroll: larger than {MAX_ENROLL_BYTES} bytes")
     if body.startswith(b"eyJ"):
         raise BadFormat(f"enroll: a bare signed enrolment is the old form of this message; send {_NEW_FORM}")
     obj = canonical.loads_object(body, "enroll", max_bytes=MAX_ENROLL_BYTES, max_depth=1)
@@ -275,3 +280,148 @@ def decode_enrolled(body: bytes) -> tuple[str, str | None]:
         raise BadFormat(f"enrolled: unknown status {status!r}")
     reason = obj.get("reason")
     return status, reason if isinstance(reason, str) else None
+
+
+# -- claim -------------------------------------------------------------------
+
+#: A pairing code's characters: digits and capitals without 0/O, 1/I/L and U, so that nothing
+#: read off a phone can be typed as another character.
+CLAIM_CODE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTVWXYZ"
+CLAIM_CODE_LEN = 8
+CLAIM_CODE_RE = re.compile(f"[{CLAIM_CODE_ALPHABET}]{{{CLAIM_CODE_LEN}}}")
+#: What a person may type for a code at most (spaces and dashes between the characters).
+MAX_CLAIM_CODE_INPUT = 32
+#: The largest ``claim`` message: a signed claim is well under 512 bytes.
+MAX_CLAIM_BYTES = 2 * 1024
+MAX_CLAIM_RESULT_BYTES = 2 * 1024
+CLAIM_STATUSES = ("claimed", "refused")
+_CLAIM_MEMBERS = frozenset({"v", "dev", "code", "t"})
+_CLAIM_RESULT_MEMBERS = frozenset({"id", "status", "reason", "driver", "vin", "from"})
+_CLAIM_REASON = re.compile(r"[a-z_]{1,40}")
+_DRIVER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+
+
+def normalise_claim_code(text: str) -> str | None:
+    """The pairing code in what a person typed: case, spaces and dashes do not matter; None
+    when it is not :data:`CLAIM_CODE_LEN` characters of :data:`CLAIM_CODE_ALPHABET`."""
+    if not isinstance(text, str) or len(text) > MAX_CLAIM_CODE_INPUT:
+        return None
+    code = re.sub(r"[\s-]", "", text).upper()
+    return code if CLAIM_CODE_RE.fullmatch(code) else None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A device's signed claim of its vehicle for the driver whose pairing code it carries:
+    ``jws`` is the compact JWS, verbatim, of ``{"v":1,"dev","code","t"}`` (``t``, the device's
+    wall clock in ms, which the backend only bounds); ``id`` is the SHA-256 hex of ``jws``."""
+
+    jws: str = field(repr=False)
+    id: str
+    dev: str
+    code: str = field(repr=False)
+    t: int
+
+
+def sign_claim(key: SigningKey, code: str, t: int) -> str:
+    """A claim, signed by the device's key (the ``claim`` message's body)."""
+    normal = normalise_claim_code(code)
+    if normal is None:
+        raise ValueError(f"a pairing code is {CLAIM_CODE_LEN} characters of {CLAIM_CODE_ALPHABET}")
+    if not 0 <= t <= MAX_MONO_MS:
+        raise ValueError(f"a claim's time must be 0..{MAX_MONO_MS} ms, got {t}")
+    dev = key.public.id
+    return jws.sign(canonical.dumps({"v": 1, "dev": dev, "code": normal, "t": t}), key, dev)
+
+
+def claim_kid(body: bytes) -> str:
+    """The device that says it signed the ``claim`` in ``body``, read before the signature is
+    checked (to find its key); :class:`BadFormat` for anything but a bounded compact JWS."""
+    if len(body) > MAX_CLAIM_BYTES:
+        raise BadFormat(f"claim: larger than {MAX_CLAIM_BYTES} bytes")
+    kid = jws.split(body).kid
+    if not DEV_RE.fullmatch(kid):
+        raise BadFormat("claim: kid must be a device id (32 hex characters)")
+    return kid
+
+
+def verify_claim(body: bytes, pub: VerifyKey) -> Claim:
+    """The claim in ``body``, signed by ``pub``; its size is checked before it is parsed,
+    unknown members are refused. Raises :class:`BadFormat` or :class:`BadSignature`."""
+    if len(body) > MAX_CLAIM_BYTES:
+        raise BadFormat(f"claim: larger than {MAX_CLAIM_BYTES} bytes")
+    parts = jws.split(body)
+    if parts.kid != pub.id:
+        raise BadFormat("claim: kid is not the id of the device's key")
+    payload = canonical.loads_object(jws.verify(parts, pub), "claim", max_bytes=MAX_CLAIM_BYTES, max_depth=1)
+    canonical.check_members(payload, _CLAIM_MEMBERS, "claim")
+    if payload["v"] != 1 or isinstance(payload["v"], bool):
+        raise BadFormat("claim: v must be 1")
+    if payload["dev"] != pub.id:
+        raise BadFormat("claim: dev is not the id of the key that signed it")
+    code = payload["code"]
+    if not isinstance(code, str) or not CLAIM_CODE_RE.fullmatch(code):
+        raise BadFormat(f"claim: code must be {CLAIM_CODE_LEN} characters of {CLAIM_CODE_ALPHABET}")
+    t = _int(payload, "t", "claim")
+    assert t is not None
+    if t > MAX_MONO_MS:
+        raise BadFormat(f"claim: t must be at most {MAX_MONO_MS}")
+    return Claim(parts.text, claim_id(parts.text), pub.id, code, t)
+
+
+def claim_id(signed: str) -> str:
+    """A claim's id: the SHA-256 hex of its compact JWS, as the agent and the backend see it."""
+    return hashlib.sha256(signed.encode("ascii")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """The backend's answer to a claim, published on the device's ``enrolled`` topic (not
+    retained) as ``{"claim": {...}}``: ``id`` names the claim, ``reason`` says why one was
+    refused; a claimed one names the driver, the VIN and the assignment's start."""
+
+    id: str
+    status: str
+    reason: str | None = None
+    driver: str | None = None
+    vin: str | None = None
+    valid_from: int | None = None
+
+
+def encode_claim_result(result: ClaimResult) -> bytes:
+    if result.status not in CLAIM_STATUSES:
+        raise ValueError(result.status)
+    body = _dumps({"claim": {"id": result.id, "status": result.status, "reason": result.reason,
+                             "driver": result.driver, "vin": result.vin, "from": result.valid_from}})
+    if len(body) > MAX_CLAIM_RESULT_BYTES:
+        raise ValueError(f"a claim result is at most {MAX_CLAIM_RESULT_BYTES} bytes")
+    return body
+
+
+def is_claim_result(body: bytes) -> bool:
+    """Whether an ``enrolled`` message is a claim result rather than an enrolment answer."""
+    return body.startswith(b'{"claim":')
+
+
+def decode_claim_result(body: bytes) -> ClaimResult:
+    if len(body) > MAX_CLAIM_RESULT_BYTES:
+        raise BadFormat(f"claim result: larger than {MAX_CLAIM_RESULT_BYTES} bytes")
+    outer = canonical.loads_object(body, "claim result", max_bytes=MAX_CLAIM_RESULT_BYTES, max_depth=2)
+    canonical.check_members(outer, frozenset({"claim"}), "claim result")
+    obj = outer["claim"]
+    if not isinstance(obj, dict):
+        raise BadFormat("claim result: claim must be an object")
+    canonical.check_members(obj, _CLAIM_RESULT_MEMBERS, "claim result")
+    cid, status, reason, driver, vin = obj["id"], obj["status"], obj["reason"], obj["driver"], obj["vin"]
+    if not isinstance(cid, str) or not re.fullmatch(r"[0-9a-f]{64}", cid):
+        raise BadFormat("claim result: id must be 64 hex characters")
+    if status not in CLAIM_STATUSES:
+        raise BadFormat(f"claim result: unknown status {status!r}")
+    if reason is not None and (not isinstance(reason, str) or not _CLAIM_REASON.fullmatch(reason)):
+        raise BadFormat("claim result: reason must be 1 to 40 of a-z and '_', or null")
+    if driver is not None and (not isinstance(driver, str) or not _DRIVER.fullmatch(driver)):
+        raise BadFormat("claim result: driver must be a driver id or null")
+    if vin is not None and (not isinstance(vin, str) or not VIN_RE.fullmatch(vin)):
+        raise BadFormat("claim result: vin must be a VIN or null")
+    valid_from = _int(obj, "from", "claim result", nullable=True)
+    return ClaimResult(cid, status, reason, driver, vin, valid_from)

@@ -6,7 +6,7 @@ from protocol.errors import BadFormat
 from protocol.identity import DEV_RE
 
 PREFIX = "odo/v1"
-CHANNELS = ("records", "ack", "status", "enroll", "enrolled")
+CHANNELS = ("records", "ack", "status", "enroll", "enrolled", "claim")
 SHARE_GROUP = "odo-backend"
 
 
@@ -34,6 +34,10 @@ def enroll(dev: str) -> str:
 
 def enrolled(dev: str) -> str:
     return topic(dev, "enrolled")
+
+
+def claim(dev: str) -> str:
+    return topic(dev, "claim")
 
 
 def shared(channel: str) -> str:

@@ -27,10 +27,13 @@ LEGACY: dict[str, object] = {
     "enrollment": {"status": "pending", "reason": None, "t": 5},
     "enroll_request": {"t": 6, "fleet_token": "secret"},
     "sync": {"state": "auth_refused", "refusal": "Not authorized", "t": 7},
+    "claim_request": {"id": "cd" * 32, "jws": "a.b.c", "t": 8},
+    "claim_answer": {"id": "cd" * 32, "status": "claimed", "reason": None, "driver": "alice",
+                     "vin": "WVWZZZ1JZXW000001", "valid_from": 9, "t": 10},
 }
 KEYS = [state.TIP, state.ACK, state.LAST_REJECTION, state.VIN, state.VEHICLE, state.LIVE,
         state.CLOCK_SYNCED_BOOT, state.CONFIRM_APPLIED, state.CONFIRMED, state.CONFIRMATION_DUE,
-        state.ENROLLMENT, state.ENROLL_REQUEST, state.SYNC]
+        state.ENROLLMENT, state.ENROLL_REQUEST, state.SYNC, state.CLAIM_REQUEST, state.CLAIM_ANSWER]
 
 
 def raw(path: Path) -> dict[str, str]:

@@ -53,28 +53,34 @@ def assign(db: Database, driver_id: str, vin: str, valid_from: int, now_ms: int)
 
     Returns the transfers that moved unassigned rewards to the driver.
     """
-    if not VIN_RE.fullmatch(vin):
-        raise AssignmentError(f"VIN {vin!r}: not a VIN (17 characters of A-H, J-N, P, R-Z and 0-9)")
     with db.write() as tx:
-        # The vehicle's lock, which every crediting transaction of the vehicle holds: a reward
-        # credited by another process either sees this assignment, or is committed before it
-        # and moved below.
-        lock_vehicles(db, tx, [vin])
-        if not tx.one("SELECT id FROM drivers WHERE id = ?", (driver_id,)):
-            raise AssignmentError(f"no driver {driver_id!r} (add it: odo-backend drivers add {driver_id})")
-        later = tx.one("SELECT driver_id, valid_from FROM assignments WHERE vin = ? AND valid_from >= ? "
-                       "ORDER BY valid_from DESC LIMIT 1", (vin, valid_from))
-        if later is not None:
-            since = int(later["valid_from"])
-            raise AssignmentError(f"{vin} is assigned to {later['driver_id']} from {since} ms on; "
-                                  "--from must be later than that")
-        tx.execute("UPDATE assignments SET valid_to = ? WHERE vin = ? AND valid_to IS NULL",
-                   (valid_from, vin))
-        tx.execute("INSERT INTO assignments (driver_id, vin, valid_from, valid_to, created_at) "
-                   "VALUES (?, ?, ?, NULL, ?)", (driver_id, vin, valid_from, now_ms))
-        moved = _move_unassigned(tx, driver_id, vin, valid_from, now_ms)
+        moved = assign_in(db, tx, driver_id, vin, valid_from, now_ms)
     log.info("assigned %s to %s from %d; moved %d unassigned rewards", driver_id, vin, valid_from, len(moved))
     return moved
+
+
+def assign_in(db: Database, tx: Tx, driver_id: str, vin: str, valid_from: int,
+              now_ms: int) -> list[accounts.Transfer]:
+    """:func:`assign` inside the caller's write transaction (a claim marks its code used in it)."""
+    if not VIN_RE.fullmatch(vin):
+        raise AssignmentError(f"VIN {vin!r}: not a VIN (17 characters of A-H, J-N, P, R-Z and 0-9)")
+    # The vehicle's lock, which every crediting transaction of the vehicle holds: a reward
+    # credited by another process either sees this assignment, or is committed before it
+    # and moved below.
+    lock_vehicles(db, tx, [vin])
+    if not tx.one("SELECT id FROM drivers WHERE id = ?", (driver_id,)):
+        raise AssignmentError(f"no driver {driver_id!r} (add it: odo-backend drivers add {driver_id})")
+    later = tx.one("SELECT driver_id, valid_from FROM assignments WHERE vin = ? AND valid_from >= ? "
+                   "ORDER BY valid_from DESC LIMIT 1", (vin, valid_from))
+    if later is not None:
+        since = int(later["valid_from"])
+        raise AssignmentError(f"{vin} is assigned to {later['driver_id']} from {since} ms on; "
+                              "--from must be later than that")
+    tx.execute("UPDATE assignments SET valid_to = ? WHERE vin = ? AND valid_to IS NULL",
+               (valid_from, vin))
+    tx.execute("INSERT INTO assignments (driver_id, vin, valid_from, valid_to, created_at) "
+               "VALUES (?, ?, ?, NULL, ?)", (driver_id, vin, valid_from, now_ms))
+    return _move_unassigned(tx, driver_id, vin, valid_from, now_ms)
 
 
 def _move_unassigned(tx: Tx, driver_id: str, vin: str, valid_from: int,
