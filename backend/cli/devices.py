@@ -3,6 +3,7 @@
     odo-backend devices list|show DEV|revoke DEV --db URL [--json]
     odo-backend devices approve DEV [--vin VIN] [--replace] --db URL [--json]
     odo-backend devices clear DEV --db URL --rules FILE [--json]   # credit what a flag held
+    odo-backend devices unit DEV km|mi|default --db URL            # the unit its figures are shown in
 
 A vehicle has one active device: ``approve`` refuses a second one, naming the active device,
 unless ``--replace`` retires it (its history is kept).
@@ -16,7 +17,7 @@ from typing import Any
 
 from backend.cli.common import Subparsers, add_db_options, database, iso, load_rules_setting, print_json
 from backend.errors import DeviceError, UsageError
-from backend.records import devices
+from backend.records import devices, display_units
 from common.clock import now_ms
 
 
@@ -27,6 +28,21 @@ def _device_line(d: dict[str, Any]) -> str:
     odo = f"{d['odo_m'] / 1000:.1f} km" if d["odo_m"] is not None else "-"
     return (f"{d['dev']}  {d['status']:<8}  {d['vin'] or '-':<17}  seq {d['last_seq']:<6}  {odo:>11}  "
             f"{'online ' if d['online'] else 'offline'}  seen {iso(d['last_seen'])}{flag}")
+
+
+def cmd_unit(args: argparse.Namespace) -> int:
+    """Set the unit a device's figures are shown in (``default``: the fleet's ``display_unit``)."""
+    unit = None if args.unit == "default" else args.unit
+    db = database(args)
+    try:
+        changed = display_units.set_device_unit(db, args.dev, unit)
+    except DeviceError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        db.close()
+    shown = unit or "the fleet's display_unit"
+    print(f"{args.dev}: figures shown in {shown}" + ("" if changed else " (already)"))
+    return 0
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -74,7 +90,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def register(sub: Subparsers) -> None:
     p = sub.add_parser("devices", help="list, show, approve or revoke devices")
-    dsub = p.add_subparsers(dest="devices_command", required=True, metavar="list|show|approve|revoke|clear")
+    dsub = p.add_subparsers(dest="devices_command", required=True,
+                            metavar="list|show|approve|revoke|clear|unit")
     add_db_options(dsub.add_parser("list", help="every device"), json_flag=True)
     for name, text in (("show", "one device"),
                        ("approve", "approve a device (a flagged one for its new VIN)"),
@@ -90,3 +107,8 @@ def register(sub: Subparsers) -> None:
             q.add_argument("--rules", metavar="FILE", help="the rules file (default: $ODO_RULES)")
         add_db_options(q, json_flag=True)
     p.set_defaults(func=cmd_devices, vin=None, replace=False)
+    q = dsub.add_parser("unit", help="show a device's figures in km or mi (default: the fleet's)")
+    q.add_argument("dev", metavar="DEV")
+    q.add_argument("unit", choices=display_units.CHOICES, metavar="km|mi|default")
+    add_db_options(q)
+    q.set_defaults(func=cmd_unit)

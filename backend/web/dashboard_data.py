@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend.db import Database, Row, Tx
-from backend.ledger import accounts, assignments
+from backend.ledger import accounts, assignments, contracts
 from backend.records import evidence
 from backend.records.devices import int_or_none, status_of
+from common import units
 from protocol import canonical, jws
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,11 @@ class DeviceView:
     rejections: tuple[Mapping[str, Any], ...]
     forks: tuple[Mapping[str, Any], ...]
     events: tuple[Mapping[str, Any], ...]
+    unit: str = "km"               # the device's display unit, else the fleet's
+
+    def distance(self, metres: int | None) -> str:
+        """Metres in the page's unit, cut to its tenth as an odometer shows it: ``7,671.2 mi``."""
+        return units.show(metres, self.unit, floor=True, unknown="–")
 
 
 def _detail(kind: str, p: Mapping[str, Any]) -> str:
@@ -231,7 +237,8 @@ def _chart_points(rows: list[Row]) -> tuple[ChartPoint, ...]:
                  for r in reversed(rows))
 
 
-def device_view(db: Database, dev: str, page_number: int, now_ms: int) -> DeviceView | None:
+def device_view(db: Database, dev: str, page_number: int, now_ms: int,
+                default_unit: str = "km") -> DeviceView | None:
     with db.read() as tx:
         device = tx.one("SELECT * FROM devices WHERE dev = ?", (dev,))
         if device is None:
@@ -284,6 +291,7 @@ def device_view(db: Database, dev: str, page_number: int, now_ms: int) -> Device
         fleet_token_label=label, driver=driver, counts=counts,
         records=tuple(_record_row(r) for r in records), page=page, chart=_chart_points(chart),
         rejections=tuple(rejections), forks=tuple(forks), events=tuple(event_rows),
+        unit=device["display_unit"] or default_unit,
     )
 
 
@@ -332,3 +340,8 @@ def wallet(db: Database, account: str, page_number: int) -> tuple[int, list[Row]
                         "ORDER BY id DESC LIMIT ? OFFSET ?", (account, account, page.size, page.offset))
         balance = accounts.balance(tx, account)
     return balance, rows, page
+
+
+def rules_versions(db: Database, now_ms: int) -> list[dict[str, Any]]:
+    """The published rules versions, by effective_from (:func:`backend.ledger.contracts.versions`)."""
+    return contracts.versions(db, now_ms)
