@@ -15,14 +15,30 @@ loop: after the reboot the agent would sign *different* records under the same
 seqs, which the backend must treat as a ``fork`` (cloned key or broken device),
 and the driver's confirmation could vanish. With ``FULL`` every commit is on
 disk before anything else can see it, so a seq once used is never reused. It
-costs ~0.2 ms a commit (5.6k/s measured) against ~1 record a second.
+costs ~0.2 ms a commit (5.6k/s measured) against ~1 record a second. ``DELETE``
+journal + ``FULL`` would be as safe, but it fsyncs the journal and the database on
+every commit (~0.9 ms a commit against ~0.25 ms measured side by side) and blocks
+readers (``status``, the UI) while it writes. SQLite fsyncs the directory when it
+creates the WAL; the outbox file itself is created here and fsynced with its
+directory, so that a new outbox survives a power cut too.
+
+The file is created mode 0600 whatever the umask, and SQLite gives its ``-wal`` and
+``-shm`` the same mode; an existing file that others may read is tightened (logged).
+
+Opening checks the file before anything else uses it (tests/test_outbox_faults.py cuts
+the power at many points to show why): SQLite's ``integrity_check`` (~0.1 s for 50k
+records measured; ``quick_check`` is 4 times faster but misses an index that a torn
+page left out of step with its table), then the chain's invariants: the tip is the last
+record, and the unsynced records run gap-free up to it. A file that fails is a
+:class:`StorageError` naming the file and the problem, and nothing is appended to it:
+appending to a damaged chain would sign records the backend cannot take.
 
 Pruning never deletes an unsynced record: the backend accepts seqs strictly in
 order, so a hole would block the device's sync for ever. Synced records go
 after ``retention_days``, or earlier, oldest first, when the table is over its
-cap. What to do when the *unsynced* backlog alone is too big is the recorder's
-admission policy (it stops writing odometer samples, then everything but trips
-and confirmations).
+cap or the disk is full (:mod:`agent.recorder` prunes then). What to do when
+the *unsynced* backlog alone is too big is the recorder's admission policy (it
+stops writing odometer samples, then everything but trips and confirmations).
 
 Exceptions: :class:`StorageError` (disk full, I/O error, lock timeout): the
 write did not happen and nothing already stored changed.
@@ -32,7 +48,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -98,6 +116,35 @@ class AckOutcome:
     pending: tuple[Rejection, ...]     # rejections that did not take a seq (e.g. unknown_device)
 
 
+def _private_file(path: Path) -> None:
+    """Create ``path`` empty, mode 0600 whatever the umask, on disk with its directory entry;
+    or tighten the outbox's files that are there and that others may read."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for p in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
+            try:
+                mode = stat.S_IMODE(p.stat().st_mode)
+                if mode & 0o077:
+                    os.chmod(p, mode & 0o700)
+                    log.warning("%s was mode %o; made it %o", p, mode, mode & 0o700)
+            except FileNotFoundError:
+                pass
+            except PermissionError as exc:
+                log.warning("%s may be readable by others: %s", p, exc.strerror)
+        return
+    try:
+        os.fchmod(fd, 0o600)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _row(r: sqlite3.Row) -> Stored:
     return Stored(r["seq"], r["id"], r["jws"], r["kind"], r["t"], r["odo_m"], bool(r["synced"]),
                   r["acked_at"], r["rejected"])
@@ -113,15 +160,25 @@ class Outbox:
 
     @classmethod
     def open(cls, path: Path, *, busy_timeout_s: float = 10.0) -> Outbox:
+        """Open (or create) the outbox; :class:`StorageError` when it cannot or is damaged."""
+        try:
+            _private_file(path)
+        except OSError as exc:
+            raise StorageError(f"cannot open the outbox {path}: {exc.strerror}") from exc
         try:
             conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None,
                                    check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the outbox {path}: {exc}") from exc
+        try:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")  # see the module docstring
             box = cls(conn, path)
+            box._check()
             box._migrate()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StorageError) as exc:
+            conn.close()
             raise StorageError(f"cannot open the outbox {path}: {exc}") from exc
         return box
 
@@ -160,6 +217,31 @@ class Outbox:
                 return self._conn.execute(sql, args).fetchall()
             except sqlite3.Error as exc:
                 raise StorageError(f"outbox: read failed: {exc}") from exc
+
+    def _check(self) -> None:
+        """Raise :class:`StorageError` when the file is damaged (see the module docstring)."""
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN")  # one snapshot for all the checks
+            try:
+                problems = [str(r[0]) for r in c.execute("PRAGMA integrity_check(3)")]
+                if problems != ["ok"]:
+                    raise StorageError(f"the file is damaged: {'; '.join(problems)}")
+                if c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'"
+                             ).fetchone() is None:
+                    return  # a new outbox
+                tip = TIP.load(self._get(c, TIP.name))
+                last = c.execute("SELECT seq, id FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+                if last is not None and (last[0], last[1]) != (tip.seq, tip.id):
+                    raise StorageError(f"the file is damaged: its chain tip (seq {tip.seq}) "
+                                       f"is not its last record (seq {last[0]})")
+                first, n = c.execute("SELECT MIN(seq), COUNT(*) FROM records WHERE synced = 0").fetchone()
+                if n and tip.seq - first + 1 != n:
+                    raise StorageError(f"the file is damaged: {tip.seq - first + 1 - n} unsynced "
+                                       f"records between seq {first} and {tip.seq} are missing")
+            finally:
+                if c.in_transaction:  # SQLite may have ended it on an error
+                    c.execute("COMMIT")
 
     def _migrate(self) -> None:
         with self._write() as c:
