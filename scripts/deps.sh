@@ -3,8 +3,9 @@
 #
 #   1. apt packages: mosquitto, postgresql, chromium, chromium-driver, systemd (systemd-analyze),
 #      python3-venv, golang-go and golang-golang-x-mod-dev (the independent check of the log's
-#      formats, tests/interop). As root, installs whatever is missing; otherwise prints the one command
-#      that does and exits 1.
+#      formats, tests/interop), gcc, libc6-dev, make, mosquitto-dev, libmosquitto-dev and libssl-dev
+#      (the broker's plugin, deploy/mosquitto/odo_doors.c). As root, installs whatever is missing;
+#      otherwise prints the one command that does and exits 1.
 #   2. PostgreSQL for the tests at $ODO_TEST_PG (default postgresql://127.0.0.1:5432/test):
 #      the server answering, a login role for the test user, the database, and password-less
 #      connections from 127.0.0.1 for that role. As root, it starts or fixes what it must and
@@ -13,7 +14,8 @@
 # Idempotent: on a machine that has everything it changes nothing.
 set -euo pipefail
 
-PACKAGES=(mosquitto postgresql chromium chromium-driver systemd python3-venv golang-go golang-golang-x-mod-dev)
+PACKAGES=(mosquitto postgresql chromium chromium-driver systemd python3-venv golang-go golang-golang-x-mod-dev
+    gcc libc6-dev make mosquitto-dev libmosquitto-dev libssl-dev)
 PG_URL=${ODO_TEST_PG:-postgresql://127.0.0.1:5432/test}
 
 say() { echo "deps: $*"; }

@@ -58,8 +58,8 @@ class Backend:
         self.received: list[int] = []
         self.clocks: list[tuple[str | None, int | None]] = []   # each batch's boot and mono_ms
         self.statuses: list[dict[str, object]] = []
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"backend-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
+                                  client_id=f"odo-backend-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.1, 0.5)  # type: ignore[arg-type]  # paho takes seconds as floats

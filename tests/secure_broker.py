@@ -1,14 +1,17 @@
-"""A mosquitto running deploy/mosquitto/'s configuration, and a TLS paho client that records
-what the broker answers: the tools of tests/test_broker_security.py."""
+"""A mosquitto running deploy/mosquitto/'s configuration (its plugin built from the shipped
+source), and a TLS paho client that records what the broker answers: the tools of
+tests/test_broker_security.py, the TLS tests and tests/attacks/."""
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import queue
 import signal
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -18,12 +21,18 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from sim.broker import Broker
+from protocol import messages, topics
+from sim.broker import Broker, quiet_broker
+from sim.devices import Dongle
+from sim.processes import free_port
+from tests.backend_process import Backend, start_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "mosquitto"
 FLEET_CA = DEPLOY / "fleet-ca"
+PLUGIN = "/usr/local/lib/odoledger/odo_doors.so"
 WAIT = 5.0
+NOT_AUTHORIZED = 135
 
 
 def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -53,10 +62,21 @@ class SecureBroker:
         self.broker.process.send_signal(signal.SIGHUP)
 
 
+@functools.cache
+def doors_plugin() -> Path:
+    """The broker's plugin, built once per test run by deploy/mosquitto/'s Makefile."""
+    out = Path(tempfile.mkdtemp(prefix="odo-doors-"))
+    res = subprocess.run(["make", "-s", "-C", str(DEPLOY), f"OUT={out}"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, f"building odo_doors.so failed (scripts/deps.sh installs what it needs):\n" \
+                                f"{res.stdout}{res.stderr}"
+    return out / "odo_doors.so"
+
+
 def broker_conf(pki: Pki, device_port: int, service_port: int) -> str:
     """The shipped configuration with this test's paths and ports, and nothing else changed."""
     conf = (DEPLOY / "odoledger.conf").read_text()
-    for old, new in [("/etc/mosquitto/odoledger/", f"{pki.dir}/"),
+    for old, new in [("/etc/mosquitto/odoledger/", f"{pki.dir}/"), (PLUGIN, str(doors_plugin())),
                      ("listener 8883\n", f"listener {device_port} 127.0.0.1\n"),
                      ("listener 8884 127.0.0.1\n", f"listener {service_port} 127.0.0.1\n")]:
         assert old in conf, f"odoledger.conf no longer has {old!r}: update this test"
@@ -64,6 +84,19 @@ def broker_conf(pki: Pki, device_port: int, service_port: int) -> str:
     if os.geteuid() == 0:  # as root, mosquitto would drop to user mosquitto and not read the keys
         conf += f"user {getpass.getuser()}\n"
     return conf
+
+
+def start_secure(base: Path, *devs: str) -> SecureBroker:
+    """A dev PKI in ``base`` (the backend, ``odo-ops`` and one certificate per device id) and a
+    broker on the shipped configuration; stop it with ``.broker.stop()``."""
+    d = base / "pki"
+    ok(FLEET_CA, "dev-setup", d, "localhost,127.0.0.1", *devs)
+    (d / "acl").write_text((DEPLOY / "acl").read_text())
+    pki = Pki(d, d / "ca", d)
+    device_port, service_port = free_port(), free_port()
+    broker = quiet_broker(extra_conf=broker_conf(pki, device_port, service_port), port=device_port,
+                          anonymous=False)
+    return SecureBroker(broker, device_port, service_port, pki)
 
 
 class Client:
@@ -164,3 +197,37 @@ class Client:
 
 def backend(secure: SecureBroker, client_id: str = "odo-backend-1") -> Client:
     return Client(secure, "odo-backend", service=True, client_id=client_id)
+
+
+def backend_over_tls(secure: SecureBroker, tmp_path: Path, db_url: str, *extra: str) -> Backend:
+    d = secure.pki.dir
+    return start_backend(tmp_path, db_url, f"mqtts://127.0.0.1:{secure.service_port}",
+                         "--tls-ca", str(d / "ca.crt"), "--tls-cert", str(d / "odo-backend.crt"),
+                         "--tls-key", str(d / "odo-backend.key"), *extra)
+
+
+def enrol(device: Client, dongle: Dongle) -> None:
+    """Enrol until the backend, once subscribed, answers "approved"."""
+    device.subscribe(topics.ack(dongle.dev), topics.enrolled(dongle.dev))
+    for _ in range(40):
+        device.publish(topics.enroll(dongle.dev), dongle.enroll_message())
+        try:
+            answer = device.next(timeout=0.5)
+        except Exception:  # noqa: BLE001 - queue.Empty: the backend has not subscribed yet
+            continue
+        assert answer == (topics.enrolled(dongle.dev), messages.encode_enrolled("approved"))
+        return
+    raise AssertionError("the backend never answered the enrolment")
+
+
+def acked_through(device: Client, dev: str, want: int, timeout: float = 15.0) -> int:
+    """The highest ``through`` acked to ``dev`` until it reaches ``want`` or nothing comes for ``timeout``."""
+    through = 0
+    while through < want:
+        try:
+            topic, body = device.next(timeout=timeout)
+        except Exception:  # noqa: BLE001 - queue.Empty: no more acks
+            break
+        if topic == topics.ack(dev):
+            through = max(through, messages.decode_ack(body).through)
+    return through
