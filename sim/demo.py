@@ -96,7 +96,8 @@ def run(data: Path, seconds: float | None) -> int:
         stack.start_backend()
         stack.add_operator(OPERATOR, password)
         print(f"demo: dashboard {stack.api_url}/login  login {OPERATOR} / {password}", flush=True)
-        print(f"demo: API {stack.api_url}/api  e.g.\n  curl -H 'Authorization: Bearer {stack.api_token}' "
+        print(f"demo: API {stack.api_url}/api needs its token (in {data / 'api-token'}, given to odo-backend "
+              f"with --api-token-file), e.g.\n  curl -H 'Authorization: Bearer {stack.api_token}' "
               f"{stack.api_url}/api/devices", flush=True)
         cars = [stack.add_car(spec) for spec in CARS]
         for car in cars:

@@ -19,6 +19,7 @@ their agents by :mod:`sim.cars`. Used by ``python -m sim.demo``, the end-to-end 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import urllib.error
@@ -110,6 +111,22 @@ class Stack:
         """Stop every process started, agents first, then cars, backend, broker."""
         self._group.close(lambda proc: _STOP_ORDER.get(proc.name.split("-")[0], 0))
 
+    def stop_process(self, proc: Proc, *, kill: bool = False, timeout: float = 15) -> None:
+        """Stop one process this stack started (SIGTERM, or SIGKILL at once with ``kill``) and
+        forget it wherever it is held: the broker, a backend, a car's emulator or its agent."""
+        self._group.stop(proc, timeout=timeout, kill=kill)
+        if proc is self.broker:
+            self.broker = None
+        if proc is self.backend:
+            self.backend = None
+        if proc in self.backends:
+            self.backends.remove(proc)
+        for car in self.cars:
+            if car.agent is proc:
+                car.agent = None
+            if car.sim is proc:
+                car.sim = None
+
     # -- broker ------------------------------------------------------------------------------
 
     def start_broker(self) -> None:
@@ -146,9 +163,10 @@ class Stack:
         port = self.http_port if http_port is None else http_port
         argv = [*command("odo-backend", "backend.cli"), "--log-level", "info", "run", "--db", self.db_url,
                 "--broker", self.broker_url, "--http", f"127.0.0.1:{port}",
-                "--rules", str(self.rules), "--api-token", self.api_token]
+                "--rules", str(self.rules),
+                "--api-token-file", str(self.secret_file("api-token", self.api_token))]
         if self.fleet_token:
-            argv += ["--fleet-token", self.fleet_token]
+            argv += ["--fleet-token-file", str(self.secret_file("fleet-token", self.fleet_token))]
         if self.log_origin:
             argv += ["--log-origin", self.log_origin]
         for w in self.witnesses.values():
@@ -173,6 +191,15 @@ class Stack:
                 pass
             time.sleep(0.1)
         raise StackError(f"odo-backend did not answer /healthz within {timeout:.0f} s; see {proc.log}")
+
+    def secret_file(self, name: str, value: str) -> Path:
+        """``value`` in ``workdir/<name>``, readable by this user only: how secrets reach the
+        backend without showing in ``ps``."""
+        path = self.workdir / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(value + "\n")
+        return path
 
     def log_key(self, *, pem: bool = False) -> Path:
         """The log's verifier key (``odo-backend log-key``), written into the workdir."""
