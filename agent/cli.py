@@ -1,4 +1,4 @@
-"""``odo-agent``: init, enroll, run, confirm, status, ui, remind.
+"""``odo-agent``: init, enroll, run, confirm, status, ui, pin, remind.
 
 Exit statuses: 0 done; 1 failed; 2 bad flags; 3 enrolment not approved (yet);
 78 bad configuration or no device key (systemd does not restart on it).
@@ -7,6 +7,7 @@ Exit statuses: 0 done; 1 failed; 2 bad flags; 3 enrolment not approved (yet);
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent import __version__, enrol, identity
+from agent import pin as pins
 from agent import summary as summ
 from agent.buffer import Outbox
 from agent.clock import Clock, boot_id
@@ -23,6 +25,7 @@ from agent.config import CONFIG_FILE, ENV_PREFIX, AgentConfig, build_table, load
 from agent.errors import BrokerError, ClockError, ConfigError, Exit, IdentityError, StorageError
 from agent.recorder import Recorder
 from agent.state import CONFIRMATION_DUE, VEHICLE, VIN, ConfirmationDue
+from common import units
 from common.clock import now_ms
 from protocol.identity import SigningKey
 from protocol.messages import check_fleet_token, encode_enroll, sign_enrollment
@@ -36,6 +39,13 @@ EX_CONFIG = 78
 def _km(text: str) -> int:
     try:
         return summ.parse_km(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _miles(text: str) -> int:
+    try:
+        return units.parse(text, "mi")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -56,8 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"odo-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help_text, description=help_text)
+    def command(name: str, help_text: str,
+                within: argparse._SubParsersAction[argparse.ArgumentParser] = sub) -> argparse.ArgumentParser:
+        c = within.add_parser(name, help=help_text, description=help_text)
         c.add_argument("--state-dir", help="the agent's state directory (or ODO_STATE_DIR)")
         c.add_argument("--config", help=f"config file (default: STATE_DIR/{CONFIG_FILE}; or ODO_CONFIG)")
         c.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -82,14 +93,25 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--broker")
 
     c = command("confirm", "confirm the dashboard odometer for this week")
-    c.add_argument("--km", type=_km, help="the dashboard figure in km (e.g. 12345.6)")
-    c.add_argument("--yes", action="store_true", help="do not ask; with no --km, confirm the device's figure")
+    figure = c.add_mutually_exclusive_group()
+    figure.add_argument("--km", type=_km, help="the dashboard figure in km (e.g. 12345.6)")
+    figure.add_argument("--miles", type=_miles, metavar="MI",
+                        help="the dashboard figure in miles (e.g. 7671.2; stored as whole metres, "
+                             "1 mi = 1609.344 m, to the nearest metre)")
+    c.add_argument("--yes", action="store_true",
+                   help="do not ask; with no --km or --miles, confirm the device's figure")
 
     c = command("status", "what the agent knows and how far sync got")
     c.add_argument("--json", action="store_true")
 
     c = command("ui", "the driver's local web page")
-    c.add_argument("--listen", help="HOST:PORT (default from config ui_listen, 0.0.0.0:8080)")
+    c.add_argument("--listen", help="HOST:PORT (default: config ui_interface's address, else ui_listen, "
+                                    "127.0.0.1:8080)")
+
+    pin = sub.add_parser("pin", help="the driver's page's PIN", description="the driver's page's PIN")
+    pin_sub = pin.add_subparsers(dest="pin_command", required=True, metavar="PIN_COMMAND")
+    command("set", "set the PIN, read from the terminal or stdin (6 to 12 digits)", pin_sub)
+    command("reset", "make a new random PIN and print it (for the dongle's label)", pin_sub)
 
     command("remind", "mark a confirmation as due when this ISO week has none (weekly timer)")
     return p
@@ -148,7 +170,10 @@ def cmd_init(args: argparse.Namespace, cfg: AgentConfig) -> int:
                  for k in keep}
         write_file(conf, given)
     Outbox.open(cfg.db_path).close()
+    pin = pins.reset(cfg.state_dir)
     print(f"device key {path}; config {conf}", file=sys.stderr)
+    print(f"driver's page PIN: {pin}  (put it on the dongle's label: only its hash is kept; "
+          "`odo-agent pin reset` makes a new one)", file=sys.stderr)
     print(key.public.id)
     return 0
 
@@ -231,15 +256,18 @@ def cmd_confirm(args: argparse.Namespace, cfg: AgentConfig) -> int:
     clock = Clock(cfg.clock)
     s = summ.read(outbox, key.public.id, clock)
     device = s.odo_m
+    given = args.km if args.km is not None else args.miles
+    unit = "km" if args.km is not None else "mi" if args.miles is not None else cfg.display_unit
     if args.yes:
-        odo = args.km if args.km is not None else device
+        odo = given if given is not None else device
         if odo is None:
-            raise Exit(2, "the device has no odometer figure yet: give the dashboard figure with --km KM")
+            raise Exit(2, "the device has no odometer figure yet: give the dashboard figure with --km KM "
+                          "or --miles MI")
     else:
-        odo = _ask(s, args.km, cfg.tolerance_m)
+        odo = _ask(s, given, cfg.tolerance_m, unit)
     if device is not None and abs(odo - device) > cfg.tolerance_m:
-        print(f"warning: {summ.km(odo)} differs from the device's {summ.km(device)} by more than "
-              f"{summ.km(cfg.tolerance_m)}", file=sys.stderr)
+        print(f"warning: {units.show(odo, unit)} differs from the device's {units.show(device, unit)} by "
+              f"more than {units.show(cfg.tolerance_m, unit)}", file=sys.stderr)
     if clock.state() != "synced":
         print("warning: the clock is not synchronised; the week may be wrong", file=sys.stderr)
     recorder = Recorder(outbox, key, clock=clock, boot=boot_id(), max_records=cfg.max_records,
@@ -248,15 +276,23 @@ def cmd_confirm(args: argparse.Namespace, cfg: AgentConfig) -> int:
         rec = recorder.confirm(odo, device)
     except StorageError as exc:
         raise Exit(1, f"not recorded: {exc}") from None
-    print(f"confirmed {summ.km(odo)} for week {rec.fields['week']} (record {rec.seq})")
+    print(f"confirmed {units.show(odo, unit)} for week {rec.fields['week']} (record {rec.seq}, {odo} m)")
     return 0
 
 
-def _ask(s: summ.Summary, km_flag: int | None, tolerance_m: int) -> int:
-    print(f"Device odometer:   {summ.km(s.odo_m)}" + (f" ({s.src})" if s.src else ""))
+def _parse_figure(text: str, unit: str) -> int:
+    """What the driver typed, in ``unit``, as metres (km as ``odo-agent confirm --km`` takes it)."""
+    return summ.parse_km(text) if unit == "km" else units.parse(text, unit)
+
+
+def _ask(s: summ.Summary, km_flag: int | None, tolerance_m: int, unit: str) -> int:
+    def show(metres: int | None) -> str:
+        return units.show(metres, unit)
+
+    print(f"Device odometer:   {show(s.odo_m)}" + (f" ({s.src})" if s.src else ""))
     if s.confirmed:
-        print(f"Last confirmed:    {summ.km(s.confirmed.odo_m)} in week {s.confirmed.week}")
-        print(f"Since then:        {summ.km(s.since_confirmed_m)}")
+        print(f"Last confirmed:    {show(s.confirmed.odo_m)} in week {s.confirmed.week}")
+        print(f"Since then:        {show(s.since_confirmed_m)}")
     else:
         print("Last confirmed:    never")
     print(f"This week:         {s.week}" + ("" if s.confirmation_due else " (already confirmed)"))
@@ -265,19 +301,19 @@ def _ask(s: summ.Summary, km_flag: int | None, tolerance_m: int) -> int:
             if km_flag is not None:
                 odo = km_flag
             else:
-                default = f" [Enter = {summ.km(s.odo_m)}]" if s.odo_m is not None else ""
-                answer = input(f"Dashboard odometer in km{default}: ").strip()
+                default = f" [Enter = {show(s.odo_m)}]" if s.odo_m is not None else ""
+                answer = input(f"Dashboard odometer in {unit}{default}: ").strip()
                 if not answer and s.odo_m is not None:
                     odo = s.odo_m
                 else:
                     try:
-                        odo = summ.parse_km(answer)
+                        odo = _parse_figure(answer, unit)
                     except ValueError as exc:
                         print(exc)
                         continue
             if s.odo_m is not None and abs(odo - s.odo_m) > tolerance_m:
-                print(f"That differs from the device's {summ.km(s.odo_m)} by {summ.km(abs(odo - s.odo_m))}.")
-            if input(f"Confirm {summ.km(odo)}? [y/N] ").strip().lower() in ("y", "yes"):
+                print(f"That differs from the device's {show(s.odo_m)} by {show(abs(odo - s.odo_m))}.")
+            if input(f"Confirm {show(odo)}? [y/N] ").strip().lower() in ("y", "yes"):
                 return odo
             if km_flag is not None:
                 break
@@ -297,7 +333,41 @@ def cmd_ui(args: argparse.Namespace, cfg: AgentConfig) -> int:
     from agent import ui
 
     key, outbox = _open(cfg)
-    return ui.serve(cfg, key, outbox)
+    try:
+        return ui.serve(cfg, key, outbox, args.listen)
+    except pins.PinError as exc:
+        raise Exit(EX_CONFIG, str(exc)) from None
+    except ui.ListenError as exc:
+        raise Exit(1, str(exc)) from None
+
+
+def _read_pin() -> str:
+    """The new PIN: asked twice on a terminal, else the first line of stdin."""
+    if sys.stdin.isatty():
+        typed = getpass.getpass("New PIN for the driver's page (6 to 12 digits): ")
+        if getpass.getpass("The same PIN again: ") != typed:
+            raise Exit(1, "the two PINs differ; nothing changed")
+    else:
+        typed = sys.stdin.readline(64).strip()
+    try:
+        return pins.check_pin(typed)
+    except pins.PinError as exc:
+        raise Exit(2, f"{exc}; nothing changed") from None
+
+
+def cmd_pin(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    try:
+        identity.load(cfg.state_dir)          # a device's state directory, made by init
+    except IdentityError as exc:
+        raise Exit(EX_CONFIG, str(exc)) from None
+    if args.pin_command == "set":
+        pins.store(cfg.state_dir, _read_pin())
+        print("PIN set; browsers signed in to the driver's page must sign in again", file=sys.stderr)
+        return 0
+    print(pins.reset(cfg.state_dir))
+    print("a new PIN (put it on the dongle's label); browsers signed in to the driver's page must sign "
+          "in again", file=sys.stderr)
+    return 0
 
 
 def cmd_remind(args: argparse.Namespace, cfg: AgentConfig) -> int:
@@ -318,6 +388,7 @@ COMMANDS = {
     "confirm": (cmd_confirm, (), "file"),
     "status": (cmd_status, (), "file"),
     "ui": (cmd_ui, (), "file"),
+    "pin": (cmd_pin, (), "file"),
     "remind": (cmd_remind, (), "file"),
 }
 

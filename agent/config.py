@@ -15,10 +15,13 @@ The file (default ``<state_dir>/agent.toml``)::
     tls_ca = "/etc/odoledger/ca.pem"     # tls_cert / tls_key for client certificates
     fleet_token = "…"
     tolerance_m = 2000
+    display_unit = "km"                  # or "mi": what the driver reads and types (the page, confirm)
     clock = "auto"                       # or "synced" / "unsynced" (tests)
     max_records = 50000
     retention_days = 30
     shutdown_command = ["systemctl", "poweroff"]
+    ui_listen = "127.0.0.1:8080"         # the driver's page; "0.0.0.0:8080" only on purpose
+    ui_interface = "wlan0"               # then on the hotspot's IPv4 address, ui_listen's port
 
     [vehicle]                            # agent.vehicle.VehicleConfig fields
     record_every_m = 1000
@@ -30,8 +33,8 @@ The file (default ``<state_dir>/agent.toml``)::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import re
 import shlex
 import tomllib
 import urllib.parse
@@ -43,6 +46,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 from common.transport import BrokerConfig, BrokerURL, parse_broker_url, parse_listen
+from common.units import UNITS
 
 CONFIG_FILE = "agent.toml"
 ENV_PREFIX = "ODO_"
@@ -65,11 +69,13 @@ class AgentConfig:
     broker: BrokerConfig | None = None
     fleet_token: str | None = field(default=None, repr=False)
     tolerance_m: int = 2000
+    display_unit: str = "km"
     clock: str = "auto"
     max_records: int = DEFAULT_MAX_RECORDS
     retention_days: int = 30
     shutdown_command: tuple[str, ...] = ()
-    ui_listen: str = "0.0.0.0:8080"
+    ui_listen: str = "127.0.0.1:8080"
+    ui_interface: str | None = None
     resend_after_s: float = 10.0
     log_level: str | None = None
     vehicle: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
@@ -82,7 +88,13 @@ class AgentConfig:
 
 # -- parsing single values -------------------------------------------------------------------------
 
-def _int(minimum: int = 0) -> Callable[[object], int]:
+#: The largest integer of any setting (seconds, metres, counts: all far below it).
+MAX_INT = 2**31 - 1
+#: The largest config file read.
+MAX_FILE_BYTES = 1024 * 1024
+
+
+def _int(minimum: int = 0, maximum: int = MAX_INT) -> Callable[[object], int]:
     def parse(value: object) -> int:
         if isinstance(value, str):
             try:
@@ -93,6 +105,8 @@ def _int(minimum: int = 0) -> Callable[[object], int]:
             raise ValueError(f"must be an integer, got {value!r}")
         if value < minimum:
             raise ValueError(f"must be at least {minimum}, got {value}")
+        if value > maximum:
+            raise ValueError(f"must be at most {maximum}, got {value}")
         return value
     return parse
 
@@ -111,7 +125,10 @@ def _seconds(value: object) -> float:
 def _text(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"must be a non-empty string, got {value!r}")
-    return value.strip()
+    text = value.strip()
+    if not text.isprintable() and any(c < " " or c == "\x7f" or "\ud800" <= c <= "\udfff" for c in text):
+        raise ValueError(f"must be text without control characters or invalid UTF-8, got {value!r}")
+    return text
 
 
 def _choice(*allowed: str) -> Callable[[object], str]:
@@ -133,6 +150,13 @@ def _command(value: object) -> tuple[str, ...]:
 def _listen(value: object) -> str:
     host, port = parse_listen(_text(value))
     return f"{host}:{port}"
+
+
+def _interface(value: object) -> str:
+    name = _text(value)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", name):
+        raise ValueError(f"must be a network interface's name, e.g. wlan0, got {name!r}")
+    return name
 
 
 def _broker_url(text: str) -> BrokerURL:
@@ -158,14 +182,16 @@ _SIMPLE: dict[str, Callable[[object], Any]] = {
     "tls_cert": _text,
     "tls_key": _text,
     "mqtt_version": _choice(*MQTT_VERSIONS),
-    "keepalive_s": _int(5),
+    "keepalive_s": _int(5, 65535),
     "fleet_token": _text,
     "tolerance_m": _int(0),
+    "display_unit": _choice(*UNITS),
     "clock": _choice(*CLOCK_MODES),
     "max_records": _int(100),
     "retention_days": _int(0),
     "shutdown_command": _command,
     "ui_listen": _listen,
+    "ui_interface": _interface,
     "resend_after_s": _seconds,
     "log_level": _choice("debug", "info", "warning", "error"),
 }
@@ -178,11 +204,19 @@ KEYS = ("state_dir", *_SIMPLE, *_TABLES)
 def _read_file(path: Path, source: str) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            data = fh.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise ConfigError("config", f"{path} is larger than {MAX_FILE_BYTES} bytes", "file")
+        return tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError("config", f"{path} does not exist", source) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config", f"{path} is not UTF-8 (byte {exc.start})", "file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML ({exc})", "file") from None
+    except (ValueError, RecursionError) as exc:        # what tomllib itself cannot take
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ConfigError("config", f"{path} is not valid TOML ({why})", "file") from None
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path} ({exc.strerror})", "file") from None
 
@@ -209,10 +243,11 @@ def load(
     }
     # Where the file is: --config, ODO_CONFIG, or <state_dir>/agent.toml.
     file_values: dict[str, Any] = {}
+    file_path: Path | None = None
     if "config" in given or "config" in env_values:
         source = "flag" if "config" in given else "env"
-        path = Path(str(given.get("config") or env_values["config"]))
-        file_values = _read_file(path, source)
+        file_path = Path(str(given.get("config") or env_values["config"]))
+        file_values = _read_file(file_path, source)
     state_raw, state_source = _pick("state_dir", given, env_values, file_values)
     if state_raw is None:
         raise ConfigError("state_dir", "is required: --state-dir DIR (or ODO_STATE_DIR)", "flag")
@@ -221,11 +256,17 @@ def load(
     except ValueError as exc:
         raise ConfigError("state_dir", str(exc), state_source) from None
     if "config" not in given and "config" not in env_values and (state_dir / CONFIG_FILE).exists():
-        file_values = _read_file(state_dir / CONFIG_FILE, "file")
+        file_path = state_dir / CONFIG_FILE
+        file_values = _read_file(file_path, "file")
+
+    def named(key: str, source: str) -> str:
+        """A key as an error names it: with the file's path when the value came from it."""
+        return f"{file_path}: {key}" if source == "file" and file_path is not None else key
 
     unknown = sorted(set(file_values) - set(KEYS))
     if unknown:
-        raise ConfigError(unknown[0], f"unknown setting (known: {', '.join(KEYS)})", "file")
+        raise ConfigError(named(unknown[0][:100], "file"), f"unknown setting (known: {', '.join(KEYS)})",
+                          "file")
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -236,12 +277,12 @@ def load(
         try:
             values[key] = parse(raw)
         except ValueError as exc:
-            raise ConfigError(key, str(exc), source) from None
+            raise ConfigError(named(key, source), str(exc), source) from None
         sources[key] = source
     for table in _TABLES:
         raw = file_values.get(table, {})
         if not isinstance(raw, dict):
-            raise ConfigError(table, "must be a table", "file")
+            raise ConfigError(named(table, "file"), "must be a table", "file")
         values[table] = MappingProxyType(dict(raw))
 
     for key in require:
@@ -254,19 +295,20 @@ def load(
         try:
             url = _broker_url(values.pop("broker"))
         except ValueError as exc:
-            raise ConfigError("broker", str(exc), sources["broker"]) from None
+            raise ConfigError(named("broker", sources["broker"]), str(exc), sources["broker"]) from None
         tls_files = {
             k: Path(values.pop(k)).expanduser() for k in ("tls_ca", "tls_cert", "tls_key") if k in values
         }
         if tls_files and not url.tls:
             key = next(iter(tls_files))
-            raise ConfigError(key, "TLS files need an mqtts:// broker URL", sources[key])
+            raise ConfigError(named(key, sources[key]), "TLS files need an mqtts:// broker URL", sources[key])
         if ("tls_cert" in tls_files) != ("tls_key" in tls_files):
             key = "tls_key" if "tls_cert" in tls_files else "tls_cert"
-            raise ConfigError(key, "tls_cert and tls_key go together", sources.get(key, "file"))
+            source = sources.get(key, "file")
+            raise ConfigError(named(key, source), "tls_cert and tls_key go together", source)
         for key, path in tls_files.items():
             if not path.is_file():
-                raise ConfigError(key, f"{path} is not a readable file", sources[key])
+                raise ConfigError(named(key, sources[key]), f"{path} is not a readable file", sources[key])
         broker = BrokerConfig(
             host=url.host, port=url.port, tls=url.tls, username=url.username, password=url.password,
             tls_ca=tls_files.get("tls_ca"), tls_cert=tls_files.get("tls_cert"),
@@ -307,15 +349,34 @@ def build_table(cfg_cls: type[Any], table: str, values: Mapping[str, Any]) -> An
             raise ConfigError(f"{table}.{key}", f"must be a number, got {value!r}")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{table}.{key}", f"must not be negative, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value <= MAX_INT:
+            raise ConfigError(f"{table}.{key}", f"must be a finite number up to {MAX_INT}, got {value!r}")
     try:
         return cfg_cls(**values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(table, str(exc)) from None
 
 
+def _toml_string(text: str) -> str:
+    """A TOML basic string of ``text``: each character as itself (the file is UTF-8) but the
+    quote, the backslash and the control characters, escaped. (Not a JSON string: JSON writes a
+    character beyond the BMP, an emoji, as a surrogate pair of escapes, which TOML refuses.)"""
+    out = []
+    for c in text:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif c < " " or c == "\x7f":
+            out.append(f"\\u{ord(c):04x}")
+        elif "\ud800" <= c <= "\udfff":
+            raise ValueError(f"cannot write {text!r} to TOML: not valid Unicode")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
 def _toml_value(value: object) -> str:
     if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
+        return _toml_string(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):

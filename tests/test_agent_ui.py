@@ -21,6 +21,7 @@ from agent.state import VIN
 from protocol import b64
 from protocol.messages import Ack, Rejection
 from sim.processes import free_port
+from tests.page_support import set_pin, sign_in, sign_in_browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 INSTALL = "sudo apt-get update && sudo apt-get install -y chromium   (or: sudo make deps)"
@@ -35,6 +36,7 @@ class Page:
     host: str
     port: int
     outbox: Outbox
+    cookie: str = ""          # the session, once signed in
 
     @property
     def origin(self) -> str:
@@ -43,7 +45,7 @@ class Page:
     def request(self, method: str, path: str, body: str = "", headers: dict[str, str] | None = None
                 ) -> tuple[int, dict[str, str], str]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
-        conn.request(method, path, body=body.encode(), headers=headers or {})
+        conn.request(method, path, body=body.encode(), headers={"Cookie": self.cookie, **(headers or {})})
         resp = conn.getresponse()
         out = resp.status, dict(resp.getheaders()), resp.read().decode()
         conn.close()
@@ -69,6 +71,7 @@ class Page:
 def page(tmp_path: Path) -> Iterator[Page]:
     state = tmp_path / "state"
     key = identity.create(state)
+    set_pin(state)
     cfg = load({"state_dir": str(state), "clock": "synced"}, {})
     outbox = Outbox.open(cfg.db_path)
     outbox.set_state({"live": {"odo_m": 45_000_000, "src": "obd", "obd": "connected", "t": 1}})
@@ -77,7 +80,8 @@ def page(tmp_path: Path) -> Iterator[Page]:
     server = ui.make_server(cfg, key, outbox, f"127.0.0.1:{free_port()}")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield Page("127.0.0.1", server.server_address[1], outbox)
+    port = server.server_address[1]
+    yield Page("127.0.0.1", port, outbox, sign_in("127.0.0.1", port))
     server.shutdown()
     server.server_close()
 
@@ -150,7 +154,7 @@ def test_confirm_on_a_phone_in_chromium(page: Page, tmp_path: Path) -> None:
         try:
             tab = context.pages[0] if context.pages else context.new_page()
             tab.set_default_timeout(10_000)
-            tab.goto(page.origin + "/")
+            sign_in_browser(tab, page.origin)
             assert "week" in tab.inner_text("#due")
             assert tab.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
             tab.screenshot(path=str(ARTIFACTS / "agent-ui-phone.png"), full_page=True)
