@@ -5,7 +5,9 @@ samples to the vehicle logic, record every reading) and the sync loop
 (:class:`agent.sync.Syncer`). The main thread waits for SIGTERM/SIGINT, pings
 the watchdog while the OBD loop is not stuck in one call, and stops both
 cleanly. The car being off, the adapter unplugged or the broker away are
-normal states, never a reason to exit.
+normal states, never a reason to exit, and so is an outbox that cannot be written (a full
+disk): the recorder holds what matters (:mod:`agent.recorder`), the adapter stays open, the
+sync loop keeps sending what is stored, and systemd's ``STATUS=`` line says ``outbox: <error>``.
 
 After each sample the OBD loop also prunes the outbox (:mod:`agent.retention`)
 and acts on the power policy (:mod:`agent.shutdown`). It keeps the vehicle
@@ -203,6 +205,9 @@ class ObdLoop:
                     backoff.reset()
                     self.on_open()
                 interval = self.tick()
+            except StorageError as exc:      # the outbox, not the adapter: carry on sampling
+                log.error("outbox: %s", exc)
+                interval = self.power.poll_interval_s(self.vehicle.ignition)
             except Exception:  # noqa: BLE001 - a bug in one sample must not stop the recording
                 log.exception("OBD loop error; reopening the adapter")
                 self._call(self.source.close)
@@ -232,7 +237,10 @@ class ObdLoop:
             self.recorder.vin = vin
         elif stored is None:
             self.recorder.vin = vin
-            VIN.put(self.outbox, vin)
+            try:
+                VIN.put(self.outbox, vin)
+            except StorageError as exc:      # kept in memory; saved at the next open
+                log.error("cannot save the VIN: %s", exc)
         else:
             self.change_vehicle(stored, vin)
 
@@ -307,6 +315,7 @@ class ObdLoop:
             save(self.outbox, writes(VEHICLE.entry(self.vehicle.snapshot()), LIVE.entry(live)))
             self._saved(live)
         except StorageError as exc:
+            self._live_at = self._mono()     # tried again in LIVE_EVERY_S, not at every sample
             log.error("cannot save the live state: %s", exc)
 
     def _saved(self, live: Live) -> None:
@@ -349,7 +358,8 @@ def run(obd: ObdLoop, syncer: Syncer | None, stop: threading.Event, *, install_s
     status = 0
     last_status = ""
     while not stop.is_set():
-        stop.wait(min(1.0, watchdog / 3) if watchdog else 1.0)
+        if stop.wait(min(1.0, watchdog / 3) if watchdog else 1.0):
+            break                            # the loops end because they were told to
         if not threads[0].is_alive():
             log.error("the OBD loop ended unexpectedly")
             status = 1
@@ -362,6 +372,8 @@ def run(obd: ObdLoop, syncer: Syncer | None, stop: threading.Event, *, install_s
         if watchdog and (busy is None or time.monotonic() - busy < watchdog * 0.8):
             sdnotify.notify("WATCHDOG=1")
         text = f"STATUS=obd {obd.obd_state}, sync {syncer.state if syncer else 'off'}"
+        if obd.recorder.error is not None:
+            text += f", outbox: {obd.recorder.error}"
         if text != last_status:
             sdnotify.notify(text)
             last_status = text

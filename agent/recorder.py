@@ -15,9 +15,15 @@ backend still needs:
 - at ``max_records`` unsynced, only ``trip`` and ``confirmation`` records are
   written.
 
-A write that fails (disk full, I/O error) is an error state, not a crash: the
-readings are held in memory (bounded) and written, in order, once a write
-works again. Nothing already stored is touched.
+A write that fails (disk full, I/O error) is an error state, not a crash, and the
+outbox counts as full: what was being written is held in memory and written, in
+order, once a write works again (tried at each reading); meanwhile only ``trip``
+and ``confirmation`` readings are held (at most ``HOLD_LIMIT``, the oldest go
+first), everything else is counted and dropped. On a full disk the oldest synced
+records (they are on the backend already) are deleted to make room. Records are
+signed only when written, so the chain stays whole. When writing works again, a
+``buffer_pruned`` event (``"mode": "disk_full"``) counts what was dropped and
+deleted, if anything was. Nothing unsynced is touched.
 """
 
 from __future__ import annotations
@@ -42,6 +48,13 @@ log = logging.getLogger(__name__)
 
 THIN_AT = 0.9
 HOLD_LIMIT = 10_000
+#: Kinds still held in memory while the outbox cannot be written.
+HELD_KINDS = ("trip", "confirmation")
+#: On a full disk, synced records deleted to make room: this share of ``max_records``, at least ``ROOM_MIN``.
+ROOM_SHARE = 0.1
+ROOM_MIN = 100
+#: A retention that expires nothing (pruning for room goes by count alone).
+NO_EXPIRY_MS = 2**62
 
 
 class ReadingLike(Protocol):
@@ -69,6 +82,14 @@ class _Admission:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class _Unwritable:
+    """What a failing outbox cost: readings dropped (by kind), synced records deleted for room."""
+
+    skipped: dict[str, int] = field(default_factory=dict)
+    deleted_synced: int = 0
+
+
 class Recorder:
     def __init__(
         self, outbox: Outbox, key: SigningKey, *, clock: Clock, boot: str,
@@ -85,8 +106,8 @@ class Recorder:
         self._wall = wall
         self._mono = mono
         self._held: list[Item] = []
-        self._dropped = 0
         self._admission = _Admission()
+        self._unwritable = _Unwritable()
         self.error: str | None = None
 
     # -- building -------------------------------------------------------------------------------
@@ -144,46 +165,102 @@ class Recorder:
     # -- writing --------------------------------------------------------------------------------
 
     def record(self, readings: Sequence[ReadingLike], state: Writes | None = None) -> list[Record]:
-        """Record readings (and save ``state``) in one transaction; [] on a storage error."""
+        """Record readings (and save ``state``) in one transaction; [] on a storage error.
+        In the error state, what is held is written first (a transaction of its own)."""
         fresh = [i for r in readings if (i := self.stamp(r.kind, r.fields)) is not None]
-        try:
-            items = self._held + self._admit(fresh)
-        except StorageError as exc:
-            items = self._held + fresh
-            self._fail(exc, items)
+        written = self._write_held() if self.error is not None else []
+        if self.error is not None:
+            self._hold(fresh)
             return []
+        try:
+            items = self._admit(fresh)
+        except StorageError as exc:
+            self._fail(exc, fresh)
+            return written
         if not items:
             if state:
                 try:
                     save(self.outbox, state)
                 except StorageError as exc:
                     self._fail(exc, [])
-            return []
+            return written
         try:
             out = self.outbox.append([self._builder(i) for i in items], state)
         except StorageError as exc:
             self._fail(exc, items)
+            return written
+        return written + out
+
+    def _write_held(self) -> list[Record]:
+        """Try the held readings again (after an event counting what was lost, if anything
+        was); the records written, [] while the outbox still fails."""
+        lost = self._unwritable
+        note = None
+        if lost.skipped or lost.deleted_synced:
+            note = self.stamp("event", {"event": "buffer_pruned", "detail": {
+                "mode": "disk_full", "skipped": dict(lost.skipped), "deleted_synced": lost.deleted_synced}})
+        items = [*([note] if note else []), *self._held]
+        try:
+            out = self.outbox.append([self._builder(i) for i in items]) if items else []
+        except StorageError as exc:
+            self._fail(exc, self._held)
             return []
-        if self.error:
-            log.warning("outbox writable again; wrote %d held records", len(items) - len(fresh))
-        self._held, self.error = [], None
+        log.warning("outbox writable again; wrote %d held records; dropped meanwhile: %s, synced records "
+                    "deleted for room: %d", len(self._held), lost.skipped or "nothing", lost.deleted_synced)
+        self._held, self.error, self._unwritable = [], None, _Unwritable()
         return out
 
     def _fail(self, exc: StorageError, items: list[Item]) -> None:
+        """Enter (or stay in) the error state, holding ``items``: readings admitted before the
+        write failed, all of them, up to ``HOLD_LIMIT``."""
         if self.error is None:
-            log.error("%s; holding readings in memory until a write works", exc)
+            log.error("%s; holding trips and confirmations in memory until a write works, dropping "
+                      "other readings", exc)
         self.error = str(exc)
-        if len(items) > HOLD_LIMIT:
-            self._dropped += len(items) - HOLD_LIMIT
-            log.error("dropped %d readings that could not be stored", self._dropped)
-            items = items[-HOLD_LIMIT:]
-        self._held = items
+        self._held = []
+        self._hold(items, every_kind=True)
+        if "full" in str(exc):
+            self._make_room()
+
+    def _hold(self, items: Sequence[Item], *, every_kind: bool = False) -> None:
+        """Hold ``items`` of :data:`HELD_KINDS` (or of every kind), the oldest held going past
+        ``HOLD_LIMIT``; count the rest."""
+        skipped = self._unwritable.skipped
+        for item in items:
+            if every_kind or item.kind in HELD_KINDS:
+                self._held.append(item)
+            else:
+                skipped[item.kind] = skipped.get(item.kind, 0) + 1
+        for item in self._held[:max(0, len(self._held) - HOLD_LIMIT)]:
+            skipped[item.kind] = skipped.get(item.kind, 0) + 1
+        del self._held[:max(0, len(self._held) - HOLD_LIMIT)]
+
+    def _make_room(self) -> None:
+        """Delete the oldest synced records, so that the outbox's own free pages take the next writes."""
+        try:
+            counts = self.outbox.counts()
+            if counts.total == counts.unsynced:
+                return
+            room = max(ROOM_MIN, int(self.max_records * ROOM_SHARE))
+            _, deleted = self.outbox.prune(self._wall(), retention_ms=NO_EXPIRY_MS,
+                                           max_records=max(0, counts.total - room))
+        except StorageError as exc:
+            log.debug("cannot make room in the outbox: %s", exc)
+            return
+        if deleted:
+            self._unwritable.deleted_synced += deleted
+            log.warning("outbox: disk full: deleted the %d oldest synced records to make room", deleted)
 
     def event(self, name: str, detail: object = None, state: Writes | None = None) -> list[Record]:
         return self.record([Item("event", {"event": name, "detail": detail})], state)
 
     def confirm(self, odo_m: int, device_odo_m: int | None, week: str | None = None) -> Record:
-        """Append a driver's confirmation now; raises :class:`StorageError` when it cannot."""
+        """Append a driver's confirmation now (after what is held); raises :class:`StorageError`
+        when it cannot."""
+        if self.error is not None:
+            self._write_held()
+            if self.error is not None:
+                raise StorageError(self.error)
         t = self._wall()
         week = week or records.iso_week(t)
         item = self.stamp("confirmation", {"odo_m": odo_m, "device_odo_m": device_odo_m, "week": week})

@@ -1,11 +1,39 @@
 """What only the backend's tests need beside :mod:`sim.devices` (the signed-record fixtures):
-a snapshot of everything the ingest may change."""
+a snapshot of everything the ingest may change, and a count of the messages it holds unacked."""
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from typing import TYPE_CHECKING, Any
 
 from backend.db import Database
+
+if TYPE_CHECKING:
+    from backend.records.ingest import Ingest
+
+
+class Unacked:
+    """Counts the messages an ingest has received and not yet PUBACKed (``now``), and the most
+    at once (``most``), by wrapping its client's ``on_message`` and ``ack``."""
+
+    def __init__(self, ingest: Ingest) -> None:
+        self.lock = threading.Lock()
+        self.now = self.most = 0
+        real_on_message, real_ack = ingest._on_message, ingest.client.ack
+
+        def on_message(client: Any, userdata: Any, msg: Any) -> None:
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            real_on_message(client, userdata, msg)
+
+        def ack(mid: int, qos: int) -> Any:
+            with self.lock:
+                self.now -= 1
+            return real_ack(mid, qos)
+
+        ingest.client.on_message = on_message
+        ingest.client.ack = ack  # type: ignore[method-assign]
 
 
 def snapshot(db: Database) -> dict[str, Any]:

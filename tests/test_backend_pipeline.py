@@ -22,7 +22,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -39,6 +38,7 @@ from protocol import messages, topics
 from sim.broker import Broker, quiet_broker
 from sim.devices import FLEET_TOKEN, T0, Dongle, batch, enroll
 from sim.mqtt_device import MqttDevice
+from tests.backend_helpers import Unacked
 from tests.backend_process import metrics_value, start_backend
 
 NOW = T0 + 86_400_000
@@ -66,6 +66,9 @@ class FakeClient:
             self.all_acked.notify_all()
 
     def subscribe(self, *args: Any) -> None:
+        pass
+
+    def reconnect_delay_set(self, min_delay: int = 1, max_delay: int = 120) -> None:
         pass
 
     def disconnect(self) -> None:
@@ -377,25 +380,7 @@ def test_the_broker_sends_no_more_than_the_queues_hold(db: Database, rules: Any,
                     registry=Registry(), clock=lambda: NOW, workers=2)
     fleet = spread_fleet(db, ingest, per_worker=1)
     release = threading.Event()
-    lock = threading.Lock()
-    unacked, most = 0, 0
-    real_on_message, real_ack = ingest._on_message, ingest.client.ack
-
-    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        nonlocal unacked, most
-        with lock:
-            unacked += 1
-            most = max(most, unacked)
-        real_on_message(client, userdata, msg)
-
-    def ack(mid: int, qos: int) -> MQTTErrorCode:
-        nonlocal unacked
-        with lock:
-            unacked -= 1
-        return real_ack(mid, qos)
-
-    ingest.client.on_message = on_message
-    monkeypatch.setattr(ingest.client, "ack", ack)
+    unacked = Unacked(ingest)
     monkeypatch.setattr(ingest, "handle_records", held_until(release, ingest.handle_records))
     plans = {d.dev: [d.odometer(1) for _ in range(20)] for d in fleet}
     ingest.start()
@@ -407,8 +392,8 @@ def test_the_broker_sends_no_more_than_the_queues_hold(db: Database, rules: Any,
                 dev = device.device.dev
                 device.client.publish(topics.records(dev), batch(plans[dev][i]), qos=1).wait_for_publish(5)
         time.sleep(1.0)
-        with lock:
-            assert most == ingest.receive_maximum == 2 * (QUEUE_PER_WORKER + 1)
+        with unacked.lock:
+            assert unacked.most == ingest.receive_maximum == 2 * (QUEUE_PER_WORKER + 1)
         release.set()
         for device in devices:
             assert [device.acks.get(timeout=10).through for _ in range(20)] == list(range(1, 21))
