@@ -63,6 +63,6 @@ class Sequencer:
             except Exception:   # noqa: BLE001 - a database hiccup must not end the sequencing
                 log.exception("integrating stored entries into the log failed; trying again")
                 full = False
-            finally:
-                self.db.close()
+                self.db.close()      # a fresh connection next time; a healthy one is kept
             wait = 0.0 if full else self.interval_ms / 1000
+        self.db.close()              # this thread's connection

@@ -196,5 +196,5 @@ class Pusher:
                 self.once()
             except Exception:   # noqa: BLE001 - a database hiccup must not end the checkpoints
                 log.exception("signing or pushing a checkpoint failed; trying again")
-            finally:
-                self.db.close()
+                self.db.close()      # a fresh connection next time; a healthy one is kept
+        self.db.close()              # this thread's connection
