@@ -29,7 +29,12 @@ Exceptions (:mod:`backend.errors`)::
     │   ├── InsufficientFunds the balance would go below zero
     │   ├── KeyConflict       the idempotency key was used for something else
     │   ├── InvalidKey        the idempotency key is empty or malformed
-    │   └── AssignmentError   a driver or an assignment that cannot be made
+    │   ├── AssignmentError   a driver or an assignment that cannot be made
+    │   └── ClaimError        a claim with a pairing code, refused:
+    │       ├── UnknownCode, ExpiredCode, UsedCode      the code
+    │       ├── ClaimConflict     the vehicle is another driver's now
+    │       ├── ClaimDeviceError  the device is not approved for a VIN
+    │       └── TooManyClaims     too many wrong codes from the device lately
     ├── TranslogError         an entry conflicts with the transparency log
     ├── CertificateError      no certificate can be made for that VIN
     ├── AuthError             an operator name or password that cannot be used

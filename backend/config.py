@@ -11,6 +11,9 @@ by ``--config`` (or ``ODO_CONFIG``), whose top-level keys are the flags' names w
     rules = "/etc/odoledger/rules.toml"
     log_origin = "odoledger.example.net/log"
     witness = ["https://witness.example.org"]
+    api_token_file = "/etc/odoledger/api-token"   # or api_token = "…"; fleet_token(_file) alike
+    silent_hours = 24                   # webhooks (backend.notify.config): [[webhook]] tables
+    display_unit = "mi"                 # the fleet's default unit on pages and in exports (km)
 
 A wrong value is a :class:`ConfigError` that names the key: exit status 2 when it came from a
 flag (a usage error), 78 (``EX_CONFIG``) when it came from the file or the environment, so that
@@ -34,8 +37,18 @@ from typing import Any
 
 from backend.db import Database
 from backend.errors import EX_USAGE, ConfigError, DatabaseError, TranslogError, UsageError
+from backend.notify.config import (
+    DEFAULT_GRACE_HOURS,
+    DEFAULT_SILENT_HOURS,
+    GRACE_HOURS_RANGE,
+    SILENT_HOURS_RANGE,
+    NotifyConfig,
+    parse_webhooks,
+)
 from backend.records.evidence import DEFAULT_LIMITS, EvidenceLimits
+from backend.web.doors import check_origin, is_loopback
 from common.transport import BrokerConfig, parse_broker_url, parse_listen
+from common.units import check_unit
 
 #: How much refused content is kept (:class:`backend.records.evidence.EvidenceLimits`), by key.
 EVIDENCE_KEYS = {"evidence_per_device": "per_device", "evidence_per_device_bytes": "per_device_bytes",
@@ -45,17 +58,31 @@ EVIDENCE_KEYS = {"evidence_per_device": "per_device", "evidence_per_device_bytes
 KEYS = frozenset({
     "db", "broker", "http", "rules", "fleet_token", "api_token", "tls_ca", "tls_cert", "tls_key",
     "client_id", "session_expiry", "log_level", "secure_cookies", "log_origin", "witness", "workers",
+    "display_unit", "webhook", "silent_hours", "confirmation_grace_hours",
+    "api_token_file", "fleet_token_file", "metrics_token", "metrics_token_file", "metrics_listen",
+    "allowed_origin",
     *EVIDENCE_KEYS,
 })
-_INT_KEYS = frozenset({"session_expiry", "workers", *EVIDENCE_KEYS})
+_INT_KEYS = frozenset({"session_expiry", "workers", "silent_hours", "confirmation_grace_hours",
+                       *EVIDENCE_KEYS})
+_TABLE_KEYS = frozenset({"webhook"})      # an array of TOML tables, in the config file only
 _BOOL_KEYS = frozenset({"secure_cookies"})
-_LIST_KEYS = frozenset({"witness"})          # a list of strings (a flag given again, or a TOML array)
+_LIST_KEYS = frozenset({"witness", "allowed_origin"})   # a list of strings (a flag again, or a TOML array)
 #: At most this many witnesses, each an http(s) URL of at most 500 characters.
 MAX_WITNESSES = 16
 _WITNESS_URL = re.compile(r"https?://[A-Za-z0-9.\[\]:-]{1,255}(/[\x21-\x7e]{0,240})?")
 _NOT_SETTINGS = frozenset({"config", "command", "func", "json"})
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 DEFAULT_SESSION_EXPIRY_S = 300
+#: The largest config file read (a few dozen keys, a few webhooks).
+MAX_CONFIG_BYTES = 1024 * 1024
+#: The largest secret file read (``api_token_file`` …); a token is one line.
+MAX_SECRET_BYTES = 4096
+#: The secrets a file may hold instead of the setting itself, by setting.
+SECRET_FILES = {"api_token": "api_token_file", "fleet_token": "fleet_token_file",
+                "metrics_token": "metrics_token_file"}
+_BEARER_SECRETS = frozenset({"api_token", "metrics_token"})
+MAX_ALLOWED_ORIGINS = 16
 #: At most this many ingest workers (``workers``); the default is two to four, after the CPU count.
 MAX_WORKERS = 32
 
@@ -119,13 +146,20 @@ class Settings:
 
 def _read_file(path: Path, allowed: frozenset[str]) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError("--config", f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError("--config", f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("--config", f"{path}: cannot read it ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("--config", f"{path}: not valid TOML ({exc})") from None
+    except (ValueError, RecursionError) as exc:        # what tomllib itself cannot take
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ConfigError("--config", f"{path}: not valid TOML ({why})") from None
     for key, value in data.items():
         if key not in allowed:
             raise ConfigError(f"{path}: {key}", f"unknown key (known: {', '.join(sorted(allowed))})")
@@ -137,6 +171,9 @@ def _read_file(path: Path, allowed: frozenset[str]) -> dict[str, Any]:
         elif key in _LIST_KEYS:
             ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
             kind = "a list of strings"
+        elif key in _TABLE_KEYS:
+            ok = isinstance(value, list) and all(isinstance(v, dict) for v in value)
+            kind = f"an array of tables ([[{key}]])"
         else:
             ok, kind = isinstance(value, str), "a string"
         if not ok:
@@ -165,6 +202,8 @@ def settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
 
 
 def _from_env(key: str, text: str) -> Any:
+    if key in _TABLE_KEYS:
+        raise ConfigError(f"ODO_{key.upper()}", f"is set only in the --config file, as [[{key}]] tables")
     if key in _INT_KEYS:
         if not text.strip().isdigit():
             raise ConfigError(f"ODO_{key.upper()}", f"must be an integer, got {text!r}")
@@ -183,7 +222,7 @@ def open_database(s: Settings) -> Database:
     url = s.require("db")
     try:
         return Database.open(str(url))
-    except DatabaseError as exc:
+    except (DatabaseError, ValueError) as exc:      # ValueError: a URL that urllib cannot split
         raise s.error("db", str(exc)) from None
 
 
@@ -208,6 +247,18 @@ def migrated_database(s: Settings) -> Database:
     return db
 
 
+def display_unit(s: Settings) -> str:
+    """The fleet's default unit of distance (``display_unit``: km or mi; km when unset); a device
+    may have its own (``odo-backend devices unit``)."""
+    value = s.get("display_unit")
+    if value is None:
+        return "km"
+    try:
+        return check_unit(value)
+    except ValueError as exc:
+        raise s.error("display_unit", str(exc)) from None
+
+
 def witness_urls(s: Settings) -> tuple[str, ...]:
     """The witnesses to push checkpoints to (``witness``), validated."""
     value = s.get("witness")
@@ -230,7 +281,7 @@ class RunConfig:
     broker: BrokerConfig
     http_host: str
     http_port: int
-    rules_path: Path
+    rules_path: Path | None             # None: the rule book already published in the database
     fleet_token: str | None = field(default=None, repr=False)
     api_token: str | None = field(default=None, repr=False)
     secure_cookies: bool = False
@@ -238,6 +289,104 @@ class RunConfig:
     witnesses: tuple[str, ...] = ()
     log_origin: str | None = None
     workers: int | None = None          # ingest worker threads; None: after the CPU count
+    display_unit: str = "km"            # the fleet's default unit of distance: km | mi
+    notify: NotifyConfig = NotifyConfig()   # the webhooks, and when an event is raised
+    insecure_no_auth: bool = False      # serve the API open when it has no credential, on purpose
+    metrics_token: str | None = field(default=None, repr=False)
+    metrics_listen: tuple[str, int] | None = None   # /metrics on a listener of its own
+    allowed_origins: tuple[str, ...] = ()           # besides the server's own (backend.web.doors)
+
+    @property
+    def http_loopback(self) -> bool:
+        return is_loopback(self.http_host)
+
+
+def secret(s: Settings, key: str) -> str | None:
+    """The secret ``key`` (``api_token`` …), given itself or as the file ``<key>_file`` that holds
+    it (one line; mode 0600 or 0640 advised), never both. A bearer token (``api_token``,
+    ``metrics_token``) is printable ASCII without spaces, as an ``Authorization`` header carries it."""
+    file_key = SECRET_FILES[key]
+    value, path = s.get(key), s.get(file_key)
+    if value is not None and path is not None:
+        raise s.error(file_key, f"{key} is given too ({s.source(key)}): give one of the two")
+    where, named = (file_key, f"{path}: the token") if path is not None else (key, "the token")
+    if path is not None:
+        try:
+            with open(str(path), "rb") as fh:
+                raw = fh.read(MAX_SECRET_BYTES + 1)
+                mode = os.fstat(fh.fileno()).st_mode
+        except OSError as exc:
+            raise s.error(file_key, f"{path}: cannot read it ({exc.strerror or exc})") from None
+        if len(raw) > MAX_SECRET_BYTES:
+            raise s.error(file_key, f"{path}: larger than {MAX_SECRET_BYTES} bytes; it holds one token")
+        try:
+            value = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise s.error(file_key, f"{path}: not UTF-8 text") from None
+        if not value:
+            raise s.error(file_key, f"{path}: is empty")
+        if mode & 0o007:
+            log.warning("%s %s can be read by every user of this machine: chmod 0600 (or 0640)",
+                        file_key, path)
+    if value is None:
+        return None
+    value = str(value)
+    if not value.strip():
+        raise s.error(key, "must not be empty")
+    if key in _BEARER_SECRETS and not re.fullmatch(r"[\x21-\x7e]{1,1024}", value):
+        raise s.error(where, f"{named} must be 1 to 1024 printable ASCII characters without spaces")
+    if "\n" in value or len(value) > MAX_SECRET_BYTES:
+        raise s.error(where, f"{named} is one line of at most {MAX_SECRET_BYTES} bytes")
+    if len(value) < 16:
+        log.warning("%s is shorter than 16 characters: easy to guess; use a long random one", key)
+    return value
+
+
+def _insecure_no_auth(s: Settings) -> bool:
+    if s.get("insecure_no_auth") is None:
+        return False
+    if s.source("insecure_no_auth") != "flag":
+        raise s.error("insecure_no_auth", "is taken only as the command-line flag --insecure-no-auth")
+    return bool(s.get("insecure_no_auth"))
+
+
+def _secure_cookies(s: Settings, http_host: str) -> bool:
+    """``secure_cookies`` as set, else True unless ``http`` is a loopback address."""
+    value = s.get("secure_cookies")
+    if value is None:
+        return not is_loopback(http_host)
+    if not value and not is_loopback(http_host):
+        log.warning("secure_cookies is false and --http %s is not loopback: session cookies go over plain "
+                    "HTTP to anyone who can watch the network", http_host)
+    return bool(value)
+
+
+def _metrics_listen(s: Settings, http: tuple[str, int]) -> tuple[str, int] | None:
+    value = s.get("metrics_listen")
+    if value is None:
+        return None
+    try:
+        listen = parse_listen(str(value))
+    except ValueError as exc:
+        raise s.error("metrics_listen", str(exc)) from None
+    if listen[1] == http[1] and (listen[0] == http[0] or "0.0.0.0" in (listen[0], http[0])
+                                 or "::" in (listen[0], http[0])):
+        raise s.error("metrics_listen", f"{value}: the same port as --http; give /metrics a port of its own")
+    return listen
+
+
+def allowed_origins(s: Settings) -> tuple[str, ...]:
+    """The ``allowed_origin`` values, validated (:func:`backend.web.doors.check_origin`)."""
+    value = s.get("allowed_origin")
+    origins = [] if value is None else [value] if isinstance(value, str) else list(value)
+    if len(origins) > MAX_ALLOWED_ORIGINS:
+        raise s.error("allowed_origin", f"{len(origins)} origins: at most {MAX_ALLOWED_ORIGINS}")
+    for origin in origins:
+        try:
+            check_origin(str(origin))
+        except ValueError as exc:
+            raise s.error("allowed_origin", str(exc)) from None
+    return tuple(str(o) for o in origins)
 
 
 def _existing_file(s: Settings, key: str) -> Path | None:
@@ -281,25 +430,42 @@ def run_config(s: Settings) -> RunConfig:
         http_host, http_port = parse_listen(str(s.require("http")))
     except ValueError as exc:
         raise s.error("http", str(exc)) from None
-    rules = Path(str(s.require("rules")))
-    for name in ("fleet_token", "api_token"):
-        value = s.get(name)
-        if value is not None and not str(value).strip():
-            raise s.error(name, "must not be empty")
-        if value is not None and len(str(value)) < 16:
-            log.warning("%s is shorter than 16 characters: easy to guess; use a long random one", name)
+    rules_value = s.get("rules")
+    rules = None if rules_value is None else Path(str(rules_value))
+    api_token, fleet_token, metrics_token = (secret(s, key) for key in SECRET_FILES)
     return RunConfig(
         db=db,
         broker=BrokerConfig(url.host, url.port, url.tls, url.username, url.password, tls_ca=ca, tls_cert=cert,
                             tls_key=key, client_id=client_id, session_expiry_s=expiry),
         http_host=http_host, http_port=http_port, rules_path=rules,
-        fleet_token=s.get("fleet_token") or None, api_token=s.get("api_token") or None,
-        secure_cookies=bool(s.get("secure_cookies")),
+        fleet_token=fleet_token, api_token=api_token,
+        secure_cookies=_secure_cookies(s, http_host),
         evidence=_evidence_limits(s),
         witnesses=witness_urls(s),
         log_origin=_log_origin(s),
         workers=_workers(s),
+        display_unit=display_unit(s),
+        notify=notify_config(s),
+        insecure_no_auth=_insecure_no_auth(s),
+        metrics_token=metrics_token,
+        metrics_listen=_metrics_listen(s, (http_host, http_port)),
+        allowed_origins=allowed_origins(s),
     )
+
+
+def notify_config(s: Settings) -> NotifyConfig:
+    """The ``[[webhook]]`` tables, ``silent_hours`` and ``confirmation_grace_hours``, validated."""
+    hours = []
+    for key, default, (low, high) in (("silent_hours", DEFAULT_SILENT_HOURS, SILENT_HOURS_RANGE),
+                                      ("confirmation_grace_hours", DEFAULT_GRACE_HOURS, GRACE_HOURS_RANGE)):
+        value = s.get(key)
+        if value is None:
+            value = default
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise s.error(key, f"{value!r}: must be an integer from {low} to {high} hours")
+        hours.append(value)
+    where = f"{s.path}: webhook" if s.path is not None else "webhook"
+    return NotifyConfig(parse_webhooks(s.get("webhook"), where), hours[0], hours[1])
 
 
 def _workers(s: Settings) -> int | None:

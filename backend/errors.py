@@ -85,6 +85,49 @@ class AssignmentError(LedgerError):
     """A driver or an assignment that cannot be made."""
 
 
+class ClaimError(LedgerError):
+    """A claim of a vehicle with a pairing code, refused; ``reason`` names why in a word the
+    device is told (docs/protocol.md, the ``claim`` message)."""
+
+    reason = "refused"
+
+
+class UnknownCode(ClaimError):
+    """No pairing code is that one."""
+
+    reason = "unknown_code"
+
+
+class ExpiredCode(ClaimError):
+    """The pairing code's time is over, or a newer one of the same driver replaced it."""
+
+    reason = "expired_code"
+
+
+class UsedCode(ClaimError):
+    """The pairing code has claimed a vehicle already (from another device)."""
+
+    reason = "used_code"
+
+
+class ClaimConflict(ClaimError):
+    """The vehicle is another driver's now: that claim or assignment must end first."""
+
+    reason = "vehicle_taken"
+
+
+class ClaimDeviceError(ClaimError):
+    """The claiming device is unknown, not approved, or approved for no VIN."""
+
+    reason = "device_not_approved"
+
+
+class TooManyClaims(ClaimError):
+    """The device sent too many wrong codes lately; it must wait."""
+
+    reason = "too_many_attempts"
+
+
 class TranslogError(BackendError):
     """An entry conflicts with the transparency log (the log never changes what it holds)."""
 

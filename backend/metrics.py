@@ -4,8 +4,12 @@ Counters and the histogram live in this process (:data:`REGISTRY`, fed by the in
 fleet gauges are read from the database at each scrape by :class:`FleetCollector`. Exposed::
 
     odo_records_total{reason="",status="accepted"} 1234.0
+    odo_messages_refused_total{channel="records",reason="too_large"} 3.0
     odo_ingest_errors_total 0.0
+    odo_mqtt_session_taken_over_total 0.0
     odo_ingest_seconds_bucket{le="0.01"} 17.0
+    odo_ingest_queued 3.0
+    odo_storage_failing 0.0
     odo_devices_online 12.0
     odo_backlog_total 40.0
 
@@ -15,6 +19,7 @@ library's global one, so tests can make as many as they like.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +27,7 @@ from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -102,16 +108,50 @@ class Registry:
         r = self.registry
         self._records = Counter("odo_records_total", "Records handled by this process's ingest, by outcome.",
                                 ["status", "reason"], registry=r)
+        self._refused = Counter("odo_messages_refused_total",
+                                "Messages refused whole by this process's ingest, by topic and reason.",
+                                ["channel", "reason"], registry=r)
         self._errors = Counter("odo_ingest_errors_total",
                                "Batches that failed with an internal error (no ack sent).", registry=r)
+        self._taken_over = Counter("odo_mqtt_session_taken_over_total",
+                                   "Times another client took this process's MQTT session (reason 142).",
+                                   registry=r)
         self._seconds = Histogram("odo_ingest_seconds",
                                   "Time to verify, store and credit one batch of records.",
                                   buckets=tuple(buckets), registry=r)
         self._merge = Histogram("odo_log_merge_delay_seconds",
                                 "Time from storing a log entry to integrating it into the tree.",
                                 buckets=MERGE_BUCKETS, registry=r)
+        self._queued = Gauge("odo_ingest_queued",
+                             "Messages received and waiting in the ingest's worker queues.", registry=r)
+        self._queued.set_function(lambda: 0)
+        self._failing = Gauge("odo_storage_failing",
+                              "1 while the database refuses writes (full disk, I/O error): nothing is acked.",
+                              registry=r)
+        self._storage_lock = threading.Lock()
+        self.storage_problem: str | None = None
         self.fleet = FleetCollector(fleet)
         self.registry.register(self.fleet)
+
+    def watch_queue(self, length: Callable[[], int]) -> None:
+        """Read ``odo_ingest_queued`` through ``length`` from now on (the last call wins)."""
+        self._queued.set_function(length)
+
+    def storage_failed(self, reason: str) -> bool:
+        """The database refused a write for ``reason``; True when it stored until now."""
+        with self._storage_lock:
+            first = self.storage_problem is None
+            self.storage_problem = reason
+            self._failing.set(1)
+        return first
+
+    def storage_works(self) -> bool:
+        """A write went through; True when the database had been refusing them."""
+        with self._storage_lock:
+            was = self.storage_problem is not None
+            self.storage_problem = None
+            self._failing.set(0)
+        return was
 
     def watch_fleet(self, source: FleetSource | None) -> None:
         """Read the fleet gauges through ``source`` from now on (the last call wins; ``None``: no gauges)."""
@@ -121,8 +161,19 @@ class Registry:
         for status, reason in outcomes:
             self._records.labels(status, reason).inc()
 
+    def count_refused(self, channel: str, reason: str) -> None:
+        self._refused.labels(channel, reason).inc()
+
     def count_error(self) -> None:
         self._errors.inc()
+
+    def count_session_taken_over(self) -> None:
+        self._taken_over.inc()
+
+    def sessions_taken_over(self) -> int:
+        """How many times this process's MQTT session was taken over."""
+        return sum(int(sample.value) for family in self._taken_over.collect() for sample in family.samples
+                   if sample.name == "odo_mqtt_session_taken_over_total")
 
     def observe_batch(self, seconds: float) -> None:
         self._seconds.observe(seconds)
@@ -135,6 +186,12 @@ class Registry:
         wanted = {"status": status, "reason": reason}
         return sum(int(sample.value) for family in self._records.collect() for sample in family.samples
                    if sample.name == "odo_records_total" and sample.labels == wanted)
+
+    def refused(self, channel: str, reason: str) -> int:
+        """How many messages of ``channel`` this process refused whole for ``reason``."""
+        wanted = {"channel": channel, "reason": reason}
+        return sum(int(sample.value) for family in self._refused.collect() for sample in family.samples
+                   if sample.name == "odo_messages_refused_total" and sample.labels == wanted)
 
     def exposition(self) -> bytes:
         """The text exposition (:data:`CONTENT_TYPE`); reads the database if a fleet source is set."""

@@ -224,4 +224,120 @@ CREATE TABLE translog_queue (                -- entries stored, not yet in the t
     ("107_transfers_week", """
 CREATE INDEX transfers_rule_week ON transfers (rule_id, week)   -- a rule's weekly total, at each credit
 """),
+    ("108_rules_versions", """
+CREATE TABLE rules_versions (                -- the published rules files: the rule book
+    id              {id},                      -- publication order
+    version         TEXT NOT NULL UNIQUE,      -- the file's version
+    sha256          TEXT NOT NULL UNIQUE,      -- hex SHA-256 of the file's bytes
+    effective_from  {bigint} NOT NULL UNIQUE,  -- from when it decides credits (0: from the beginning)
+    published_at    {bigint} NOT NULL,
+    text            TEXT NOT NULL              -- the file, verbatim
+);
+-- a reward's rules version, by the sha256 of its file (rules_versions.sha256)
+ALTER TABLE transfers ADD COLUMN rules_sha256 TEXT
+"""),
+    ("109_api_tokens", """
+CREATE TABLE api_tokens (                    -- bearer credentials of the JSON API (odo-backend api-tokens)
+    id          {id},
+    name        TEXT NOT NULL,
+    token_hash  TEXT NOT NULL UNIQUE,          -- SHA-256 hex, never the token itself
+    role        TEXT NOT NULL,                 -- operator, partner or driver
+    driver_id   TEXT REFERENCES drivers(id),   -- a driver token's driver
+    expires_at  {bigint},
+    revoked_at  {bigint},                      -- a revoked token's row is kept
+    created_at  {bigint} NOT NULL
+);
+CREATE UNIQUE INDEX api_tokens_name ON api_tokens (name) WHERE revoked_at IS NULL
+"""),
+    ("110_driver_portal", """
+CREATE TABLE driver_passwords (              -- a driver's portal password (scrypt, as an operator's)
+    driver_id      TEXT PRIMARY KEY REFERENCES drivers(id),
+    password_hash  TEXT NOT NULL,
+    updated_at     {bigint} NOT NULL
+);
+CREATE TABLE driver_login_codes (            -- one-time codes an operator issued, only their hashes
+    code_hash   TEXT PRIMARY KEY,              -- SHA-256 of the driver id and the code
+    driver_id   TEXT NOT NULL REFERENCES drivers(id),
+    created_at  {bigint} NOT NULL,
+    expires_at  {bigint} NOT NULL,
+    used_at     {bigint}                       -- set by the login it let in, never again
+);
+CREATE INDEX driver_login_codes_driver ON driver_login_codes (driver_id);
+CREATE TABLE driver_sessions (               -- the portal's sessions, apart from the operators'
+    token_hash  TEXT PRIMARY KEY,
+    driver_id   TEXT NOT NULL REFERENCES drivers(id),
+    expires_at  {bigint} NOT NULL
+)
+"""),
+    ("111_display_units", """
+ALTER TABLE devices ADD COLUMN display_unit TEXT;        -- km | mi, or NULL for the fleet's display_unit
+CREATE TABLE vehicle_allowances (            -- a lease's mileage allowance per VIN
+    vin         TEXT PRIMARY KEY,
+    per_year_m  {bigint} NOT NULL,             -- metres a year (given in km or mi, to the nearest metre)
+    unit        TEXT NOT NULL,                 -- the unit it was given in: km | mi
+    set_at      {bigint} NOT NULL,
+    set_by      TEXT NOT NULL
+)
+"""),
+    ("112_webhooks", """
+CREATE TABLE webhook_events (                -- what the watcher found (backend.notify.events), once each
+    key          TEXT PRIMARY KEY,             -- e.g. fork:<record id>: also the body's id
+    event        TEXT NOT NULL,                -- one of backend.notify.config.EVENTS
+    at           {bigint} NOT NULL,            -- when it happened
+    body         TEXT NOT NULL,                -- the JSON body sent to every webhook, verbatim
+    detected_at  {bigint} NOT NULL
+);
+CREATE TABLE webhook_deliveries (            -- one per event and webhook subscribed to it when it was found
+    id           {id},
+    event_key    TEXT NOT NULL REFERENCES webhook_events(key),
+    webhook      TEXT NOT NULL,                -- the webhook's URL, as configured
+    status       TEXT NOT NULL,                -- pending, delivered or failed (tries or age used up)
+    attempts     {bigint} NOT NULL DEFAULT 0,
+    next_at      {bigint},                     -- pending: not tried again before then
+    lease_until  {bigint},                     -- a process is trying it until then
+    lease_owner  TEXT,
+    last_code    {bigint},                     -- the last attempt's HTTP status, if it had one
+    last_error   TEXT,
+    created_at   {bigint} NOT NULL,
+    updated_at   {bigint} NOT NULL,
+    UNIQUE (event_key, webhook)
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (webhook, status, next_at);
+CREATE INDEX webhook_deliveries_updated ON webhook_deliveries (updated_at);
+CREATE TABLE webhook_attempts (              -- every attempt of every delivery
+    delivery_id  {bigint} NOT NULL REFERENCES webhook_deliveries(id),
+    n            {bigint} NOT NULL,            -- 1, 2, 3 …
+    at           {bigint} NOT NULL,
+    code         {bigint},                     -- the HTTP status, or null when there was none
+    error        TEXT,                         -- null for a 2xx
+    next_at      {bigint},                     -- the retry it scheduled, null when it ended the delivery
+    PRIMARY KEY (delivery_id, n)
+);
+CREATE TABLE webhook_cursors (               -- how far the watcher has looked, per source
+    source  TEXT PRIMARY KEY,
+    at      {bigint} NOT NULL
+);
+CREATE INDEX forks_received ON forks (received_at);
+CREATE INDEX records_events ON records (received_at) WHERE kind = 'event'
+"""),
+    ("113_claims", """
+CREATE TABLE claim_codes (                   -- one-time pairing codes: a driver claims the car a device is in
+    id          {id},
+    code_hash   TEXT NOT NULL UNIQUE,          -- SHA-256 hex of the code, never the code itself
+    driver_id   TEXT NOT NULL REFERENCES drivers(id),
+    created_at  {bigint} NOT NULL,
+    expires_at  {bigint} NOT NULL,             -- set to now when a newer code of the driver is made
+    used_at     {bigint},                      -- the backend's receipt time of the claim
+    used_by     TEXT,                          -- the device that claimed with it
+    vin         TEXT,
+    valid_from  {bigint},                      -- the start of the driver's assignment it made or found
+    created     {bool}                         -- 1: it made that assignment, 0: the driver had the car
+);
+CREATE INDEX claim_codes_driver ON claim_codes (driver_id, expires_at);
+CREATE TABLE claim_failures (                -- wrong, expired or used codes per device, in a window
+    dev           TEXT PRIMARY KEY,
+    window_start  {bigint} NOT NULL,
+    failures      {bigint} NOT NULL
+)
+"""),
 ]

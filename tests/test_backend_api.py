@@ -108,7 +108,8 @@ def test_approve_and_revoke(client: TestClient, device: Dongle) -> None:
     assert client.post(f"{base}/revoke", headers=AUTH).json()["status"] == "revoked"
     r = client.post(f"{base}/approve", headers=AUTH, json={"vin": "not a vin!"})
     assert r.status_code == 400 and "vin" in r.json()["error"]
-    assert client.post(f"{base}/approve", headers=AUTH, content=b"[1,").status_code == 400
+    assert client.post(f"{base}/approve", headers={**AUTH, "Content-Type": "application/json"},
+                       content=b"[1,").status_code == 400
     assert client.get(base, headers=AUTH).json()["status"] == "revoked"          # unchanged by bad input
     assert client.post(f"{base}/approve", headers=AUTH).json()["status"] == "approved"
     approved = client.post(f"{base}/approve", headers=AUTH, json={"vin": "WBA12345678901234"}).json()
@@ -140,7 +141,7 @@ def test_wallet_and_redeem(client: TestClient, device: Dongle) -> None:
     for body in (b"", b"not json", b"[]", b'{"item": "car-wash"}', b'{"item": 1, "idempotency_key": "k"}',
                  b'{"item": "car-wash", "idempotency_key": "k", "extra": 1}',
                  b'{"item": "car-wash", "idempotency_key": "has space"}'):
-        r = client.post(url, headers=AUTH, content=body)
+        r = client.post(url, headers={**AUTH, "Content-Type": "application/json"}, content=body)
         assert r.status_code == 400, body
         assert r.json()["error"]
     assert client.get("/api/wallets/driver:alice", headers=AUTH).json()["balance"] == 0
@@ -222,7 +223,9 @@ def test_metrics_scrape_parses_after_an_ingest(db: Database, rules: Any, device:
     assert r.status_code == 200 and r.headers["content-type"] == CONTENT_TYPE_PLAIN_0_0_4
     families = {f.name: f for f in text_string_to_metric_families(r.text)}
     types = {name: f.type for name, f in families.items()}         # the parser drops counters' _total
-    assert types == {"odo_records": "counter", "odo_ingest_errors": "counter",
+    assert types == {"odo_records": "counter", "odo_messages_refused": "counter",
+                     "odo_ingest_errors": "counter", "odo_mqtt_session_taken_over": "counter",
+                     "odo_ingest_queued": "gauge", "odo_storage_failing": "gauge",
                      "odo_ingest_seconds": "histogram", "odo_devices_online": "gauge",
                      "odo_backlog_total": "gauge", "odo_devices_held": "gauge", "odo_evidence_kept": "gauge",
                      "odo_evidence_dropped": "gauge", "odo_log_entries": "gauge",

@@ -5,9 +5,13 @@
     odo-backend tokens …              backend.cli.tokens      fleet tokens
     odo-backend drivers …             backend.cli.drivers     drivers and their vehicles
     odo-backend rewards audit         backend.cli.rewards     recompute every credit
+    odo-backend rules publish|list    backend.cli.rules       the published versions of the rules
     odo-backend certificate|log-key|checkpoint
                                       backend.cli.log         the transparency log
     odo-backend operators …           backend.cli.operators   dashboard accounts
+    odo-backend vehicles allowance    backend.cli.vehicles    lease mileage allowances
+    odo-backend export mileage|ledger backend.cli.export      CSV files for the fleet manager
+    odo-backend api-tokens …          backend.cli.api_tokens  the JSON API's tokens and roles
 
 Every option also comes from ``ODO_*`` variables and ``--config FILE`` (:mod:`backend.config`);
 flags win.
@@ -22,13 +26,25 @@ import argparse
 import logging
 import sys
 
-from backend.cli import devices, drivers, log, operators, rewards, run, tokens
+from backend.cli import (
+    api_tokens,
+    devices,
+    drivers,
+    export,
+    log,
+    operators,
+    rewards,
+    rules,
+    run,
+    tokens,
+    vehicles,
+)
 from backend.cli.common import Command
 from backend.config import settings
 from backend.errors import EX_USAGE, ConfigError, DatabaseError, UsageError
 
 #: The command groups, in the order ``odo-backend --help`` lists them.
-GROUPS = (run, devices, tokens, drivers, rewards, log, operators)
+GROUPS = (run, devices, tokens, drivers, rewards, rules, log, operators, api_tokens, vehicles, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

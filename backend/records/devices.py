@@ -22,7 +22,7 @@ from typing import Any
 from backend.db import Database, Row, Tx
 from backend.errors import DeviceInputError, UnknownDevice
 from backend.ledger import rewards
-from backend.ledger.rules import Rules
+from backend.ledger.contracts import Source, published_or
 from backend.locks import lock_device, lock_vehicles
 from backend.metrics import FleetFigures
 from backend.records import device_log
@@ -183,9 +183,10 @@ def approve(db: Database, dev: str, now_ms: int, by: str, vin: str | None = None
         return _one(tx, dev)
 
 
-def clear(db: Database, rules: Rules, dev: str, now_ms: int, by: str) -> dict[str, Any]:
+def clear(db: Database, rules: Source, dev: str, now_ms: int, by: str) -> dict[str, Any]:
     """Clear a device's flag (a rollback that an operator has looked into): the rewards held
-    since it was flagged are credited now, in seq order, and its readings earn again. The
+    since it was flagged are credited now, in seq order, and its readings earn again, by the
+    rule book published in the database (``rules`` only when none was published). The
     ``clear`` decision is logged, and the rules it credits by if they are not yet."""
     _check_dev(dev)
     _check_by(by)
@@ -200,7 +201,10 @@ def clear(db: Database, rules: Rules, dev: str, now_ms: int, by: str) -> dict[st
             lock_vehicles(db, tx, [row["vin"]])
         tx.execute("UPDATE devices SET held_at = NULL, held_reason = NULL, decided_at = ?, decided_by = ? "
                    "WHERE dev = ?", (now_ms, by, dev))
-        device_log.log_rules_of(tx, rules, now_ms)
+        book = published_or(tx, rules)
+        if not book.published:             # published versions were logged when published
+            for version in book.versions:
+                device_log.log_rules_of(tx, version.rules, now_ms)
         device_log.log_decision(tx, "clear", dev, row["vin"], by, now_ms)
         device = {**row, "held_at": None, "held_reason": None}
         held = tx.query("SELECT jws FROM records WHERE dev = ? AND status = 'accepted' AND received_at >= ? "
@@ -208,7 +212,7 @@ def clear(db: Database, rules: Rules, dev: str, now_ms: int, by: str) -> dict[st
         key = VerifyKey(bytes(row["pub"]))
         credited = 0
         for r in held:
-            credited += sum(t.amount for t in rewards.credit(tx, rules, verify_record(str(r["jws"]), key),
+            credited += sum(t.amount for t in rewards.credit(tx, book, verify_record(str(r["jws"]), key),
                                                               device, now_ms))
         log.info("%s cleared by %s (was: %s); %d held record(s) credited %d milli-tokens", dev, by,
                  row["held_reason"], len(held), credited)

@@ -1,7 +1,7 @@
 """MQTT ingest: the one module of the backend that talks to the broker (paho).
 
 The backend subscribes through shared subscriptions (``$share/odo-backend/odo/v1/+/records``,
-and the same for ``enroll`` and ``status``) at QoS 1 over MQTT 5, so that several backend
+and the same for ``enroll``, ``status`` and ``claim``) at QoS 1 over MQTT 5, so that several backend
 processes split the load.
 
 The pipeline: paho's network thread only routes each message to one of a few worker threads
@@ -19,7 +19,21 @@ the traceback and PUBACKed all the same once its transaction has rolled back: le
 it would come back only at the next reconnection, and fail again if it is the message's fault;
 the device sends again what it has no ack for. A PUBACK is sent only on the connection the
 message came on (after a reconnection the broker sends it again, under the same packet id,
-which a late PUBACK would wrongly acknowledge).
+which a late PUBACK would wrongly acknowledge). What the ingest publishes (acks, answers) waits
+in paho for the broker's PUBACK, at most ``OUT_QUEUE`` messages: past that an ack is not sent,
+and its device sends its batch again. ``odo_ingest_queued`` is what the queues hold.
+
+A database that cannot store (a full disk, an I/O error, a lost connection:
+:func:`backend.storage.failure`) is not the message's fault: its transaction rolled back, no ack
+goes to the device (whose ``through`` only ever counts what is committed), the message is
+PUBACKed like any that failed (the agent sends it again) and the thread's connection is closed
+(the next message opens a fresh one). ``odo_storage_failing`` and ``/healthz`` (503, "storage
+unavailable") say so from that write until a known device's batch is stored again, without a
+restart.
+
+Every message refused whole (a batch over its limits or malformed, an enrolment, status or claim
+that is refused, a topic that names no device) is counted in ``odo_messages_refused_total`` by
+topic and reason, beside the per-record outcomes of ``odo_records_total``.
 
 Sessions: the client id is stable per host (``odo-backend-<hostname>`` unless ``client_id`` is
 configured), with ``clean_start`` off and a session expiry (five minutes by default), so that a
@@ -28,10 +42,15 @@ meanwhile, and those it had received without acknowledging them. The broker keep
 disconnected member of the group its share until the session expires, which is why the expiry
 is short and why the id must not change on every start (a per-process id would strand that
 share). Nothing depends on those queued messages being delivered: an agent sends again whatever
-has not been acknowledged. Two processes on one host need distinct ``client_id`` values: a
-process whose session is taken over by another with its id stops with a clear error when the
-broker says so (MQTT 5 reason 142), and logs one when the broker only keeps closing its
-connections.
+has not been acknowledged. Two processes on one host need distinct ``client_id`` values. A
+process whose session is taken over by another client with its id (MQTT 5 reason 142) never
+stops for it: it logs an ERROR naming the client id, counts ``odo_mqtt_session_taken_over_total``
+and reconnects after an exponential backoff with jitter (``RETRY_MIN_S`` doubling up to
+``RETRY_MAX_S``, reset once a connection has lasted ``RETRY_MAX_S``), so that it gets its session
+back when the impostor leaves; it logs one too when the broker only keeps closing its
+connections. A CONNACK that refuses the backend is retried the same way, except those in
+``FATAL_CONNACK`` (its credentials, client id or certificate are refused: retrying cannot help),
+which stop the process with exit status 78.
 
 Stopping: messages still queued are dropped without a PUBACK (the broker keeps them for the
 session), the workers finish the one in hand (ack and PUBACK included), then the client
@@ -47,6 +66,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import random
 import ssl
 import threading
 import time
@@ -62,24 +82,29 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from backend import storage
 from backend.config import MAX_WORKERS
 from backend.db import Database
 from backend.errors import LockTimeout
-from backend.ledger.rules import Rules
+from backend.ledger.contracts import Source
 from backend.metrics import REGISTRY, Registry
-from backend.records import devices, enrollment, store
+from backend.records import claims_mqtt, devices, enrollment, store
 from backend.records.evidence import DEFAULT_LIMITS, EvidenceLimits
 from common.clock import now_ms
 from common.transport import BrokerConfig
 from protocol import messages, topics
-from protocol.errors import BadFormat
+from protocol.errors import BadFormat, BadSignature
 
 log = logging.getLogger(__name__)
 
-CHANNELS = ("records", "enroll", "status")
+CHANNELS = ("records", "enroll", "status", "claim")
 #: CONNACK / DISCONNECT reasons that retrying cannot fix.
 FATAL_CONNACK = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
 SESSION_TAKEN_OVER = 142
+#: Waits before reconnecting after a takeover or a refusal: from RETRY_MIN_S, doubled each time
+#: up to RETRY_MAX_S, each drawn between half and all of that (jitter).
+RETRY_MIN_S = 1.0
+RETRY_MAX_S = 60.0
 SHORT_LIVED_S = 2.0
 SHORT_LIVED_ALARM = 3
 DECISION_POLL_S = 1.0
@@ -91,6 +116,9 @@ ROUTE_POLL_S = 0.2
 #: After a device's lock timed out (another process holds it), its messages are left for its agent
 #: to send again for this long, rather than each one waiting out the lock in a worker.
 HELD_DEVICE_S = 5
+
+#: Messages the ingest publishes that paho holds until the broker's PUBACK (past this, not sent).
+OUT_QUEUE = 1000
 
 #: How long ``stop()`` waits for the workers to finish the messages in hand.
 STOP_WAIT_S = 30.0
@@ -114,10 +142,33 @@ class Received:
     connection: int            # which connection it came on (see ``Ingest._connection``)
 
 
+def enrolment_refusal(dev: str, body: bytes) -> str | None:
+    """Why :func:`enrollment.handle` refused an ``enroll`` message published on ``dev``'s topic
+    (for the metrics), or None when it did not: the message is read again to name the reason."""
+    try:
+        enrolment, _ = messages.decode_enroll(body)
+    except messages.TooLarge:
+        return "too_large"
+    except BadFormat:
+        return "bad_format"
+    except BadSignature:
+        return "bad_signature"
+    return "dev_mismatch" if enrolment.dev != dev else None
+
+
+def status_refusal(body: bytes) -> str:
+    """Why a ``status`` message that was not kept was refused: malformed, or of no device."""
+    try:
+        messages.decode_status(body)
+    except BadFormat:
+        return "bad_format"
+    return "unknown_device"
+
+
 class Ingest:
     """Subscribe, verify and store, acknowledge. ``start()`` returns at once; ``stop()`` joins."""
 
-    def __init__(self, db: Database, rules: Rules, broker: BrokerConfig, fleet_token: str | None = None, *,
+    def __init__(self, db: Database, rules: Source, broker: BrokerConfig, fleet_token: str | None = None, *,
                  registry: Registry = REGISTRY, clock: Callable[[], int] = now_ms,
                  on_fatal: Callable[[str], None] | None = None,
                  evidence: EvidenceLimits = DEFAULT_LIMITS, workers: int | None = None) -> None:
@@ -136,6 +187,7 @@ class Ingest:
         self._housekeeper: threading.Thread | None = None
         self._connected_at: float | None = None
         self._short_lived = 0
+        self._retries = 0                     # takeovers and refusals in a row: the backoff's exponent
         self.workers = workers
         self._inboxes = [queue.Queue[Received | None](maxsize=QUEUE_PER_WORKER) for _ in range(workers)]
         self._threads: list[threading.Thread] = []
@@ -146,6 +198,7 @@ class Ingest:
         self._dropped = 0
         self._held: dict[str, float] = {}     # device -> until when its lock is not waited for (monotonic)
         self.client = self._make_client()
+        registry.watch_queue(self.queued)
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -162,6 +215,7 @@ class Ingest:
                            certfile=str(b.tls_cert) if b.tls_cert else None,
                            keyfile=str(b.tls_key) if b.tls_key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_queued_messages_set(OUT_QUEUE)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -251,13 +305,16 @@ class Ingest:
             name = reason.getName()
             if name in FATAL_CONNACK:
                 self._fail(f"the broker at {self.broker.display} refused the backend: {name} "
-                           "(check the user and password in --broker, and the broker's ACL)")
+                           "(check the user and password in --broker, the client id: a broker that binds "
+                           "it to the certificate takes only odo-backend-<suffix> from odo-backend, "
+                           "and the broker's ACL)")
             else:
-                log.warning("the broker at %s refused the connection: %s; retrying",
-                            self.broker.display, name)
+                log.warning("the broker at %s refused the connection: %s; retrying in %.1f s",
+                            self.broker.display, name, self._back_off())
             return
         log.info("connected to %s (session %s)", self.broker.display,
                  "resumed" if flags.session_present else "new")
+        client.reconnect_delay_set(min_delay=1, max_delay=30)  # a lost connection: paho's own backoff
         self._next_connection()
         self._connected_at = time.monotonic()
         self.connected.set()
@@ -283,24 +340,41 @@ class Ingest:
         self.subscribed.clear()
         if self._stop.is_set():
             return
-        clash = (f"another process connected with this backend's MQTT client id {self.broker.client_id!r}: "
-                 "give each backend process its own client_id")
+        client_id = self.broker.client_id or "odo-backend"
+        clash = ("reconnecting in %.1f s to take it back; give each backend process its own client_id, "
+                 "and if none of yours has it, someone else holds the backend's certificate")
+        lasted = time.monotonic() - self._connected_at if self._connected_at is not None else None
+        self._connected_at = None
+        if lasted is not None and lasted >= RETRY_MAX_S:
+            self._retries = 0
         if reason.value == SESSION_TAKEN_OVER:
-            self._fail(clash)
+            self.registry.count_session_taken_over()
+            log.error("session taken over: another client connected to %s with this backend's MQTT client id "
+                      "%r (reason %d %s); " + clash, self.broker.display, client_id, SESSION_TAKEN_OVER,
+                      reason.getName(), self._back_off())
             return
-        if self._connected_at is None:
+        if lasted is None:
             log.warning("the broker at %s closed the connection before accepting it (%s): does it trust "
                         "the backend's certificate? retrying", self.broker.display, reason.getName())
         else:
             log.warning("lost the broker at %s (%s); reconnecting", self.broker.display, reason.getName())
-        # Brokers that do not say "session taken over" just close the connection of the older
-        # client: connections that keep ending at once are the sign of it.
-        lasted = time.monotonic() - self._connected_at if self._connected_at is not None else None
+        # Brokers that do not say "session taken over" (mosquitto before 2.0.15) just close the
+        # connection of the older client: connections that keep ending at once are the sign of it.
         self._short_lived = self._short_lived + 1 if lasted is not None and lasted < SHORT_LIVED_S else 0
-        self._connected_at = None
-        if self._short_lived == SHORT_LIVED_ALARM:
-            log.error("the broker closed the last %d connections at once; probably %s",
-                      SHORT_LIVED_ALARM, clash)
+        if self._short_lived >= SHORT_LIVED_ALARM:
+            self.registry.count_session_taken_over()
+            log.error("session taken over, probably: the broker at %s closed the last %d connections of MQTT "
+                      "client id %r at once, as it does when another client connects with that id; " + clash,
+                      self.broker.display, self._short_lived, client_id, self._back_off())
+
+    def _back_off(self) -> float:
+        """Make paho wait before its next attempt, exponentially longer for each takeover or
+        refusal in a row, with jitter; the wait, in seconds."""
+        ceiling = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** min(self._retries, 16))
+        self._retries += 1
+        wait = random.uniform(ceiling / 2, ceiling)
+        self.client.reconnect_delay_set(min_delay=wait, max_delay=wait)  # type: ignore[arg-type]  # floats work
+        return wait
 
     def _next_connection(self) -> None:
         with self._connection_lock:
@@ -315,6 +389,7 @@ class Ingest:
             dev, channel = topics.parse(msg.topic)
         except (BadFormat, UnicodeDecodeError) as exc:
             log.warning("ignored a message: %s", exc)
+            self.registry.count_refused("unknown", "bad_topic")
             client.ack(msg.mid, msg.qos)             # nothing will ever be done with it
             return
         item = Received(dev, channel, bytes(msg.payload), msg.mid, msg.qos, self._connection)
@@ -326,6 +401,10 @@ class Ingest:
             except queue.Full:
                 continue
         self._count_dropped()                        # stopping: not PUBACKed, the broker keeps it
+
+    def queued(self) -> int:
+        """Messages waiting in the workers' queues (besides the ones in hand)."""
+        return sum(inbox.qsize() for inbox in self._inboxes)
 
     def worker_of(self, dev: str) -> int:
         """The worker that handles every message of ``dev`` (a CRC-32 of its id)."""
@@ -358,21 +437,42 @@ class Ingest:
             return
         try:
             if item.channel == "records":
-                self.handle_records(item.dev, item.body)
+                if self.handle_records(item.dev, item.body).stored and self.registry.storage_works():
+                    log.warning("the database stores again: acknowledging messages again")
             elif item.channel == "enroll":
                 self.handle_enroll(item.dev, item.body)
             elif item.channel == "status":
-                devices.update_status(self.db, item.dev, item.body, self.clock())
+                if not devices.update_status(self.db, item.dev, item.body, self.clock()):
+                    self.registry.count_refused("status", status_refusal(item.body))
+            elif item.channel == "claim":
+                self.handle_claim(item.dev, item.body)
         except LockTimeout as exc:
             # Another process holds this device (stopped mid-transaction?): its agent sends again.
             self._held[item.dev] = time.monotonic() + HELD_DEVICE_S
             log.warning("%s: %s message left for the device to send again, and its messages for %d s: %s",
                         item.dev, item.channel, HELD_DEVICE_S, exc)
-        except Exception:  # noqa: BLE001 - one bad message must not stop the ingest; the agent resends
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the ingest; the agent resends
             self.registry.count_error()
-            log.exception("%s: failed to handle a %s message; not acknowledged to the device",
-                          item.dev, item.channel)
+            unavailable = storage.failure(exc)
+            if unavailable is None:
+                log.exception("%s: failed to handle a %s message; not acknowledged to the device",
+                              item.dev, item.channel)
+            else:
+                self._storage_failed(item, unavailable)
         self._puback(item)
+
+    def _storage_failed(self, item: Received, reason: str) -> None:
+        """The database could not store: say so (once, until it stores again), and drop this
+        thread's connection, which a failed commit may have left inside its transaction."""
+        if self.registry.storage_failed(reason):
+            log.error("storage unavailable: %s; acknowledging nothing until the database stores again "
+                      "(agents send again what has no ack)", reason)
+        else:
+            log.debug("%s: %s message not stored: %s", item.dev, item.channel, reason)
+        try:
+            self.db.close()
+        except Exception as exc:  # noqa: BLE001 - a broken connection may not even close cleanly
+            log.debug("closing the database connection: %s", exc)
 
     def _puback(self, item: Received) -> None:
         with self._connection_lock:
@@ -389,12 +489,26 @@ class Ingest:
         self.client.publish(topics.ack(dev), messages.encode_ack(result.ack), qos=1)
         self.registry.observe_batch(time.perf_counter() - started)
         self.registry.count_records(result.outcomes)
+        if result.refused is not None:
+            self.registry.count_refused("records", result.refused)
         return result
 
     def handle_enroll(self, dev: str, body: bytes) -> enrollment.Answer:
         answer = enrollment.handle(self.db, dev, body, self.clock(), self._fleet_token)
         self.publish_answer(answer)
+        refused = enrolment_refusal(dev, body)
+        if refused is not None:
+            self.registry.count_refused("enroll", refused)
         return answer
+
+    def handle_claim(self, dev: str, body: bytes) -> messages.ClaimResult:
+        """A claim of the device's vehicle; answered on its ``enrolled`` topic, not retained
+        (the retained enrolment answer stays)."""
+        result = claims_mqtt.handle(self.db, dev, body, self.clock())
+        self.client.publish(topics.enrolled(dev), messages.encode_claim_result(result), qos=1)
+        if result.status == "refused":
+            self.registry.count_refused("claim", result.reason or "refused")
+        return result
 
     def publish_answer(self, answer: enrollment.Answer) -> None:
         self.client.publish(topics.enrolled(answer.dev), answer.encode(), qos=1, retain=True)

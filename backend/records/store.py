@@ -8,7 +8,11 @@ per-device lock (``db.lock_key``) so that two backend processes never handle one
 once, the device's state is read again and each record is decided by :mod:`backend.records.verify`.
 Every accepted record is appended to the transparency log and credited by
 :func:`backend.ledger.rewards.credit` in the same transaction, so a record is stored, logged and
-credited together or not at all. The ``through`` of the ack is therefore durable.
+credited together or not at all. The ``through`` of the ack is therefore durable. ``rules`` is
+a rule book (:mod:`backend.ledger.contracts`; a running backend's is read again in the batch's
+transaction, so a version published meanwhile is seen at once) or one file's rules: a record is
+checked by the version in force when the batch is received, and credited by the one in force at
+its reading time.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from typing import Any
 
 from backend.db import Database, Row, Tx, insert_many
 from backend.ledger import accounts, rewards
-from backend.ledger.rules import Rules
+from backend.ledger.contracts import RuleBook, Source, book_for
 from backend.locks import lock_device, lock_vehicles
 from backend.records import evidence
+from backend.records.devices import active_device
 from backend.records.evidence import DEFAULT_LIMITS, MAX_LOGGED_BODY, EvidenceLimits
 from backend.records.verify import (
     MIN_WALL_MS,
@@ -71,6 +76,14 @@ class BatchResult:
     dev: str
     ack: Ack
     outcomes: tuple[tuple[str, str], ...] = ()      # (status, reason) per record, for metrics
+    refused: str | None = None                      # why the whole message was refused, if it was
+    stored: bool = False                            # the device's row was written (it is known)
+
+
+def _storable(text: str) -> str:
+    """Refused content as a database can keep it: a lone surrogate (not UTF-8) and NUL (which
+    PostgreSQL's text refuses) are written as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def _device_key(row: Row | None) -> DeviceKey | None:
@@ -101,13 +114,15 @@ def _later_anchors(checked: list[Record | Refusal]) -> list[Anchor | None]:
     return out[::-1]
 
 
-def process_batch(db: Database, rules: Rules, dev: str, body: bytes, now_ms: int,
+def process_batch(db: Database, rules: Source, dev: str, body: bytes, now_ms: int,
                   limits: EvidenceLimits = DEFAULT_LIMITS) -> BatchResult:
     """Verify and store one ``records`` message published on ``dev``'s topic."""
     refused_batch: Refusal | None = None
+    refused: str | None = None
     try:
         sent = messages.decode_batch(body)
     except BadFormat as exc:
+        refused = "too_large" if isinstance(exc, messages.TooLarge) else "bad_format"
         sent, refused_batch = messages.Batch(()), Refusal(None, "bad_format", str(exc))
     texts = list(sent.records)
     items = [parse(t) for t in texts]
@@ -124,23 +139,23 @@ def process_batch(db: Database, rules: Rules, dev: str, body: bytes, now_ms: int
         signed = [c for c in checked if isinstance(c, Record)]
         if device is not None:
             lock_vehicles(db, tx, [v for v in (*(r.vin for r in signed), device["vin"]) if v is not None])
-        batch = _Batch(tx, rules, dev, device, now_ms, sent, limits, signed)
+        batch = _Batch(tx, book_for(tx, rules), dev, device, now_ms, sent, limits, signed)
         if refused_batch is not None:
-            batch.refuse(refused_batch, body.decode("utf-8", "replace"))
+            batch.refuse(refused_batch, body[:MAX_LOGGED_BODY].decode("utf-8", "replace"))
         for text, item, later in zip(texts, checked, _later_anchors(checked), strict=True):
             if isinstance(item, Refusal):
                 batch.refuse(item, text if isinstance(text, str) else json.dumps(text)[:MAX_LOGGED_BODY])
             else:
                 batch.take(item, later)
         ack = batch.finish()
-    return BatchResult(dev, ack, tuple(batch.outcomes))
+    return BatchResult(dev, ack, tuple(batch.outcomes), refused, stored=device is not None)
 
 
 class _Batch:
     """The records of one batch, decided in order inside one transaction."""
 
-    def __init__(self, tx: Tx, rules: Rules, dev: str, device: Row | None, now_ms: int, sent: messages.Batch,
-                 limits: EvidenceLimits,
+    def __init__(self, tx: Tx, rules: RuleBook, dev: str, device: Row | None, now_ms: int,
+                 sent: messages.Batch, limits: EvidenceLimits,
                  records: list[Record]) -> None:
         self.tx, self.rules, self.dev, self.now_ms = tx, rules, dev, now_ms
         self.sent, self.evidence = sent, limits
@@ -162,8 +177,9 @@ class _Batch:
         self._logged: list[tuple[str, bytes]] = []       # accepted ones, for the log
         self._week_totals: rewards.WeekTotals = {}
         self.held_now = False
-        self.limits = Limits(int(rules.max_speed_kph), now_ms, rules.max_clock_ahead_ms,
-                               rules.rollback_tolerance_m)
+        checks = rules.for_receipt(now_ms).rules
+        self.limits = Limits(int(checks.max_speed_kph), now_ms, checks.max_clock_ahead_ms,
+                             checks.rollback_tolerance_m)
 
     # -- refusals: records that do not take a seq ----------------------------------------------
 
@@ -171,8 +187,8 @@ class _Batch:
         self.rejected.append(Rejection(refusal.seq, refusal.reason))
         self.outcomes.append(("rejected", refusal.reason))
         log.info("%s: refused record seq=%s: %s (%s)", self.dev, refusal.seq, refusal.reason, refusal.detail)
-        evidence.keep(self.tx, self.dev, self.device is not None, refusal.seq, refusal.reason, refusal.detail,
-                      body, self.now_ms, self.evidence)
+        evidence.keep(self.tx, self.dev, self.device is not None, refusal.seq, refusal.reason,
+                      _storable(refusal.detail), _storable(body), self.now_ms, self.evidence)
 
     # -- authenticated records -----------------------------------------------------------------
 
@@ -245,7 +261,11 @@ class _Batch:
         return self._trips[record.id]
 
     def _read_trip_context(self, record: Record, vin: str, later: Anchor | None) -> TripContext:
-        end = estimate_time(record, self._anchors_for(record, later), self.now_ms, self._sent_mono(record))
+        signed = estimate_time(record, self._anchors_for(record, later), self.now_ms, self._sent_mono(record))
+        # a trip is signed after its end: after the off debounce, or only when the agent starts
+        # again after a power cut; its times and t are on one clock, so the trip ended that long
+        # before the (estimated) signing time
+        end = signed - max(0, record.t - int(record.fields["end_t"]))
         start = end - (int(record.fields["end_t"]) - int(record.fields["start_t"]))
         # t_est is the reading time (a synced clock's t, else the estimate), indexed per VIN. The
         # vehicle's odometer only rises, so the latest readings before the start hold its highest.
@@ -289,6 +309,8 @@ class _Batch:
                       self._vehicle_top(vin), trip)
         stored = self._stored(record.seq) if record.seq <= self.through else None
         decision = decide(record, chain, stored)
+        if decision.takes_seq:
+            decision = self._first_vin(record) or decision
         if decision.outcome == "duplicate":
             self.outcomes.append(("duplicate", ""))
             if stored is not None and stored.status == "rejected" and stored.reason:
@@ -299,6 +321,10 @@ class _Batch:
             self.tx.insert_ignore("forks", {"dev": self.dev, "seq": record.seq, "record_id": record.id,
                                             "jws": record.jws, "received_at": self.now_ms}, ["record_id"])
             self._reject(record, decision)
+            # Two records signed for one seq: the key is cloned (or the device broken), and either
+            # record may be the copy's. Its rewards wait for an operator, as for a rollback.
+            self._hold(f"fork at seq {record.seq}: a second record signed for a seq already taken "
+                       "(a cloned key?)")
         elif decision.outcome == "hold":
             if self.device["flagged_vin"] != record.vin:
                 self.tx.execute("UPDATE devices SET flagged_vin = ? WHERE dev = ?", (record.vin, self.dev))
@@ -310,6 +336,18 @@ class _Batch:
             self._reject(record, decision)
         else:
             self._store(record, decision, later)
+
+    def _first_vin(self, record: Record) -> Decision | None:
+        """A hold when a device approved without a VIN first reads one whose vehicle has another
+        active device: the VIN is not taken on, an operator decides (``approve --replace``)."""
+        assert self.device is not None
+        if self.device["vin"] is not None or record.vin is None:
+            return None
+        active = active_device(self.tx, record.vin, self.dev)
+        if active is None:
+            return None
+        return Decision("hold", "vin_mismatch", f"record reads VIN {record.vin}, whose active device is "
+                                                f"{active}")
 
     def _reject(self, record: Record, decision: Decision) -> None:
         assert decision.reason is not None

@@ -9,6 +9,8 @@ session's CSRF token. Pages only read, except approve and revoke.
     /drivers              drivers, their assignments and balances
     /wallets/{account}    one account's balance and transfers
     /ledger               the latest transfers
+    /rules                the published rules versions: effective dates, hashes, publish times
+    /webhooks             the latest webhook deliveries (backend.notify)
     /static/…             the stylesheet (served locally, no CDN)
 """
 
@@ -25,7 +27,8 @@ from starlette.staticfiles import StaticFiles
 from backend.db import Database
 from backend.errors import DeviceInputError, UnknownDevice
 from backend.ledger import accounts
-from backend.ledger.rules import Rules
+from backend.ledger.contracts import Source
+from backend.notify import webhooks
 from backend.records import devices
 from backend.web import auth, dashboard_data
 from backend.web.auth import Session, db_call, login_required, safe_next
@@ -52,7 +55,7 @@ def _notice(request: Request) -> str | None:
 
 
 def decide(db: Database, dev: str, decision: str, by: str, now_ms: int, *, replace: bool = False,
-           rules: Rules | None = None) -> bool:
+           rules: Source | None = None) -> bool:
     """Approve, revoke or clear a device (:mod:`backend.records.devices`); False when there is no
     such device. A refusal (another active device in the vehicle, nothing to clear) is a
     :class:`DeviceInputError` that names why.
@@ -91,7 +94,8 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
     @page
     async def device(request: Request, session: Session) -> Response:
         dev = request.path_params["dev"]
-        view = await db_call(ctx.db, dashboard_data.device_view, dev, _page_number(request), now())
+        view = await db_call(ctx.db, dashboard_data.device_view, dev, _page_number(request), now(),
+                             ctx.display_unit)
         if view is None:
             return _not_found(request, session, f"No device {dev!r}.")
         return render(request, "device.html", {
@@ -106,7 +110,7 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
             replace = request.state.form.get("replace") == "1"
             try:
                 found = await db_call(ctx.db, decide, dev, kind, session.username, now(), replace=replace,
-                                      rules=ctx.rules)
+                                      rules=ctx.rule_source())
             except DeviceInputError as exc:
                 return render(request, "error.html", {"session": session, "title": "Refused",
                                                       "message": str(exc)}, status_code=409)
@@ -157,6 +161,20 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
             "session": session, "title": "Ledger", "nav": "ledger", "rows": rows, "page": pg,
         })
 
+    @page
+    async def webhooks_page(request: Request, session: Session) -> Response:
+        rows = await db_call(ctx.db, webhooks.recent)
+        return render(request, "webhooks.html", {
+            "session": session, "title": "Webhooks", "nav": "webhooks", "rows": rows,
+        })
+
+    @page
+    async def rules_page(request: Request, session: Session) -> Response:
+        rows = await db_call(ctx.db, dashboard_data.rules_versions, now())
+        return render(request, "rules.html", {
+            "session": session, "title": "Rules", "nav": "rules", "rows": rows,
+        })
+
     return [
         Route("/", fleet, name="fleet"),
         Route("/devices/{dev}", device, name="device"),
@@ -167,6 +185,8 @@ def routes(ctx: AppContext) -> list[BaseRoute]:
         Route("/drivers", drivers, name="drivers"),
         Route("/wallets/{account:path}", wallet, name="wallet"),
         Route("/ledger", ledger_page, name="ledger"),
+        Route("/rules", rules_page, name="rules"),
+        Route("/webhooks", webhooks_page, name="webhooks"),
         *auth.routes(ctx),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
