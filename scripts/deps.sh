@@ -10,6 +10,9 @@
 #      the server answering, a login role for the test user, the database, and password-less
 #      connections from 127.0.0.1 for that role. As root, it starts or fixes what it must and
 #      says what it changed; otherwise it says what is wrong and exits 1.
+#   3. The broker's plugin installed where deploy/mosquitto/odoledger.conf loads it
+#      (/usr/local/lib/odoledger/odo_doors.so): as root, built and installed when missing or older
+#      than its source; otherwise it prints the command (the tests build their own copy).
 #
 # Idempotent: on a machine that has everything it changes nothing.
 set -euo pipefail
@@ -186,5 +189,30 @@ ensure_postgres() {
     ready
 }
 
+# --- the broker's plugin -------------------------------------------------------------------------
+
+PLUGIN=/usr/local/lib/odoledger/odo_doors.so
+
+ensure_plugin() {
+    local src here
+    here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    src=$here/deploy/mosquitto/odo_doors.c
+    if [[ -f $PLUGIN && $PLUGIN -nt $src ]]; then
+        say "broker plugin present: $PLUGIN"
+        return
+    fi
+    if ! is_root; then
+        say "the broker plugin $PLUGIN (for deploy/mosquitto/odoledger.conf) is missing or older than its" \
+            "source; install it with: sudo make -C deploy/mosquitto OUT=/tmp install"
+        return
+    fi
+    local out
+    out=$(mktemp -d)
+    make -s -C "$here/deploy/mosquitto" OUT="$out" install >/dev/null
+    rm -rf "$out"
+    say "installed the broker plugin: $PLUGIN"
+}
+
 ensure_packages
 ensure_postgres
+ensure_plugin
