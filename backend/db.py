@@ -21,10 +21,10 @@ import re
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from backend.errors import DatabaseError, IntegrityError, LockTimeout
 from common.clock import now_ms
@@ -76,18 +76,31 @@ class Tx:
 
 def insert_many(tx: Tx, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
                 conflict: str | None = None) -> int:
-    """Insert ``rows`` in as few statements as the parameter limit allows (SQLite takes 999 a
-    statement); with ``conflict``, rows that clash on that column are skipped. Returns the rows
-    inserted."""
-    per = max(1, 900 // len(columns))
-    marks = "(" + ", ".join("?" for _ in columns) + ")"
-    tail = f" ON CONFLICT ({conflict}) DO NOTHING" if conflict else ""
-    done = 0
-    for n in range(0, len(rows), per):
-        chunk = rows[n:n + per]
-        done += tx.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
-                           f"{', '.join(marks for _ in chunk)}{tail}", [v for row in chunk for v in row])
-    return done
+    """Insert ``rows``; with ``conflict``, rows that clash on that column are skipped. Returns the
+    rows inserted.
+
+    On SQLite, in as few statements as its parameter limit allows (999 a statement). On
+    PostgreSQL, with ``COPY`` (a multi-row ``INSERT`` costs the client ten times as much CPU a
+    row, adapting every parameter), or, to skip conflicts, one prepared ``INSERT … ON CONFLICT``
+    sent for every row in one pipeline."""
+    if not rows:
+        return 0
+    return tx._db._insert_many(tx._conn, table, columns, rows, conflict)
+
+
+#: Writes done together in one SQLite transaction, at most (:meth:`Database.write_together`).
+MAX_TOGETHER = 16
+T = TypeVar("T")
+
+
+class _Job(Generic[T]):
+    """A write submitted to :meth:`Database.write_together`, and what came of it."""
+
+    def __init__(self, fn: Callable[[Tx], T]) -> None:
+        self.fn = fn
+        self.done = False
+        self.result: T | None = None
+        self.error: BaseException | None = None
 
 
 class Database:
@@ -102,6 +115,8 @@ class Database:
         # SQLite only: its writers take turns in the process. PostgreSQL's run at once.
         self._write_lock: AbstractContextManager[Any] = (
             threading.RLock() if dialect == "sqlite" else nullcontext())
+        self._waiting: list[_Job[Any]] = []          # SQLite: writes for the next holder of the lock
+        self._waiting_lock = threading.Lock()
 
     # -- opening --------------------------------------------------------------
 
@@ -181,6 +196,35 @@ class Database:
                 raise IntegrityError(str(exc)) from exc
             raise
 
+    def _insert_many(self, conn: Any, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                     conflict: str | None) -> int:
+        tail = f" ON CONFLICT ({conflict}) DO NOTHING" if conflict else ""
+        names = ", ".join(columns)
+        if self.dialect == "sqlite":
+            per = max(1, 900 // len(columns))
+            marks = "(" + ", ".join("?" for _ in columns) + ")"
+            done = 0
+            for n in range(0, len(rows), per):
+                chunk = rows[n:n + per]
+                done += int(self._run(conn, f"INSERT INTO {table} ({names}) VALUES "
+                                            f"{', '.join(marks for _ in chunk)}{tail}",
+                                      [v for row in chunk for v in row]).rowcount)
+            return done
+        try:
+            cur = conn.cursor()
+            if conflict is None:
+                with cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                return len(rows)
+            marks = ", ".join("%s" for _ in columns)
+            cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}){tail}", rows)
+            return int(cur.rowcount)
+        except Exception as exc:
+            if type(exc).__name__ in ("UniqueViolation", "ForeignKeyViolation", "IntegrityError"):
+                raise IntegrityError(str(exc)) from exc
+            raise
+
     def _rows(self, cur: Any) -> list[Row]:
         if cur.description is None:
             return []
@@ -204,6 +248,58 @@ class Database:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    def write_together(self, fn: Callable[[Tx], T]) -> T:
+        """``fn`` in a write transaction, its result returned (its exception raised).
+
+        On SQLite, the writes that other threads submit this way while one is in hand are done
+        together when the lock is free, in one transaction of one commit (one fsync, one turn of
+        the lock), each in a savepoint of its own: one that raises is rolled back alone, and only
+        its caller sees the exception. If the commit fails, each caller sees that. On PostgreSQL,
+        whose writers run at once, simply :meth:`write`."""
+        if self.dialect != "sqlite":
+            with self.write() as tx:
+                return fn(tx)
+        job = _Job(fn)
+        with self._waiting_lock:
+            self._waiting.append(job)
+        with self._write_lock:
+            while not job.done:              # unless done by the thread that held the lock before
+                with self._waiting_lock:
+                    jobs, self._waiting = self._waiting[:MAX_TOGETHER], self._waiting[MAX_TOGETHER:]
+                self._run_together(jobs)
+        assert job.done
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[return-value]
+
+    def _run_together(self, jobs: list[_Job[Any]]) -> None:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for job in jobs:
+                    conn.execute("SAVEPOINT together")
+                    try:
+                        job.result = job.fn(Tx(self, conn))
+                    except BaseException as exc:   # noqa: BLE001 - handed to its caller
+                        if not conn.in_transaction:
+                            raise                  # SQLite rolled it all back (a full disk, an I/O error)
+                        conn.execute("ROLLBACK TO together")
+                        job.error = exc
+                    conn.execute("RELEASE together")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except BaseException as exc:         # noqa: BLE001 - the transaction failed: every write with it
+            for job in jobs:
+                if job.error is None:
+                    job.error, job.result = exc, None
+        finally:
+            for job in jobs:
+                job.done = True
 
     @contextmanager
     def read(self) -> Iterator[Tx]:

@@ -19,6 +19,7 @@ library's global one, so tests can make as many as they like.
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -158,8 +159,8 @@ class Registry:
         self.fleet.source = source
 
     def count_records(self, outcomes: Iterable[tuple[str, str]]) -> None:
-        for status, reason in outcomes:
-            self._records.labels(status, reason).inc()
+        for (status, reason), n in collections.Counter(outcomes).items():
+            self._records.labels(status, reason).inc(n)
 
     def count_refused(self, channel: str, reason: str) -> None:
         self._refused.labels(channel, reason).inc()

@@ -44,11 +44,13 @@ def _no_constants(text: str) -> Any:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise BadFormat(f"payload: duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise BadFormat(f"payload: duplicate key {key!r}")
+            seen.add(key)
     return out
 
 
@@ -57,6 +59,9 @@ MAX_BYTES = 1024 * 1024
 MAX_DEPTH = 16
 MAX_INT_DIGITS = 20                # 2^64 has 20 digits; every bound of a field is far below
 _ESCAPE = re.compile(rb"\\.", re.S)
+#: A number of more than MAX_INT_DIGITS digits, or what looks like one inside a string: only
+#: then is every integer read through :func:`_bounded_int`.
+_LONG_NUMBER = re.compile(rb"[:,\[]\s*-?[0-9]{%d}" % (MAX_INT_DIGITS + 1))
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
@@ -84,6 +89,14 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
+#: Both refuse floats, NaN and duplicate keys; the first bounds every integer's digits, the second
+#: leaves integers to the C scanner, for texts with no run of digits that could be too long.
+_STRICT = json.JSONDecoder(parse_float=_no_floats, parse_int=_bounded_int, parse_constant=_no_constants,
+                           object_pairs_hook=_unique_keys)
+_SHORT_INTS = json.JSONDecoder(parse_float=_no_floats, parse_constant=_no_constants,
+                               object_pairs_hook=_unique_keys)
+
+
 def loads_object(data: bytes, what: str = "payload", *, max_bytes: int = MAX_BYTES,
                  max_depth: int = MAX_DEPTH) -> dict[str, Any]:
     """Decode a JSON object strictly: UTF-8, no floats, no NaN, no duplicate keys; at most
@@ -98,13 +111,8 @@ def loads_object(data: bytes, what: str = "payload", *, max_bytes: int = MAX_BYT
     if data.count(b"[") + data.count(b"{") > max_depth and depth(data) > max_depth:
         raise BadFormat(f"{what}: nested deeper than {max_depth} levels")
     try:
-        obj = json.loads(
-            text,
-            parse_float=_no_floats,
-            parse_int=_bounded_int,
-            parse_constant=_no_constants,
-            object_pairs_hook=_unique_keys,
-        )
+        decoder = _STRICT if _LONG_NUMBER.search(data) else _SHORT_INTS
+        obj = decoder.decode(text)
     except BadFormat as exc:
         raise BadFormat(f"{what}: {str(exc).removeprefix('payload: ')}") from None
     except json.JSONDecodeError as exc:

@@ -27,17 +27,11 @@ class Compact:
     header: dict[str, object]
     payload: bytes
     signature: bytes
-
-    @property
-    def kid(self) -> str:
-        kid = self.header.get("kid")
-        assert isinstance(kid, str)
-        return kid
+    kid: str                     # the header's, checked to be a string
 
     @property
     def signing_input(self) -> bytes:
-        head, body, _ = self.text.split(".")
-        return f"{head}.{body}".encode("ascii")
+        return self.text[:self.text.rindex(".")].encode("ascii")
 
 
 def sign(payload: bytes, key: SigningKey, kid: str) -> str:
@@ -79,7 +73,9 @@ def split(text: str | bytes) -> Compact:
     signature = b64.decode(parts[2], "jws signature")
     if len(signature) != 64:
         raise BadFormat("jws signature: must be 64 bytes")
-    return Compact(text, header, payload, signature)
+    kid = header["kid"]
+    assert isinstance(kid, str)                  # _header checked it
+    return Compact(text, header, payload, signature, kid)
 
 
 def verify(compact: Compact, key: VerifyKey) -> bytes:

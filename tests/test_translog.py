@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from backend.db import Database
+from backend.db import Database, Tx
 from backend.transparency import translog
 from protocol import checkpoint, merkle
 from tests.ledger_support import open_db
@@ -194,4 +194,36 @@ def test_storing_an_entry_waits_for_no_sequencer(db_url: str) -> None:
         release.set()
         t.join()
     assert translog.integrate_all(db) == 1
+    db.close()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)      # planned outside the lock on SQLite only
+def test_a_plan_made_before_another_sequencer_ran_is_made_again(db_url: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    db, other = open_db(db_url), Database.open(db_url)
+    _append(db, 5)
+    with db.write() as tx:
+        for i in range(5, 12):
+            translog.append(tx, "record", f"r{i}", b"entry %d" % i)
+    real_plan = translog._plan
+    plans: list[int] = []
+
+    def plan_then_race(tx: Tx, limit: int, at: int) -> translog._Plan:
+        made = real_plan(tx, limit, at)
+        plans.append(made.size)
+        if len(plans) == 1:                 # another process's sequencer integrates some meanwhile
+            translog.integrate(other, limit=3)
+        return made
+
+    monkeypatch.setattr(translog, "_plan", plan_then_race)
+    done = translog.integrate(db)
+    monkeypatch.setattr(translog, "_plan", real_plan)
+    # ours (5), the other's (5, used), ours again inside the transaction: the tree had grown to 8
+    assert plans == [5, 5, 8]
+    assert done.entries == 4 and done.size == 12
+    with db.read() as tx:
+        assert translog.queued(tx) == 0
+        assert translog.root(tx) == merkle.root([merkle.leaf_hash(b"entry %d" % i) for i in range(12)])
+        assert [translog.leaf_index(tx, f"r{i}") for i in range(12)] == list(range(12))
+    other.close()
     db.close()

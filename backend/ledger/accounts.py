@@ -22,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from backend.db import Database, Tx
@@ -63,7 +64,10 @@ class Transfer:
     created_at: int
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"id": self.id, "key": self.key, "from_account": self.from_account,
+                "to_account": self.to_account, "amount": self.amount, "rule_id": self.rule_id,
+                "rules_version": self.rules_version, "dev": self.dev, "record_id": self.record_id,
+                "week": self.week, "memo": self.memo, "created_at": self.created_at}
 
     def entry(self) -> bytes:
         """The transparency log's leaf for this transfer: its canonical JSON, named (docs/log.md)."""
@@ -107,16 +111,7 @@ def by_key(tx: Tx, key: str) -> Transfer | None:
     return None if row is None else Transfer.from_row(row)
 
 
-def transfer(tx: Tx, *, key: str, from_account: str, to_account: str, amount: int, now_ms: int,
-             rule_id: str | None = None, rules_version: str | None = None, dev: str | None = None,
-             record_id: str | None = None, week: str | None = None,
-             memo: str | None = None) -> Transfer | None:
-    """Move ``amount`` milli-tokens; return the transfer, or None if ``key`` was already used.
-
-    Raises :class:`InsufficientFunds` if an account other than ``issuer`` would go
-    below zero (the caller holds the account's lock when that can race), and
-    ValueError on a malformed account or amount.
-    """
+def _check(key: str, from_account: str, to_account: str, amount: int) -> None:
     for name, account in (("from_account", from_account), ("to_account", to_account)):
         if not is_account(account):
             raise ValueError(f"{name}: {account!r} is not an account name")
@@ -126,19 +121,79 @@ def transfer(tx: Tx, *, key: str, from_account: str, to_account: str, amount: in
         raise ValueError(f"amount: must be a positive integer of milli-tokens, got {amount!r}")
     if not isinstance(key, str) or not _TRANSFER_KEY.fullmatch(key):
         raise ValueError(f"key: malformed idempotency key {key!r}")
-    if by_key(tx, key) is not None:
-        return None
+
+
+_TRANSFER_COLUMNS = ("key", "from_account", "to_account", "amount", "rule_id", "rules_version", "dev",
+                     "record_id", "week", "memo", "created_at", "rules_sha256")
+
+
+@dataclass(frozen=True)
+class Issue:
+    """A transfer from ``issuer`` still to be written (:func:`issue_many`)."""
+
+    key: str
+    to_account: str
+    amount: int
+    rule_id: str | None = None
+    rules_version: str | None = None
+    dev: str | None = None
+    record_id: str | None = None
+    week: str | None = None
+    memo: str | None = None
+    rules_sha256: str | None = None
+
+
+def issue_many(tx: Tx, issues: Sequence[Issue], now_ms: int) -> list[Transfer]:
+    """:func:`transfer` from ``issuer`` of many at once, in a few statements, each appended to
+    the log; those whose key was used before are skipped. Returns the transfers made, in the
+    order given. Raises ValueError on a malformed account, amount or key (before writing any)."""
+    for i in issues:
+        _check(i.key, ISSUER, i.to_account, i.amount)
+    made: list[Transfer] = []
+    per = max(1, 900 // len(_TRANSFER_COLUMNS))
+    marks = "(" + ", ".join("?" for _ in _TRANSFER_COLUMNS) + ")"
+    for n in range(0, len(issues), per):
+        chunk = issues[n:n + per]
+        rows = tx.query(
+            f"INSERT INTO transfers ({', '.join(_TRANSFER_COLUMNS)}) "
+            f"VALUES {', '.join(marks for _ in chunk)} ON CONFLICT (key) DO NOTHING RETURNING id, key",
+            [v for i in chunk for v in (i.key, ISSUER, i.to_account, i.amount, i.rule_id, i.rules_version,
+                                        i.dev, i.record_id, i.week, i.memo, now_ms, i.rules_sha256)])
+        ids = {str(r["key"]): int(r["id"]) for r in rows}
+        made.extend(Transfer(ids[i.key], i.key, ISSUER, i.to_account, i.amount, i.rule_id, i.rules_version,
+                             i.dev, i.record_id, i.week, i.memo, now_ms) for i in chunk if i.key in ids)
+    # Keys just made unique by the table: no entry was logged under them before.
+    translog.append_many(tx, "transfer", [(t.key, t.entry()) for t in made], now_ms)
+    return made
+
+
+def transfer(tx: Tx, *, key: str, from_account: str, to_account: str, amount: int, now_ms: int,
+             rule_id: str | None = None, rules_version: str | None = None, dev: str | None = None,
+             record_id: str | None = None, week: str | None = None,
+             memo: str | None = None, rules_sha256: str | None = None) -> Transfer | None:
+    """Move ``amount`` milli-tokens; return the transfer, or None if ``key`` was already used.
+    ``rules_sha256``: the hash of the rules version that earned it, kept beside it.
+
+    Raises :class:`InsufficientFunds` if an account other than ``issuer`` would go
+    below zero (the caller holds the account's lock when that can race), and
+    ValueError on a malformed account or amount.
+    """
+    _check(key, from_account, to_account, amount)
     if from_account != ISSUER:
+        if by_key(tx, key) is not None:
+            return None
         have = balance(tx, from_account)
         if have < amount:
             raise InsufficientFunds(f"{from_account} has {have} milli-tokens, {amount} needed")
-    values = {"key": key, "from_account": from_account, "to_account": to_account, "amount": amount,
-              "rule_id": rule_id, "rules_version": rules_version, "dev": dev, "record_id": record_id,
-              "week": week, "memo": memo, "created_at": now_ms}
-    if not tx.insert_ignore("transfers", values, ("key",)):
+    row = tx.one(f"INSERT INTO transfers ({', '.join(_TRANSFER_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' for _ in _TRANSFER_COLUMNS)}) "
+                 "ON CONFLICT (key) DO NOTHING RETURNING id",
+                 (key, from_account, to_account, amount, rule_id, rules_version, dev, record_id, week, memo,
+                  now_ms, rules_sha256))
+    if row is None:                          # the key was used before
         return None
-    made = by_key(tx, key)
-    assert made is not None
+    made = Transfer(int(row["id"]), key, from_account, to_account, amount, rule_id, rules_version, dev,
+                    record_id, week, memo, now_ms)
     translog.append(tx, "transfer", key, made.entry())
     log.debug("transfer %s: %d from %s to %s", key, amount, from_account, to_account)
     return made

@@ -225,16 +225,67 @@ def decide(rules: Rules, reading: Reading, credited: Credited) -> list[Credit]:
 WeekTotals = dict[tuple[str, str, str], int]
 
 
+class Pending:
+    """Credits of one transaction's records, written together by :meth:`flush` (a batch of
+    records holds its vehicles' locks): what it planned counts as credited for the records after
+    (idempotency keys and week totals), and each VIN's assignments are read once."""
+
+    def __init__(self, tx: Tx) -> None:
+        self.tx = tx
+        self.totals: WeekTotals = {}
+        self._issues: list[accounts.Issue] = []
+        self._keys: set[str] = set()
+        self._assignments: dict[str, list[Assignment]] = {}
+
+    def has(self, key: str) -> bool:
+        return key in self._keys
+
+    def add(self, issue: accounts.Issue) -> None:
+        self._issues.append(issue)
+        self._keys.add(issue.key)
+
+    def account(self, dev: str, vin: str | None, at_ms: int) -> str:
+        """:func:`accounts.reward_account`, from the VIN's assignments read once."""
+        if vin is None:
+            return accounts.unassigned_account(dev)
+        if vin not in self._assignments:
+            self._assignments[vin] = [Assignment(str(r["driver_id"]), vin, int(r["valid_from"]),
+                                                 None if r["valid_to"] is None else int(r["valid_to"]))
+                                      for r in self.tx.query("SELECT driver_id, valid_from, valid_to "
+                                                             "FROM assignments WHERE vin = ?", (vin,))]
+        driver = driver_at(self._assignments[vin], vin, at_ms)
+        return accounts.unassigned_account(dev) if driver is None else accounts.driver_account(driver)
+
+    def flush(self, now_ms: int) -> list[accounts.Transfer]:
+        """Write what was planned; the transfers made."""
+        if not self._issues:
+            return []
+        made = accounts.issue_many(self.tx, self._issues, now_ms)
+        if len(made) < len(self._issues):            # under the vehicles' locks: not expected
+            log.warning("%d planned credits were already written", len(self._issues) - len(made))
+        for t in made:
+            log.info("credited %d milli-tokens to %s: %s", t.amount, t.to_account, t.key)
+        self._issues = []
+        return made
+
+
 class _InDatabase:
     """What was credited, read from the transaction; week totals are read once per scope and
     week and then kept in ``totals`` (a batch holds its vehicle's lock, so no other writer adds
     to them meanwhile)."""
 
-    def __init__(self, tx: Tx, totals: WeekTotals | None = None) -> None:
+    def __init__(self, tx: Tx, totals: WeekTotals | None = None, fresh: str | None = None,
+                 pending: Pending | None = None) -> None:
         self.tx = tx
         self.totals = {} if totals is None else totals
+        self._fresh_suffix = None if fresh is None else f":{fresh}"
+        self._pending = pending
 
     def has(self, key: str) -> bool:
+        if self._pending is not None and self._pending.has(key):
+            return True
+        if self._fresh_suffix is not None and key.endswith(self._fresh_suffix):
+            return False             # the record was accepted by this transaction: nothing names it yet
         return self.tx.one("SELECT id FROM transfers WHERE key = ?", (key,)) is not None
 
     def week_total(self, rule_id: str, scope: str, week: str) -> int:
@@ -257,13 +308,17 @@ class Stored:
 
 
 def credit(tx: Tx, rules: Rules | RuleBook, record: Record, device: Mapping[str, Any], now_ms: int,
-           stored: Stored | None = None, totals: WeekTotals | None = None) -> list[accounts.Transfer]:
+           stored: Stored | None = None, pending: Pending | None = None,
+           fresh: bool = False) -> list[accounts.Transfer]:
     """Credit what ``record`` earns under the version of ``rules`` in force at its reading time;
     call in the transaction that stored it as accepted (with ``stored``, what was stored with
-    it, else it is read back; ``totals``, week totals the transaction has read already, kept up
-    to date).
+    it, else it is read back; ``fresh``, the record was accepted by this very transaction, so
+    that no credit can name it yet: that is not looked up, the idempotency key's uniqueness
+    still holds).
 
-    Returns the transfers made (none when it earns nothing or was credited before).
+    Returns the transfers made (none when it earns nothing or was credited before). With
+    ``pending``, they are planned there instead, and written by its :meth:`Pending.flush`
+    (which returns them): then nothing is returned here.
     """
     book = book_of(rules)
     if record.kind not in book.kinds:
@@ -283,25 +338,33 @@ def credit(tx: Tx, rules: Rules | RuleBook, record: Record, device: Mapping[str,
         return []
     if not eligible(version.rules, reading, Standing.of(device)):
         return []
-    credited = _InDatabase(tx, totals)
+    credited = _InDatabase(tx, None if pending is None else pending.totals, record.id if fresh else None,
+                           pending)
     credits = decide(version.rules, reading, credited)
     if not credits:
         return []
-    account = accounts.reward_account(tx, record.dev, reading.vin, reading.at_ms)
+    account = (accounts.reward_account(tx, record.dev, reading.vin, reading.at_ms) if pending is None
+               else pending.account(record.dev, reading.vin, reading.at_ms))
     made = []
     for c in credits:
-        t = accounts.transfer(tx, key=c.key, from_account=accounts.ISSUER, to_account=account,
-                              amount=c.amount, now_ms=now_ms, rule_id=c.rule_id, rules_version=version.name,
-                              dev=c.dev, record_id=c.record_id, week=c.week, memo=c.memo)
-        if t is not None:
+        issue = accounts.Issue(c.key, account, c.amount, c.rule_id, version.name, c.dev, c.record_id, c.week,
+                               c.memo, version.sha256)
+        if pending is not None:
+            pending.add(issue)
+            amount = c.amount
+        else:
+            t = accounts.transfer(tx, key=c.key, from_account=accounts.ISSUER, to_account=account,
+                                  amount=c.amount, now_ms=now_ms, rule_id=c.rule_id,
+                                  rules_version=version.name, dev=c.dev, record_id=c.record_id, week=c.week,
+                                  memo=c.memo, rules_sha256=version.sha256)
+            if t is None:
+                continue
             made.append(t)
-            week_key = (c.rule_id, c.scope, c.week)
-            if week_key in credited.totals:
-                credited.totals[week_key] += t.amount
+            amount = t.amount
             log.info("credited %d milli-tokens to %s: %s", t.amount, account, t.key)
-    if made and version.sha256 is not None:
-        tx.execute(f"UPDATE transfers SET rules_sha256 = ? WHERE id IN ({', '.join('?' for _ in made)})",
-                   (version.sha256, *(t.id for t in made)))
+        week_key = (c.rule_id, c.scope, c.week)
+        if week_key in credited.totals:
+            credited.totals[week_key] += amount
     return made
 
 

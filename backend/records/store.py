@@ -1,5 +1,8 @@
 """Storing a batch of records: one transaction per batch, then the ack (docs/protocol.md §4.3).
 
+On SQLite, batches that workers have ready at once are written in one transaction, each in a
+savepoint of its own (:meth:`backend.db.Database.write_together`): one commit for all of them.
+
     result = store.process_batch(db, rules, dev, body, now_ms)
     publish(topics.ack(dev), messages.encode_ack(result.ack))     # after the commit
 
@@ -17,6 +20,7 @@ its reading time.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 from dataclasses import dataclass
@@ -62,9 +66,6 @@ _RECORD_COLUMNS = ("dev", "seq", "id", "jws", "kind", "t", "t_est", "clock", "bo
                    "odo_m",
                    "src", "status", "reason", "received_at", "base_odo_m")
 
-_KIND, _T_EST, _VIN, _ODO, _STATUS = (_RECORD_COLUMNS.index(c)
-                                      for c in ("kind", "t_est", "vin", "odo_m", "status"))
-
 #: The vehicle's highest accepted reading taken at or before a time (the trip's start).
 TRIP_BEFORE_SQL = (
     "SELECT MAX(odo_m) FROM (SELECT odo_m FROM records WHERE vin = ? AND t_est <= ? AND status = 'accepted' "
@@ -88,6 +89,10 @@ def _storable(text: str) -> str:
 
 def _device_key(row: Row | None) -> DeviceKey | None:
     return None if row is None else DeviceKey(row["status"], bytes(row["pub"]))
+
+
+def _key_of(db: Database, dev: str) -> DeviceKey | None:
+    return _device_key(db.one("SELECT status, pub FROM devices WHERE dev = ?", (dev,)))
 
 
 def _authenticate_all(dev: str, items: list[Parsed | Refusal],
@@ -125,30 +130,93 @@ def process_batch(db: Database, rules: Source, dev: str, body: bytes, now_ms: in
         refused = "too_large" if isinstance(exc, messages.TooLarge) else "bad_format"
         sent, refused_batch = messages.Batch(()), Refusal(None, "bad_format", str(exc))
     texts = list(sent.records)
-    items = [parse(t) for t in texts]
-    kids = {i.kid for i in items if isinstance(i, Parsed)} | {dev}
-    snapshot = {kid: _device_key(db.one("SELECT status, pub FROM devices WHERE dev = ?", (kid,)))
-                for kid in kids}
-    checked = _authenticate_all(dev, items, snapshot)      # the signatures, outside the lock
-    with db.write() as tx:
+    # Each record parsed, then its signature checked (outside the lock), one after the other: the
+    # checks let go of the GIL, so that the thread in its transaction is never kept waiting long.
+    snapshot = {dev: _key_of(db, dev)}
+    items: list[Parsed | Refusal] = []
+    checked: list[Record | Refusal] = []
+    for text in texts:
+        item = parse(text)
+        items.append(item)
+        if isinstance(item, Refusal):
+            checked.append(item)
+            continue
+        if item.kid not in snapshot:
+            snapshot[item.kid] = _key_of(db, item.kid)
+        checked.append(authenticate(dev, item, snapshot[item.kid]))
+
+    def store(tx: Tx) -> BatchResult:
         lock_device(db, tx, dev)
         device = tx.one("SELECT * FROM devices WHERE dev = ?", (dev,))
         fresh = _device_key(device)
+        verdicts = checked
         if fresh != snapshot[dev]:                          # approved or revoked meanwhile
-            checked = _authenticate_all(dev, items, {**snapshot, dev: fresh})
-        signed = [c for c in checked if isinstance(c, Record)]
+            verdicts = _authenticate_all(dev, items, {**snapshot, dev: fresh})
+        signed = [c for c in verdicts if isinstance(c, Record)]
         if device is not None:
             lock_vehicles(db, tx, [v for v in (*(r.vin for r in signed), device["vin"]) if v is not None])
         batch = _Batch(tx, book_for(tx, rules), dev, device, now_ms, sent, limits, signed)
         if refused_batch is not None:
             batch.refuse(refused_batch, body[:MAX_LOGGED_BODY].decode("utf-8", "replace"))
-        for text, item, later in zip(texts, checked, _later_anchors(checked), strict=True):
+        for text, item, later in zip(texts, verdicts, _later_anchors(verdicts), strict=True):
             if isinstance(item, Refusal):
                 batch.refuse(item, text if isinstance(text, str) else json.dumps(text)[:MAX_LOGGED_BODY])
             else:
                 batch.take(item, later)
         ack = batch.finish()
-    return BatchResult(dev, ack, tuple(batch.outcomes), refused, stored=device is not None)
+        return BatchResult(dev, ack, tuple(batch.outcomes), refused, stored=device is not None)
+
+    # On SQLite, together with the batches that other workers have ready: one commit for all.
+    return db.write_together(store)
+
+
+def _trip_span(record: Record, signed: int) -> tuple[int, int]:
+    """A trip's start and end on the backend's clock, from its (estimated) signing time: a trip
+    is signed after its end (after the off debounce, or only when the agent starts again after a
+    power cut), and its times and ``t`` are on one clock, so it ended that long before."""
+    end = signed - max(0, record.t - int(record.fields["end_t"]))
+    return end - (int(record.fields["end_t"]) - int(record.fields["start_t"])), end
+
+
+#: Readings of a vehicle between a batch's trips that are read at once, at most; past that, each
+#: trip reads its own.
+WINDOW_ROWS = 2000
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A vehicle's accepted readings with ``lo <= t_est <= hi`` (``rows``, by time) and the 50
+    latest before ``lo`` (``before``, latest first), as (t_est, odo_m, kind)."""
+
+    lo: int
+    hi: int
+    rows: list[tuple[int, int, str]]
+    before: list[tuple[int, int, str]]
+
+    @classmethod
+    def read(cls, tx: Tx, vin: str, lo: int, hi: int) -> _Window | None:
+        rows = [(int(r["t_est"]), int(r["odo_m"]), str(r["kind"])) for r in tx.query(
+            "SELECT t_est, odo_m, kind FROM records WHERE vin = ? AND t_est >= ? AND t_est <= ? "
+            "AND status = 'accepted' AND odo_m IS NOT NULL ORDER BY t_est LIMIT ?",
+            (vin, lo, hi, WINDOW_ROWS + 1))]
+        if len(rows) > WINDOW_ROWS:
+            return None
+        before = [(int(r["t_est"]), int(r["odo_m"]), str(r["kind"])) for r in tx.query(
+            "SELECT t_est, odo_m, kind FROM records WHERE vin = ? AND t_est < ? AND status = 'accepted' "
+            "AND odo_m IS NOT NULL ORDER BY t_est DESC LIMIT 50", (vin, lo))]
+        return cls(lo, hi, rows, before)
+
+    def context(self, start: int, end: int) -> tuple[int | None, int | None, int | None]:
+        """What :data:`TRIP_BEFORE_SQL` and the query of readings during a trip would read: the
+        highest of the 50 latest readings at or before ``start``; the lowest and highest
+        odometer readings from ``start`` to ``end``."""
+        upto = bisect.bisect_right(self.rows, start, key=lambda r: r[0])
+        latest = [odo for _, odo, _ in self.rows[max(0, upto - 50):upto]]
+        latest += [odo for _, odo, _ in self.before[:50 - len(latest)]]
+        inside = self.rows[bisect.bisect_left(self.rows, start, key=lambda r: r[0]):
+                           bisect.bisect_right(self.rows, end, key=lambda r: r[0])]
+        during = [odo for _, odo, kind in inside if kind == "odometer"]
+        return (max(latest, default=None), min(during, default=None), max(during, default=None))
 
 
 class _Batch:
@@ -173,9 +241,12 @@ class _Batch:
         self._tops: dict[str, VehicleTop | None] = {}
         self._raised: dict[str, bool] = {}          # VINs whose top this batch raised: was there a row?
         self._trips: dict[str, TripContext] = {}
+        self._windows: dict[str, _Window | None] = {}
+        # VIN -> its readings accepted by this batch: (t_est, odo_m, kind)
+        self._readings: dict[str, list[tuple[int, int, str]]] = {}
         self._rows: list[tuple[Any, ...]] = []          # records decided, written by _flush
         self._logged: list[tuple[str, bytes]] = []       # accepted ones, for the log
-        self._week_totals: rewards.WeekTotals = {}
+        self._credits = rewards.Pending(tx)
         self.held_now = False
         checks = rules.for_receipt(now_ms).rules
         self.limits = Limits(int(checks.max_speed_kph), now_ms, checks.max_clock_ahead_ms,
@@ -205,6 +276,7 @@ class _Batch:
         if self._logged:
             translog.append_many(self.tx, "record", self._logged, self.now_ms)
             self._logged = []
+        self._credits.flush(self.now_ms)
 
     def _last_reading(self, vin: str | None) -> Reading | None:
         """The last accepted odometer reading of this device in the vehicle ``vin``."""
@@ -262,29 +334,41 @@ class _Batch:
 
     def _read_trip_context(self, record: Record, vin: str, later: Anchor | None) -> TripContext:
         signed = estimate_time(record, self._anchors_for(record, later), self.now_ms, self._sent_mono(record))
-        # a trip is signed after its end: after the off debounce, or only when the agent starts
-        # again after a power cut; its times and t are on one clock, so the trip ended that long
-        # before the (estimated) signing time
-        end = signed - max(0, record.t - int(record.fields["end_t"]))
-        start = end - (int(record.fields["end_t"]) - int(record.fields["start_t"]))
-        # t_est is the reading time (a synced clock's t, else the estimate), indexed per VIN. The
-        # vehicle's odometer only rises, so the latest readings before the start hold its highest.
-        before = self.tx.scalar(TRIP_BEFORE_SQL, (vin, start))
-        during = self.tx.one(
-            "SELECT MIN(odo_m) AS lo, MAX(odo_m) AS hi FROM records WHERE vin = ? AND t_est >= ? "
-            "AND t_est <= ? AND status = 'accepted' AND kind = 'odometer' AND odo_m IS NOT NULL",
-            (vin, start, end))
-        lo = during["lo"] if during is not None else None
-        hi = during["hi"] if during is not None else None
-        # and this batch's records, decided but not written yet (_flush)
-        mine = [(int(r[_T_EST]), int(r[_ODO]), r[_KIND]) for r in self._rows if r[_VIN] == vin
-                and r[_STATUS] == "accepted" and r[_ODO] is not None and r[_T_EST] is not None]
+        start, end = _trip_span(record, signed)
+        window = self._window(vin)
+        if window is not None and window.lo <= start and end <= window.hi:
+            before, lo, hi = window.context(start, end)
+        else:
+            # t_est is the reading time (a synced clock's t, else the estimate), indexed per VIN. The
+            # vehicle's odometer only rises, so the latest readings before the start hold its highest.
+            before = self.tx.scalar(TRIP_BEFORE_SQL, (vin, start))
+            during = self.tx.one(
+                "SELECT MIN(odo_m) AS lo, MAX(odo_m) AS hi FROM records WHERE vin = ? AND t_est >= ? "
+                "AND t_est <= ? AND status = 'accepted' AND kind = 'odometer' AND odo_m IS NOT NULL",
+                (vin, start, end))
+            lo = during["lo"] if during is not None else None
+            hi = during["hi"] if during is not None else None
+        # and this batch's accepted readings (those written by a _flush since are counted twice:
+        # a maximum or a minimum does not mind)
+        mine = self._readings.get(vin, ())
         earlier = [odo for t, odo, _ in mine if t <= start]
         inside = [odo for t, odo, kind in mine if start <= t <= end and kind == "odometer"]
         before = max([*earlier, *([] if before is None else [int(before)])], default=None)
         lo = min([*inside, *([] if lo is None else [int(lo)])], default=None)
         hi = max([*inside, *([] if hi is None else [int(hi)])], default=None)
         return TripContext(before, lo, hi)
+
+    def _window(self, vin: str) -> _Window | None:
+        """The vehicle's accepted readings over the times of the batch's trips signed on a synced
+        clock (whose times need no estimate), read once: a trip within them needs no query of its
+        own. None when the batch has no such trip or too many readings fall in between."""
+        if vin not in self._windows:
+            assert self.device is not None
+            spans = [_trip_span(r, r.t) for r in self._records
+                     if r.kind == "trip" and _is_anchor(r) and (r.vin or self.device["vin"]) == vin]
+            self._windows[vin] = _Window.read(self.tx, vin, min(s for s, _ in spans),
+                                              max(e for _, e in spans)) if spans else None
+        return self._windows[vin]
 
     def _sent_mono(self, record: Record) -> int | None:
         return self.sent.mono_ms if self.sent.boot == record.boot else None
@@ -392,12 +476,14 @@ class _Batch:
         reading = Reading.of(record)
         if reading is not None:
             self._last[self._vin_scope(record)] = reading
+            if vin is not None:
+                self._readings.setdefault(vin, []).append((t_est, reading.odo_m, record.kind))
             scope = self._vin_scope(record)
             if scope is not None:
                 self._raise_top(scope, record, reading.odo_m)
         self._logged.append((record.id, record.jws.encode("ascii")))
         rewards.credit(self.tx, self.rules, record, self.device, self.now_ms,
-                       stored=rewards.Stored(t_est, self.now_ms, base), totals=self._week_totals)
+                       stored=rewards.Stored(t_est, self.now_ms, base), pending=self._credits, fresh=True)
         self.outcomes.append(("accepted", ""))
 
     def _hold(self, why: str) -> None:

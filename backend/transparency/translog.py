@@ -81,7 +81,8 @@ def append(tx: Tx, entry_kind: str, ref: str, entry: bytes, now: int | None = No
 
 def append_many(tx: Tx, entry_kind: str, items: Sequence[tuple[str, bytes]], now: int) -> None:
     """:func:`append` of many entries in a few statements, for entries whose ref is a hash of
-    their content (a record's id is that of its JWS): a ref stored before holds the same bytes.
+    their content (a record's id is that of its JWS: a ref stored before holds the same bytes),
+    or was never used before (the key of a transfer that the transaction has just inserted).
     Those are checked all the same when the queue already held them."""
     if entry_kind not in ENTRY_KINDS:
         raise ValueError(f"entry kind must be one of {', '.join(ENTRY_KINDS)}, got {entry_kind!r}")
@@ -115,57 +116,84 @@ class Integrated:
     delays_ms: tuple[int, ...] = ()  # from storing to integrating, per entry
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What integrating the oldest stored entries into a tree of ``size`` leaves writes."""
+
+    size: int
+    queue_ids: list[int]
+    leaves: list[tuple[int, str, str, bytes, bytes, int]]
+    nodes: list[tuple[int, int, bytes]]
+    delays_ms: tuple[int, ...]
+
+
+def _plan(tx: Tx, limit: int, at: int) -> _Plan:
+    rows = tx.query("SELECT id, entry_kind, ref, entry, created_at FROM translog_queue "
+                    "ORDER BY id LIMIT ?", (limit,))
+    size = _size(tx)
+    refs = [str(r["ref"]) for r in rows]
+    done = {str(r["ref"]) for n in range(0, len(refs), 500) for r in tx.query(
+        f"SELECT ref FROM translog WHERE ref IN ({', '.join('?' for _ in refs[n:n + 500])})",
+        refs[n:n + 500])}
+    leaves: list[tuple[int, str, str, bytes, bytes, int]] = []
+    nodes: list[tuple[int, int, bytes]] = []
+    made: dict[tuple[int, int], bytes] = {}
+    delays = []
+    for r in rows:
+        if str(r["ref"]) in done:
+            continue
+        entry = _b(r["entry"])
+        idx = size + len(leaves)
+        leaf = merkle.leaf_hash(entry)
+        leaves.append((idx, str(r["entry_kind"]), str(r["ref"]), entry, leaf, at))
+        delays.append(max(0, at - int(r["created_at"])))
+        made[(0, idx)] = leaf
+        level, i, h = 0, idx, leaf
+        while i & 1:
+            left = made.get((level, i - 1)) or _node(tx, level, i - 1)
+            h = merkle.node_hash(left, h)
+            level, i = level + 1, i >> 1
+            made[(level, i)] = h
+            nodes.append((level, i, h))
+    return _Plan(size, [int(r["id"]) for r in rows], leaves, nodes, tuple(delays))
+
+
 def integrate(db: Database, now: int | None = None, *, limit: int = INTEGRATE_BATCH,
               wait: bool = False) -> Integrated:
     """The sequencer: move up to ``limit`` stored entries, oldest first, into the tree, with
     the subtrees they close, in one transaction. One sequencer at a time across processes (the
     log's advisory lock); another one finds the lock taken and returns at once (or, with
     ``wait``, waits for it). An entry whose ref the tree already holds (two writers raced) is
-    dropped from the queue."""
+    dropped from the queue.
+
+    On SQLite, whose writers take turns, the entries are read and hashed first in a read
+    snapshot, outside the write lock that the ingest waits for; the write transaction only
+    checks that the tree has not grown meanwhile (no other sequencer ran: then the same
+    entries are still the oldest stored, as SQLite's writers commit in the order of their ids)
+    and writes. If it has grown, the plan is made again inside the transaction."""
     if not wait and db.one("SELECT id FROM translog_queue LIMIT 1") is None:
         return Integrated(0, None)          # nothing stored: no write transaction (SQLite has one writer)
+    at = now_ms() if now is None else now
+    early: _Plan | None = None
+    if db.dialect == "sqlite":
+        with db.read() as tx:
+            early = _plan(tx, limit, at)
     with db.write() as tx:
         if wait:
             lock(tx, LOCK)
         elif not db.try_lock_key(tx, LOCK):
             return Integrated(0, None)
-        rows = tx.query("SELECT id, entry_kind, ref, entry, created_at FROM translog_queue "
-                        "ORDER BY id LIMIT ?", (limit,))
-        size = _size(tx)
-        if not rows:
-            return Integrated(0, size)
-        refs = [str(r["ref"]) for r in rows]
-        done = {str(r["ref"]) for n in range(0, len(refs), 500) for r in tx.query(
-            f"SELECT ref FROM translog WHERE ref IN ({', '.join('?' for _ in refs[n:n + 500])})",
-            refs[n:n + 500])}
-        at = now_ms() if now is None else now
-        leaves: list[tuple[int, str, str, bytes, bytes, int]] = []
-        nodes: list[tuple[int, int, bytes]] = []
-        made: dict[tuple[int, int], bytes] = {}
-        delays = []
-        for r in rows:
-            if str(r["ref"]) in done:
-                continue
-            entry = _b(r["entry"])
-            idx = size + len(leaves)
-            leaf = merkle.leaf_hash(entry)
-            leaves.append((idx, str(r["entry_kind"]), str(r["ref"]), entry, leaf, at))
-            delays.append(max(0, at - int(r["created_at"])))
-            made[(0, idx)] = leaf
-            level, i, h = 0, idx, leaf
-            while i & 1:
-                left = made.get((level, i - 1)) or _node(tx, level, i - 1)
-                h = merkle.node_hash(left, h)
-                level, i = level + 1, i >> 1
-                made[(level, i)] = h
-                nodes.append((level, i, h))
-        insert_many(tx, "translog", ("idx", "entry_kind", "ref", "entry", "leaf_hash", "created_at"), leaves)
-        insert_many(tx, "translog_nodes", ("level", "idx", "hash"), nodes)
-        ids = [int(r["id"]) for r in rows]
+        plan = early if early is not None and early.size == _size(tx) else _plan(tx, limit, at)
+        if not plan.queue_ids:
+            return Integrated(0, plan.size)
+        insert_many(tx, "translog", ("idx", "entry_kind", "ref", "entry", "leaf_hash", "created_at"),
+                    plan.leaves)
+        insert_many(tx, "translog_nodes", ("level", "idx", "hash"), plan.nodes)
+        ids = plan.queue_ids
         for n in range(0, len(ids), 500):
             tx.execute(f"DELETE FROM translog_queue WHERE id IN ({', '.join('?' for _ in ids[n:n + 500])})",
                        ids[n:n + 500])
-        return Integrated(len(leaves), size + len(leaves), tuple(delays))
+        return Integrated(len(plan.leaves), plan.size + len(plan.leaves), plan.delays_ms)
 
 
 def integrate_all(db: Database) -> int:
