@@ -564,8 +564,22 @@ def _counts_text(counts: Sequence[dict[str, float]]) -> str:
     return "; ".join(parts)
 
 
+def children(pid: int) -> list[int]:
+    """The processes that ``pid`` started, and theirs."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = [int(k) for k in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+        for kid in kids:
+            out += [kid, *children(kid)]
+    return out
+
+
 def _pid_of(proc: Proc) -> list[int]:
-    return [proc.pid]
+    """A backend's process and those it started: its CPU is theirs too."""
+    return [proc.pid, *children(proc.pid)]
 
 
 def _meter(stack: Stack, pg: Postgres | None, app: str | None, extra: dict[str, Callable[[], list[int]]]

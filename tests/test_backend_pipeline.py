@@ -125,14 +125,11 @@ def make_ingest(db: Database, rules: Any, client: FakeClient, workers: int) -> I
 
 
 def spread_fleet(db: Database, ingest: Ingest, per_worker: int) -> list[Dongle]:
-    """Enrolled devices, ``per_worker`` of them on each of the ingest's workers."""
-    fleet: dict[int, list[Dongle]] = {i: [] for i in range(ingest.workers)}
-    while any(len(f) < per_worker for f in fleet.values()):
-        d = Dongle()
-        if len(fleet[ingest.worker_of(d.dev)]) < per_worker:
-            fleet[ingest.worker_of(d.dev)].append(d)
-            enroll(db, d)
-    return [d for f in fleet.values() for d in f]
+    """Enrolled devices, ``per_worker`` of them for each of the ingest's workers."""
+    fleet = [Dongle() for _ in range(ingest.workers * per_worker)]
+    for d in fleet:
+        enroll(db, d)
+    return fleet
 
 
 def committed_through(url: str, dev: str) -> int:
@@ -159,9 +156,22 @@ def test_each_devices_batches_keep_their_order_and_are_pubacked_after_their_comm
     fleet = spread_fleet(db, ingest, per_worker=2)
     real_handle = ingest.handle
 
+    active: set[str] = set()
+    overlaps: list[str] = []
+    guard = threading.Lock()
+
     def handle(item: ingest_module.Received) -> None:
-        handled_by.setdefault(item.dev, set()).add(threading.current_thread().name)
-        real_handle(item)
+        with guard:
+            handled_by.setdefault(item.dev, set()).add(threading.current_thread().name)
+            if item.dev in active:
+                overlaps.append(item.dev)
+            active.add(item.dev)
+        time.sleep(0.002)                 # long enough for another worker to take the device, if it could
+        try:
+            real_handle(item)
+        finally:
+            with guard:
+                active.discard(item.dev)
 
     monkeypatch.setattr(ingest, "handle", handle)
     plans = {d.dev: [batch(*(d.odometer(1) for _ in range(PER_BATCH))) for _ in range(5)] for d in fleet}
@@ -186,7 +196,7 @@ def test_each_devices_batches_keep_their_order_and_are_pubacked_after_their_comm
         assert all(not a.rejected for a in client.acks_to(d.dev))
         rows = db.query("SELECT seq, status FROM records WHERE dev = ? ORDER BY seq", (d.dev,))
         assert [(r["seq"], r["status"]) for r in rows] == [(n, "accepted") for n in range(1, 21)]
-        assert len(handled_by[d.dev]) == 1                                # one worker per device
+    assert overlaps == []                                  # a device in one worker's hands at a time
     assert len(set().union(*handled_by.values())) == 3                   # and all of them at work
     # each device's ack goes out before its message's PUBACK
     with client.lock:
@@ -276,9 +286,9 @@ def test_a_full_queue_holds_the_network_thread(db: Database, rules: Any,
         feeder.start()
         time.sleep(0.6)
         assert feeder.is_alive()                                  # waiting for room
-        # one in hand per worker, its queue full, and the next one waiting in paho's thread
+        # one in hand per worker, the queue full, and the next one waiting in paho's thread
         assert len(routed) == ingest.workers * (QUEUE_PER_WORKER + 1) < 24
-        assert all(inbox.qsize() == QUEUE_PER_WORKER for inbox in ingest._inboxes)
+        assert ingest.queued() == ingest.workers * QUEUE_PER_WORKER
         assert client.pubacks() == []
         release.set()
         feeder.join(10)

@@ -98,13 +98,10 @@ def flood(lines: Path, broker: Broker) -> subprocess.Popen[bytes]:
 
 
 def spread_fleet(db: Database, ingest: Ingest) -> list[Dongle]:
-    fleet: dict[int, list[Dongle]] = {i: [] for i in range(ingest.workers)}
-    while any(len(f) < DEVICES_PER_WORKER for f in fleet.values()):
-        d = Dongle()
-        if len(fleet[ingest.worker_of(d.dev)]) < DEVICES_PER_WORKER:
-            fleet[ingest.worker_of(d.dev)].append(d)
-            enroll(db, d)
-    return [d for f in fleet.values() for d in f]
+    fleet = [Dongle() for _ in range(ingest.workers * DEVICES_PER_WORKER)]
+    for d in fleet:
+        enroll(db, d)
+    return fleet
 
 
 class AckWatcher:

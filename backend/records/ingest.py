@@ -4,16 +4,17 @@ The backend subscribes through shared subscriptions (``$share/odo-backend/odo/v1
 and the same for ``enroll``, ``status`` and ``claim``) at QoS 1 over MQTT 5, so that several backend
 processes split the load.
 
-The pipeline: paho's network thread only routes each message to one of a few worker threads
-(``workers``, by default two to four after the CPU count), always the same one for one device
-(a hash of its id), so that a device's messages are handled in the order they came. A worker
-verifies and stores the message (a batch in one transaction), publishes the device's ack after
-the commit, and only then sends the message's PUBACK (paho's ``manual_ack``): a message the
-backend received but did not commit is sent again by the broker when the session resumes. While
-one worker checks signatures (the cryptography libraries release the GIL), another can be in
-its transaction. Each worker holds at most ``QUEUE_PER_WORKER`` messages besides the one in hand;
-when its queue is full the network thread waits, the broker's window fills (the CONNECT's
-Receive Maximum is what all the queues hold) and the broker stops sending: a slow database
+The pipeline: paho's network thread only queues each message after its device's others
+(:mod:`backend.records.dispatch`); a few worker threads (``workers``, by default two to four
+after the CPU count) take them, one message of a device at a time, so that a device's messages
+are handled in the order they came, and any idle worker takes the next device that has one. A
+worker verifies and stores the message (a batch in one transaction), publishes the device's ack
+after the commit, and only then sends the message's PUBACK (paho's ``manual_ack``): a message
+the backend received but did not commit is sent again by the broker when the session resumes.
+While one worker checks signatures (the libraries release the GIL), another can be in its
+transaction. At most ``QUEUE_PER_WORKER`` messages a worker wait besides those in hand;
+the CONNECT's Receive Maximum is what the workers hold and what waits, so the broker stops
+sending when that is full (and the network thread would wait if it did not): a slow database
 slows the ingest down, it never fills the memory. A message whose handler fails is logged with
 the traceback and PUBACKed all the same once its transaction has rolled back: left to the broker,
 it would come back only at the next reconnection, and fail again if it is the message's fault;
@@ -65,12 +66,10 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import random
 import ssl
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +88,7 @@ from backend.errors import LockTimeout
 from backend.ledger.contracts import Source
 from backend.metrics import REGISTRY, Registry
 from backend.records import claims_mqtt, devices, enrollment, store
+from backend.records.dispatch import Dispatcher
 from backend.records.evidence import DEFAULT_LIMITS, EvidenceLimits
 from common.clock import now_ms
 from common.transport import BrokerConfig
@@ -189,7 +189,7 @@ class Ingest:
         self._short_lived = 0
         self._retries = 0                     # takeovers and refusals in a row: the backoff's exponent
         self.workers = workers
-        self._inboxes = [queue.Queue[Received | None](maxsize=QUEUE_PER_WORKER) for _ in range(workers)]
+        self._dispatch = Dispatcher[Received](workers * QUEUE_PER_WORKER)
         self._threads: list[threading.Thread] = []
         # Counts connections and disconnections: a PUBACK goes only on the connection its
         # message came on. Changed by the network thread, read by the workers, under the lock.
@@ -244,8 +244,8 @@ class Ingest:
 
     def start_workers(self) -> None:
         """Start the worker threads; ``start()`` does, before it connects."""
-        for i, inbox in enumerate(self._inboxes):
-            thread = threading.Thread(target=self._work, args=(inbox,), name=f"odo-ingest-{i}", daemon=True)
+        for i in range(self.workers):
+            thread = threading.Thread(target=self._work, name=f"odo-ingest-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -253,8 +253,8 @@ class Ingest:
         """Drop the queued messages (not PUBACKed: the broker keeps them for the session), let
         the workers finish the one in hand, then disconnect."""
         self._stop.set()
-        for inbox in self._inboxes:
-            self._close(inbox)
+        for _ in range(self._dispatch.close()):
+            self._count_dropped()
         deadline = time.monotonic() + STOP_WAIT_S
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -269,22 +269,6 @@ class Ingest:
         if self._housekeeper is not None:
             self._housekeeper.join(5)
         self.db.close()
-
-    def _close(self, inbox: queue.Queue[Received | None]) -> None:
-        """Empty a worker's queue and put the end mark in it (room is made for it even if the
-        network thread puts one last message in meanwhile)."""
-        while True:
-            try:
-                while True:
-                    if inbox.get_nowait() is not None:
-                        self._count_dropped()
-            except queue.Empty:
-                pass
-            try:
-                inbox.put_nowait(None)
-                return
-            except queue.Full:
-                continue
 
     def _count_dropped(self) -> None:
         with self._connection_lock:
@@ -393,33 +377,26 @@ class Ingest:
             client.ack(msg.mid, msg.qos)             # nothing will ever be done with it
             return
         item = Received(dev, channel, bytes(msg.payload), msg.mid, msg.qos, self._connection)
-        inbox = self._inboxes[self.worker_of(dev)]
-        while not self._stop.is_set():
-            try:
-                inbox.put(item, timeout=ROUTE_POLL_S)
-                return
-            except queue.Full:
-                continue
-        self._count_dropped()                        # stopping: not PUBACKed, the broker keeps it
+        if not self._dispatch.put(dev, item, self._stop.is_set, ROUTE_POLL_S):
+            self._count_dropped()                    # stopping: not PUBACKed, the broker keeps it
 
     def queued(self) -> int:
-        """Messages waiting in the workers' queues (besides the ones in hand)."""
-        return sum(inbox.qsize() for inbox in self._inboxes)
+        """Messages waiting for a worker (besides the ones in hand)."""
+        return self._dispatch.queued()
 
-    def worker_of(self, dev: str) -> int:
-        """The worker that handles every message of ``dev`` (a CRC-32 of its id)."""
-        return zlib.crc32(dev.encode()) % self.workers
-
-    def _work(self, inbox: queue.Queue[Received | None]) -> None:
+    def _work(self) -> None:
         try:
-            while (item := inbox.get()) is not None:
-                if self._stop.is_set():
-                    self._count_dropped()            # stopping: not PUBACKed, the broker keeps it
-                    continue
+            while (taken := self._dispatch.take()) is not None:
+                dev, item = taken
                 try:
+                    if self._stop.is_set():
+                        self._count_dropped()        # stopping: not PUBACKed, the broker keeps it
+                        continue
                     self.handle(item)
                 except Exception:  # noqa: BLE001 - the worker must outlive any one message
                     log.exception("%s: could not PUBACK a %s message", item.dev, item.channel)
+                finally:
+                    self._dispatch.done(dev)
         finally:
             self.db.close()                          # this thread's connection
 
@@ -429,7 +406,7 @@ class Ingest:
         device sends again what it has no ack for)."""
         held_until = self._held.get(item.dev)
         if held_until is not None and time.monotonic() >= held_until:
-            del self._held[item.dev]          # one device is always handled by the same worker
+            del self._held[item.dev]          # a device is in one worker's hands at a time
         elif held_until is not None:
             # Its lock timed out a moment ago: waiting for it again would hold up this worker's
             # other devices too. The agent sends again what has no ack.
