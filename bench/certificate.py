@@ -8,14 +8,15 @@ a device's enrolment and its approval, then ``--records`` records (odometer read
 every tenth), each followed in the log by ``--others`` entries of other vehicles; every entry of
 the certificate carries its inclusion proof in the log's checkpoint. ``odo-verify CERT --log-key
 KEY`` is then run as a process, as a buyer would, ``--rounds`` times (with ``--in-process``,
-``protocol.certificate.verify`` in this process too, which leaves out starting Python and reading
-the file).
+``protocol.certificate.verify`` in this process too, with the worker processes odo-verify starts
+by default, which leaves out starting Python, reading the file and printing the report).
 
 The baseline is the time the signatures of the records alone take: ``--records`` ÷ the raw
 verify rate of the library odo-verify uses (:data:`protocol.identity.LIBRARY`), measured on the
 certificate's own signatures in each round, beside that round's run. Figures are medians over
 the rounds; ratios are time ÷ baseline (1.0: nothing but the signatures costs anything).
-``--profile N`` prints the N functions in which ``protocol.certificate.verify`` spends most time.
+``--profile N`` prints the N functions in which ``protocol.certificate.verify`` spends most time
+(in this process alone: its signatures are all checked here then).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from protocol import certificate as pc
 from protocol.checkpoint import log_verifier, sign_note
 from protocol.identity import SigningKey, VerifyKey
 from sim.devices import T0, Dongle
+from verifier.cli import Workers
 
 ORIGIN = "bench.odoledger.example/log"
 WEEK_MS = 7 * 24 * 3_600_000
@@ -75,31 +77,13 @@ class Certificate:
                 add(b'{"entry":"transfer"}', own=False)
         self.device_key = device.key.public
         self.size = len(entries)
-        mth = _range_hashes([merkle.leaf_hash(e) for e in entries])
+        mth = merkle.range_hashes([merkle.leaf_hash(e) for e in entries])
         checkpoint = sign_note(self.log_key, ORIGIN, self.size, mth(0, self.size))
         annotations = pc.sign_annotations(self.log_key, str(device.vin), T0 + records * 60_000, self.size,
                                           {}, [])
         chosen = [(i, entries[i], merkle.inclusion_path(mth, i, self.size)) for i in mine]
         self.data = pc.encode(pc.build(str(device.vin), ORIGIN, checkpoint.signed, chosen, annotations))
         self.vkey = log_verifier(ORIGIN, self.log_key.public).vkey
-
-
-def _range_hashes(leaves: list[bytes]) -> Callable[[int, int], bytes]:
-    """MTH(D[start:end]) of the tree of ``leaves``, each range computed once."""
-    done: dict[tuple[int, int], bytes] = {}
-
-    def mth(start: int, end: int) -> bytes:
-        got = done.get((start, end))
-        if got is None:
-            if end - start == 1:
-                got = leaves[start]
-            else:
-                k = merkle.split(end - start)
-                got = merkle.node_hash(mth(start, start + k), mth(start + k, end))
-            done[(start, end)] = got
-        return got
-
-    return mth
 
 
 def _verify_alone(key: VerifyKey, signatures: list[tuple[bytes, bytes]]) -> float:
@@ -132,8 +116,14 @@ def _odo_verify(cert: Path, key: Path) -> float:
 
 
 def _in_process(c: Certificate) -> float:
+    jobs = os.cpu_count() or 1                  # as odo-verify's default --jobs
+    workers = Workers(jobs - 1) if jobs > 1 else None
     start = time.perf_counter()
-    proven = pc.verify(c.data, log_verifier(ORIGIN, c.log_key.public))
+    try:
+        proven = pc.verify(c.data, log_verifier(ORIGIN, c.log_key.public), executor=workers)
+    finally:
+        if workers is not None:
+            workers.shutdown()
     took = time.perf_counter() - start
     assert len(proven.records) == len(c.signatures)
     return took

@@ -18,14 +18,17 @@ file not in its canonical encoding is refused, so a changed byte anywhere fails.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol import b64, canonical, jws, merkle, messages, note, records
-from protocol.checkpoint import NoteCheckpoint, log_verifier, open_note, verify_inclusion
+from protocol import b64, canonical, certificate_fast, jws, merkle, messages, note, records
+from protocol.certificate_fast import FastEntry, Signatures
+from protocol.checkpoint import NoteCheckpoint, log_verifier, open_note
 from protocol.errors import BadFormat, BadSignature, ProtocolError
 from protocol.identity import DEV_RE, VIN_RE, SigningKey, VerifyKey
 from protocol.messages import Enrollment
@@ -231,20 +234,14 @@ def _str(obj: Mapping[str, Any], name: str, where: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class _Leaf:
-    index: int
-    data: bytes
-
-
-def _hashes(proof: object) -> list[bytes] | None:
-    """A proof's hashes; None unless it is a list of at most MAX_PROOF strings, each 64 lowercase
-    hex. (Joined by newlines, n strings make 65n - 1 characters of n such hashes only if no
-    string holds a newline and each is one hash.)"""
+def _hashes(proof: object) -> bytes | None:
+    """A proof's hashes, concatenated; None unless it is a list of at most MAX_PROOF strings, each
+    64 lowercase hex. (Joined by newlines, n strings make 65n - 1 characters of n such hashes
+    only if no string holds a newline and each is one hash.)"""
     if not isinstance(proof, list) or len(proof) > MAX_PROOF:
         return None
     if not proof:
-        return []
+        return b""
     try:
         lines = "\n".join(proof)
     except TypeError:           # not all strings
@@ -257,36 +254,63 @@ def _hashes(proof: object) -> list[bytes] | None:
         return None
     if raw.hex("\n", 32) != lines:     # ... so: each line 32 bytes in lowercase hex, and nothing else
         return None
-    return [raw[i:i + 32] for i in range(0, len(raw), 32)]
+    return raw
 
 
-def _entries(raw: object, cp: NoteCheckpoint) -> list[_Leaf]:
-    if not isinstance(raw, list) or not raw:
+_Classified = tuple[list[tuple[int, jws.Compact]], list[Enrolled], list[Decision]]
+
+
+def _entries(raw: object, fast: Sequence[FastEntry] | None, cp: NoteCheckpoint, checks: Signatures
+             ) -> _Classified:
+    """Every entry proven included in the checkpoint (the first that is not fails), then told
+    apart (:func:`_classify`: the first that is none of a certificate's kinds fails). A record of
+    a device enrolled in an entry before it has its signature checked ahead by ``checks``."""
+    if fast is None and (not isinstance(raw, list) or not raw):
         raise _fail("certificate: entries must be a non-empty list")
-    if len(raw) > MAX_ENTRIES:
+    count = len(fast) if fast is not None else len(raw) if isinstance(raw, list) else 0
+    if count > MAX_ENTRIES:
         raise _fail(f"certificate: more than {MAX_ENTRIES} entries")
-    out: list[_Leaf] = []
     walker = merkle.InclusionWalker(cp.size)
-    for n, item in enumerate(raw):
+    classified: _Classified = ([], [], [])
+    keys: dict[str, VerifyKey] = {}         # each device's key, from its first enrolment so far
+    unclassified: CertificateError | None = None
+    last = -1
+    for n in range(count):
         where = f"entries[{n}]"
-        obj = _members(item, _ENTRY, where)
-        index = _int(obj, "index", where)
+        proof: bytes | None
+        if fast is not None:
+            index, data, proof = fast[n]
+            if index > _MAX_INT:
+                raise _fail(f"{where}: index must be an integer from 0 to {_MAX_INT}")
+        else:
+            assert isinstance(raw, list)
+            obj = _members(raw[n], _ENTRY, where)
+            index = _int(obj, "index", where)
         if index >= cp.size:
             raise _fail(f"{where}: index {index} is outside the checkpoint's {cp.size} entries")
-        if out and index <= out[-1].index:
+        if index <= last:
             raise _fail(f"{where}: entries must be in ascending index order, each once")
-        data = _str(obj, "leaf", where).encode("utf-8", "surrogatepass")
+        if fast is None:
+            data = _str(obj, "leaf", where).encode("utf-8", "surrogatepass")
         if len(data) > MAX_ENTRY_BYTES:
             raise _fail(f"{where}: an entry of more than {MAX_ENTRY_BYTES} bytes")
-        proof = _hashes(obj["proof"])
-        if proof is None:
+        if fast is None:
+            proof = _hashes(obj["proof"])
+        if proof is None or len(proof) > 32 * MAX_PROOF:
             raise _fail(f"{where}: proof must be a list of at most {MAX_PROOF} hashes, each 64 lowercase hex")
         try:
-            verify_inclusion(cp, index, data, proof, walker)
+            certificate_fast.check_inclusion(walker, cp.root, index, data, proof)
         except BadFormat as exc:
             raise _fail(f"{where}: not included in the checkpoint ({exc})") from None
-        out.append(_Leaf(index, data))
-    return out
+        last = index
+        if unclassified is None:
+            try:
+                _classify(index, data, classified, keys, checks)
+            except CertificateError as exc:
+                unclassified = exc      # raised once every entry is proven included
+    if unclassified is not None:
+        raise unclassified
+    return classified
 
 
 def _decision(obj: Mapping[str, Any], index: int, where: str) -> Decision:
@@ -305,38 +329,40 @@ def _decision(obj: Mapping[str, Any], index: int, where: str) -> Decision:
     return Decision(index, str(action), dev, vin, by, _int(obj, "at", where), replaces)
 
 
-def _classify(leaves: Sequence[_Leaf]) -> tuple[list[tuple[int, jws.Compact]], list[Enrolled],
-                                                  list[Decision]]:
-    recs: list[tuple[int, jws.Compact]] = []
-    enrolled: list[Enrolled] = []
-    decisions: list[Decision] = []
-    for leaf in leaves:
-        where = f"entry {leaf.index}"
-        if not leaf.data.startswith(b"{"):
-            try:
-                recs.append((leaf.index, records.open_unverified(leaf.data)))
-            except BadFormat as exc:
-                raise _fail(f"{where}: not a record ({exc})") from None
-            continue
+def _classify(index: int, data: bytes, classified: _Classified, keys: dict[str, VerifyKey],
+              checks: Signatures) -> None:
+    """Add the entry logged at ``index`` to the records, enrolments or decisions."""
+    recs, enrolled, decisions = classified
+    where = f"entry {index}"
+    if not data.startswith(b"{"):
         try:
-            obj = canonical.loads_object(leaf.data, where)
-            if canonical.dumps(obj) != leaf.data:
-                raise BadFormat(f"{where}: not in canonical JSON")
+            parts = records.open_unverified(data)
         except BadFormat as exc:
-            raise _fail(str(exc)) from None
-        kind = obj.get("entry")
-        if kind == "enrolment":
-            _members(obj, _ENROLMENT, where)
-            try:
-                e = messages.verify_enrollment(_str(obj, "enrolment", where))
-            except (BadFormat, BadSignature) as exc:
-                raise _fail(f"{where}: the device's enrolment does not verify ({exc})") from None
-            enrolled.append(Enrolled(leaf.index, e, _int(obj, "at", where)))
-        elif kind == "decision":
-            decisions.append(_decision(obj, leaf.index, where))
-        else:
-            raise _fail(f"{where}: a {kind!r} entry, which a certificate does not hold")
-    return recs, enrolled, decisions
+            raise _fail(f"{where}: not a record ({exc})") from None
+        recs.append((index, parts))
+        key = keys.get(parts.kid)
+        if key is not None:
+            checks.add(index, key, parts)
+        return
+    try:
+        obj = canonical.loads_object(data, where)
+        if canonical.dumps(obj) != data:
+            raise BadFormat(f"{where}: not in canonical JSON")
+    except BadFormat as exc:
+        raise _fail(str(exc)) from None
+    kind = obj.get("entry")
+    if kind == "enrolment":
+        _members(obj, _ENROLMENT, where)
+        try:
+            e = messages.verify_enrollment(_str(obj, "enrolment", where))
+        except (BadFormat, BadSignature) as exc:
+            raise _fail(f"{where}: the device's enrolment does not verify ({exc})") from None
+        enrolled.append(Enrolled(index, e, _int(obj, "at", where)))
+        keys.setdefault(e.dev, e.pub)
+    elif kind == "decision":
+        decisions.append(_decision(obj, index, where))
+    else:
+        raise _fail(f"{where}: a {kind!r} entry, which a certificate does not hold")
 
 
 def _devices(enrolled: Sequence[Enrolled], decisions: Sequence[Decision]) -> dict[str, Device]:
@@ -351,48 +377,76 @@ def _devices(enrolled: Sequence[Enrolled], decisions: Sequence[Decision]) -> dic
                         tuple(d for d in decisions if d.dev == dev)) for dev, pub in sorted(keys.items())}
 
 
-def _authorised(device: Device, index: int, vin: str, label: str) -> None:
+class _Authority:
+    """What :func:`_authorised` reads of a device, found in one step for each record."""
+
+    def __init__(self, device: Device) -> None:
+        self.enrolled = min((e.index for e in device.enrolments), default=None)
+        self.standing = [d for d in device.decisions if d.action != "clear"]     # by index
+        self.at = [d.index for d in self.standing]
+
+
+def _authorised(authority: _Authority, index: int, vin: str, label: str) -> None:
     """The record logged at ``index`` came after its device's enrolment and an approval for
     ``vin``, with no revocation or retirement between."""
-    if not any(e.index < index for e in device.enrolments):
+    if authority.enrolled is None or authority.enrolled >= index:
         raise _fail(f"{label}: logged before its device enrolled")
-    standing = [d for d in device.decisions if d.index < index and d.action != "clear"]
-    if not standing or standing[-1].action != "approve":
-        state = "never approved" if not standing else f"{standing[-1].action}d at entry {standing[-1].index}"
+    n = bisect.bisect_left(authority.at, index)        # the decisions logged before the record
+    if not n or authority.standing[n - 1].action != "approve":
+        state = "never approved" if not n else \
+            f"{authority.standing[n - 1].action}d at entry {authority.standing[n - 1].index}"
         raise _fail(f"{label}: logged while its device was {state}")
-    if standing[-1].vin not in (vin, None):
-        raise _fail(f"{label}: logged while its device was approved for VIN {standing[-1].vin}, not {vin}")
+    if authority.standing[n - 1].vin not in (vin, None):
+        raise _fail(f"{label}: logged while its device was approved for VIN {authority.standing[n - 1].vin}, "
+                    f"not {vin}")
 
 
 def _records(recs: Sequence[tuple[int, jws.Compact]], devices: Mapping[str, Device], vin: str,
-             indexes: dict[str, int]) -> list[Record]:
+             indexes: dict[str, int]) -> tuple[list[Record], CertificateError | None, int]:
+    """The records, checked in order but for their signatures (checked ahead meanwhile: see
+    :func:`_signed`); the first failure, if any; and how many records' signatures come before
+    it (the signature of a record is checked before everything but its device's enrolment)."""
     out: list[Record] = []
     seen: set[tuple[str, int]] = set()
-    for index, parts in recs:
+    keyed = {dev for dev, d in devices.items() if d.pub.id == dev}      # records.verify's check
+    authorities = {dev: _Authority(d) for dev, d in devices.items()}
+    for n, (index, parts) in enumerate(recs):
         where = f"entry {index}"
         device = devices.get(parts.kid)
         if device is None:
-            raise _fail(f"{where}: a record of device {parts.kid}, whose enrolment the certificate does "
-                        "not hold")
+            return out, _fail(f"{where}: a record of device {parts.kid}, whose enrolment the certificate "
+                              "does not hold"), n
+        if parts.kid not in keyed:
+            return out, _fail(f"{where}: jws header: kid does not match the key"), n
         try:
-            record = records.verify(parts, device.pub)
-        except BadSignature:
-            raise _fail(f"{where}: the signature of device {parts.kid} does not verify") from None
+            # records.verify, but for the signature: the same payload, read the same way
+            record = records.assemble(parts.text, records.read_payload(parts))
         except BadFormat as exc:
-            raise _fail(f"{where}: {exc}") from None
+            return out, _fail(f"{where}: {exc}"), n + 1
         label = f"record seq {record.seq} of device {record.dev}"
-        if record.vin != vin:
-            raise _fail(f"{label}: is about VIN {record.vin}, not {vin}")
-        if (record.dev, record.seq) in seen:
-            raise _fail(f"{label}: appears twice")
+        try:
+            if record.vin != vin:
+                raise _fail(f"{label}: is about VIN {record.vin}, not {vin}")
+            if (record.dev, record.seq) in seen:
+                raise _fail(f"{label}: appears twice")
+            _authorised(authorities[device.dev], index, vin, label)
+        except CertificateError as exc:
+            return out, exc, n + 1
         seen.add((record.dev, record.seq))
-        _authorised(device, index, vin, label)
         indexes[record.id] = index
         out.append(record)
     if not out:
-        raise _fail("certificate: no records")
+        return out, _fail("certificate: no records"), len(recs)
     out.sort(key=lambda r: (r.dev, r.seq))
-    return out
+    return out, None, len(recs)
+
+
+def _signed(recs: Sequence[tuple[int, jws.Compact]], devices: Mapping[str, Device], checks: Signatures
+            ) -> None:
+    """Raise for the first of ``recs`` that its device did not sign."""
+    for index, parts in recs:
+        if not checks.verifies(index, devices[parts.kid].pub, parts):
+            raise _fail(f"entry {index}: the signature of device {parts.kid} does not verify")
 
 
 def _annotations(raw: object, log_key: VerifyKey, vin: str, cp: NoteCheckpoint, recs: Sequence[Record]
@@ -447,52 +501,69 @@ def _chains(recs: Sequence[Record], notes: Mapping[tuple[str, int], str], estima
     starts: dict[str, int] = {}
     corrections: list[str] = []
     last: dict[str, Record] = {}
-    reading: dict[str, Record] = {}
-    for r in recs:
+    reading: dict[str, tuple[Record, int]] = {}     # each device's last record with a figure, and it
+    odos = [r.odo_m for r in recs]
+    for r, odo in zip(recs, odos, strict=True):
         before = last.get(r.dev)
-        label = f"record seq {r.seq} of device {r.dev}"
         if before is None:
             starts[r.dev] = r.seq
         elif r.seq == before.seq + 1:
             if r.prev != before.id:
-                raise _fail(f"{label}: chain broken: prev is not the id of seq {before.seq}")
+                raise _fail(f"record seq {r.seq} of device {r.dev}: chain broken: prev is not the id of seq "
+                            f"{before.seq}")
         else:
             missing = range(before.seq + 1, r.seq)
             said = tuple(sorted({notes[(r.dev, s)] for s in missing if (r.dev, s) in notes}))
             gaps.append(Gap(r.dev, before.seq + 1, r.seq - 1, said))
-        prior = reading.get(r.dev)
-        if r.odo_m is not None:
-            if prior is not None and prior.odo_m is not None and r.odo_m < prior.odo_m:
-                drop = prior.odo_m - r.odo_m
-                both_obd = _source(r) == "obd" and _source(prior) == "obd"
+        if odo is not None:
+            prior = reading.get(r.dev)
+            if prior is not None and odo < prior[1]:
+                label = f"record seq {r.seq} of device {r.dev}"
+                p, prior_odo = prior
+                drop = prior_odo - odo
+                both_obd = _source(r) == "obd" and _source(p) == "obd"
                 if both_obd or drop > CORRECTION_SLACK_M:
-                    raise _fail(f"{label}: the odometer goes back from {prior.odo_m} m (seq {prior.seq}) "
-                                f"to {r.odo_m} m")
-                corrections.append(f"{label}: {_source(r)} figure {r.odo_m} m corrects the "
-                                   f"{_source(prior)} figure {prior.odo_m} m of seq {prior.seq} by {drop} m")
-            reading[r.dev] = r
+                    raise _fail(f"{label}: the odometer goes back from {prior_odo} m (seq {p.seq}) to "
+                                f"{odo} m")
+                corrections.append(f"{label}: {_source(r)} figure {odo} m corrects the "
+                                   f"{_source(p)} figure {prior_odo} m of seq {p.seq} by {drop} m")
+            reading[r.dev] = (r, odo)
         last[r.dev] = r
     # Across the vehicle's devices, in time order: the odometer of the car never goes back.
-    timed = sorted(((r.t if r.clock == "synced" else estimates[r.id], r) for r in recs
-                    if r.odo_m is not None and (r.clock == "synced" or r.id in estimates)),
-                   key=lambda tr: (tr[0], tr[1].dev, tr[1].seq))
-    top: Record | None = None
-    for _, r in timed:
-        assert r.odo_m is not None
-        if top is not None and top.odo_m is not None and r.dev != top.dev:
-            both_obd = _source(r) == "obd" and _source(top) == "obd"
-            if r.odo_m < top.odo_m - (OBD_ROUNDING_M if both_obd else CORRECTION_SLACK_M):
+    timed = sorted(((r.t if r.clock == "synced" else estimates[r.id], r.dev, r.seq, odo, r)
+                    for r, odo in zip(recs, odos, strict=True)
+                    if odo is not None and (r.clock == "synced" or r.id in estimates)),
+                   key=lambda tr: tr[:3])
+    top: tuple[Record, int] | None = None
+    for _, _, _, odo, r in timed:
+        if top is not None and r.dev != top[0].dev:
+            both_obd = _source(r) == "obd" and _source(top[0]) == "obd"
+            if odo < top[1] - (OBD_ROUNDING_M if both_obd else CORRECTION_SLACK_M):
                 raise _fail(f"record seq {r.seq} of device {r.dev}: the vehicle's odometer goes back from "
-                            f"{top.odo_m} m (device {top.dev} seq {top.seq}) to {r.odo_m} m")
-        if top is None or (top.odo_m is not None and r.odo_m >= top.odo_m):
-            top = r
+                            f"{top[1]} m (device {top[0].dev} seq {top[0].seq}) to {odo} m")
+        if top is None or odo >= top[1]:
+            top = (r, odo)
     return gaps, starts, corrections
 
 
-def _load(data: bytes | str | Mapping[str, Any]) -> Mapping[str, Any]:
+def _load(data: bytes | str | Mapping[str, Any]) -> tuple[Mapping[str, Any], list[FastEntry] | None]:
+    """The certificate, and its entries if they were read on their own (then ``entries`` is
+    empty in the certificate); refused unless in its one encoding."""
     if isinstance(data, Mapping):
-        return data
+        return data, None
     raw = data.encode("utf-8") if isinstance(data, str) else data
+    split = certificate_fast.split_encoded(raw) if len(raw) <= MAX_CERTIFICATE_BYTES else None
+    if split is not None:
+        # The entries each as the one encoding writes one: if the rest is in it too, so is the
+        # whole. Otherwise the whole is read below, and what is wrong named.
+        rest, entries = split
+        try:
+            cert = canonical.loads_object(rest, "certificate", max_bytes=MAX_CERTIFICATE_BYTES)
+        except BadFormat:
+            pass
+        else:
+            if cert.get("format") == FORMAT and cert.get("v") == VERSION and encode(cert) == rest:
+                return cert, entries
     try:
         cert = canonical.loads_object(raw, "certificate", max_bytes=MAX_CERTIFICATE_BYTES)
     except BadFormat as exc:
@@ -501,15 +572,19 @@ def _load(data: bytes | str | Mapping[str, Any]) -> Mapping[str, Any]:
         raise _fail(f"certificate: not an {FORMAT} version {VERSION}")
     if encode(cert) != raw:
         raise _fail("certificate: not in its one encoding (a byte was changed, or the file was rewritten)")
-    return cert
+    return cert, None
 
 
 def verify(data: bytes | str | Mapping[str, Any], log_key: note.Verifier | VerifyKey,
-           witnesses: Sequence[note.Verifier] = (), quorum: int = 0) -> Proven:
+           witnesses: Sequence[note.Verifier] = (), quorum: int = 0, *, executor: Executor | None = None
+           ) -> Proven:
     """Verify a certificate offline, with the log's key (a note verifier key, whose name must be
     the certificate's origin, or a bare key) and ``quorum`` of ``witnesses``' cosignatures;
-    raise :class:`CertificateError` naming the first failure."""
-    cert = _members(_load(data), _TOP, "certificate")
+    raise :class:`CertificateError` naming the first failure. With ``executor``, the records'
+    signatures are checked there (:func:`protocol.certificate_fast.check_chunk`) while the rest
+    is; the answer is the same."""
+    loaded, fast = _load(data)
+    cert = _members(loaded, _TOP, "certificate")
     if cert["format"] != FORMAT or cert["v"] != VERSION:
         raise _fail(f"certificate: not an {FORMAT} version {VERSION}")
     vin = _str(cert, "vin", "certificate")
@@ -533,12 +608,27 @@ def verify(data: bytes | str | Mapping[str, Any], log_key: note.Verifier | Verif
         raise _fail(f"checkpoint: {str(exc).removeprefix('checkpoint: ')}") from None
     except BadFormat as exc:
         raise _fail(f"checkpoint: {str(exc).removeprefix('checkpoint: ')}") from None
-    recs, enrolled, decisions = _classify(_entries(cert["entries"], cp))
-    devices = _devices(enrolled, decisions)
-    indexes: dict[str, int] = {}
-    verified = _records(recs, devices, vin, indexes)
-    issued_at, estimates, notes = _annotations(cert["annotations"], verifier.public, vin, cp, verified)
-    gaps, starts, corrections = _chains(verified, notes, estimates)
+    checks = Signatures(executor)
+    try:
+        recs, enrolled, decisions = _entries(cert["entries"], fast, cp, checks)
+        checks.flush()
+        devices = _devices(enrolled, decisions)
+        indexes: dict[str, int] = {}
+        # Everything after the records' signatures is checked while they are, and the first
+        # failure raised in the order of the checks: a record's signature, the rest of it ...
+        verified, failure, signed = _records(recs, devices, vin, indexes)
+        if failure is None:
+            try:
+                issued_at, estimates, notes = _annotations(cert["annotations"], verifier.public, vin, cp,
+                                                           verified)
+                gaps, starts, corrections = _chains(verified, notes, estimates)
+            except CertificateError as exc:     # ... then the annotations and the chains
+                failure = exc
+        _signed(recs[:signed], devices, checks)
+    finally:
+        checks.close()
+    if failure is not None:
+        raise failure
     warnings = [f"device {d} is in the certificate but signed none of its records"
                 for d in sorted(set(devices) - {r.dev for r in verified})]
     ignored = len(note.parse(cp.signed).signatures) - 1 - len(cp.cosignatures)

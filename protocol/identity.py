@@ -12,6 +12,7 @@ anyone could make). libsodium checks all of that itself; ``cryptography`` (OpenS
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Callable
@@ -91,7 +92,7 @@ class VerifyKey:
         if len(self.raw) != 32:
             raise BadFormat("public key: must be 32 raw bytes")
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
         return device_id(self.raw)
 

@@ -62,6 +62,25 @@ def consistency_path(mth: RangeHash, old_size: int, size: int) -> list[bytes]:
     return subproof(old_size, 0, size, True)
 
 
+def range_hashes(leaves: Sequence[bytes]) -> RangeHash:
+    """MTH(D[start:end]) of the tree of ``leaves`` (leaf hashes), each range computed once: for
+    :func:`inclusion_path` and :func:`consistency_path` over a tree held in memory."""
+    done: dict[tuple[int, int], bytes] = {}
+
+    def mth(start: int, end: int) -> bytes:
+        got = done.get((start, end))
+        if got is None:
+            if end - start == 1:
+                got = leaves[start]
+            else:
+                k = split(end - start)
+                got = node_hash(mth(start, start + k), mth(start + k, end))
+            done[(start, end)] = got
+        return got
+
+    return mth
+
+
 def root(leaves: Sequence[bytes]) -> bytes:
     """MTH over leaf hashes (not raw data)."""
     n = len(leaves)
@@ -115,18 +134,25 @@ class InclusionWalker:
         if size < 0:
             raise ValueError("tree size must not be negative")
         self.size = size
-        #: sn -> (fn, hash, proof, position in it, root) of the last walk that passed there
-        self._seen: dict[int, tuple[int, bytes, Sequence[bytes], int, bytes]] = {}
+        #: sn -> (fn, hash, proof, offset in it, root) of the last walk that passed there
+        self._seen: dict[int, tuple[int, bytes, bytes, int, bytes]] = {}
 
-    def root(self, index: int, leaf: bytes, proof: Sequence[bytes]) -> bytes:
+    def root(self, index: int, leaf: bytes, proof: Sequence[bytes] | bytes) -> bytes:
+        """:func:`root_from_inclusion`; ``proof`` as its hashes, or as their concatenation (32
+        bytes each, as a certificate carries them: no list of hashes is made)."""
+        if not isinstance(proof, bytes):
+            if any(len(p) != 32 for p in proof):
+                raise BadFormat("inclusion proof: a hash is not 32 bytes")
+            proof = b"".join(proof)
+        elif len(proof) % 32:
+            raise BadFormat("inclusion proof: a hash is not 32 bytes")
         if not 0 <= index < self.size:
             raise BadFormat("inclusion proof: index outside the tree")
-        proof = tuple(proof)            # kept: what the caller holds may change
         seen = self._seen
         walked: list[tuple[int, int, bytes, int]] = []
         fn, sn, r = index, self.size - 1, leaf
         sha256 = hashlib.sha256
-        for j, p in enumerate(proof):
+        for j in range(0, len(proof), 32):
             if sn == 0:
                 raise BadFormat("inclusion proof: too long")
             was = seen.get(sn)
@@ -135,13 +161,13 @@ class InclusionWalker:
                 break
             walked.append((sn, fn, r, j))
             if fn & 1 or fn == sn:
-                r = sha256(b"\x01" + p + r).digest()
+                r = sha256(b"\x01" + proof[j:j + 32] + r).digest()
                 if not fn & 1:
                     while fn and not fn & 1:
                         fn >>= 1
                         sn >>= 1
             else:
-                r = sha256(b"\x01" + r + p).digest()
+                r = sha256(b"\x01" + r + proof[j:j + 32]).digest()
             fn >>= 1
             sn >>= 1
         else:

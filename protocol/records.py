@@ -221,6 +221,13 @@ def verify(compact: str | bytes | jws.Compact, key: VerifyKey, *,
     return _from_payload(parts.text, read_payload(parts) if payload is None else payload)
 
 
+def assemble(compact: str, payload: Mapping[str, Any]) -> Record:
+    """What :func:`verify` returns once the signature has verified, for a caller that checked it
+    itself (a batch of signatures in other processes): ``payload`` is what :func:`read_payload`
+    read from ``compact``."""
+    return _from_payload(compact, payload)
+
+
 def peek_seq(compact: str | bytes) -> int | None:
     """The payload's ``seq`` without verifying anything, for error reports only."""
     try:

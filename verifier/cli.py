@@ -2,7 +2,8 @@
 
 Offline by default: the certificate file and the keys are all it reads. ``--witness-key``
 (repeatable) and ``--quorum K`` require K witnesses' cosignatures on its checkpoint; ``--log URL``
-also checks it against the log as it is now (:mod:`verifier.online`). Exit 0 when everything
+also checks it against the log as it is now (:mod:`verifier.online`); ``--jobs N`` checks the
+records' signatures in N processes, this one included (:class:`Workers`). Exit 0 when everything
 verifies (and say what that proves and what it does not), 1 at the first failure (named), 2 on
 bad usage or a file that cannot be read. Imports :mod:`protocol` and the standard library only.
 """
@@ -11,13 +12,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import logging
+import os
+import pickle
+import queue
+import subprocess
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import BrokenExecutor, Executor, Future
+from pathlib import Path
+from typing import IO, Any
 
-from protocol import BadFormat, note
+from protocol import BadFormat, certificate_fast, note
 from protocol import certificate as pc
 from protocol.identity import VIN_RE, VerifyKey
 from protocol.records import Record
@@ -51,6 +60,14 @@ def _seqs(first: int, last: int) -> str:
     return f"seq {first}" if first == last else f"seqs {first}-{last}"
 
 
+def _ends(p: pc.Proven) -> tuple[Record, Record] | None:
+    """The first and the last of ``p.readings`` (without sorting them all)."""
+    keyed = [(odo, r.t, r.dev, r.seq, r) for r in p.records if (odo := r.odo_m) is not None]
+    if not keyed:
+        return None
+    return min(keyed, key=lambda k: k[:4])[4], max(keyed, key=lambda k: k[:4])[4]
+
+
 def _device_lines(p: pc.Proven) -> list[str]:
     lines = []
     for d in p.devices:
@@ -74,10 +91,10 @@ def report(p: pc.Proven, cosigners: Sequence[str], later: online.Later | None) -
     cp = p.checkpoint
     lines = [f"VERIFIED: mileage certificate for VIN {p.vin}", "proven:"]
     lines.extend(_device_lines(p))
-    readings = p.readings
-    if readings:
-        lines.append(f"  first reading: {_reading(readings[0], p.estimates)}")
-        lines.append(f"  last reading:  {_reading(readings[-1], p.estimates)}")
+    ends = _ends(p)
+    if ends:
+        lines.append(f"  first reading: {_reading(ends[0], p.estimates)}")
+        lines.append(f"  last reading:  {_reading(ends[1], p.estimates)}")
     lines.append(f"  records: {len(p.records)}, each signed by its device's key and included in checkpoint "
                  f"{cp.size} of log {cp.origin}")
     lines.append(f"  checkpoint: signed by the log's key, cosigned by {len(cosigners)} witness(es)"
@@ -130,8 +147,7 @@ def report(p: pc.Proven, cosigners: Sequence[str], later: online.Later | None) -
 
 
 def _summary(p: pc.Proven, cosigners: Sequence[str], later: online.Later | None) -> dict[str, Any]:
-    readings = p.readings
-    first, last = (readings[0], readings[-1]) if readings else (None, None)
+    first, last = _ends(p) or (None, None)
     return {
         "ok": True, "vin": p.vin, "devices": [d.dev for d in p.devices], "records": len(p.records),
         "first": None if first is None else {"t": first.t, "odo_m": first.odo_m, "dev": first.dev,
@@ -156,6 +172,159 @@ def _summary(p: pc.Proven, cosigners: Sequence[str], later: online.Later | None)
 
 class UsageError(Exception):
     pass
+
+
+# -- signatures, checked in other processes ---------------------------------------------------
+
+#: What a worker runs: :func:`serve_signatures`, on this same Python.
+_WORKER = "from verifier.cli import serve_signatures; serve_signatures()"
+_FRAME = 8                      # bytes of a frame's length
+
+
+def _read_frame(stream: IO[bytes]) -> bytes | None:
+    head = stream.read(_FRAME)
+    if len(head) < _FRAME:
+        return None
+    size = int.from_bytes(head, "big")
+    body = stream.read(size)
+    if len(body) != size:
+        raise EOFError("a frame cut short")
+    return body
+
+
+def _write_frame(stream: IO[bytes], body: bytes) -> None:
+    stream.write(len(body).to_bytes(_FRAME, "big") + body)
+    stream.flush()
+
+
+def serve_signatures() -> None:
+    """A worker: read chunks of signatures (pickled by :class:`Workers`, its parent) on stdin
+    until it closes; write the indexes of those that do not verify for each. It runs at a lower
+    priority than its parent."""
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    if hasattr(os, "nice"):
+        # Below the parent, which reads the certificate meanwhile: it has a CPU when it needs one.
+        try:
+            os.nice(10)
+        except OSError:
+            pass
+    while (body := _read_frame(inp)) is not None:
+        _write_frame(out, pickle.dumps(certificate_fast.check_chunk(pickle.loads(body))))
+
+
+class Workers(Executor):
+    """``jobs`` worker processes (each an interpreter of its own, so that they check signatures
+    while this one reads the certificate), started at the first chunk: an executor of
+    :func:`protocol.certificate_fast.check_chunk` only. A worker that fails fails its chunks
+    (BrokenExecutor), which are then checked here."""
+
+    def __init__(self, jobs: int) -> None:
+        self._jobs = jobs
+        self._queue: queue.SimpleQueue[tuple[Future[list[int]], Any] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._stopped = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        if fn is not certificate_fast.check_chunk or len(args) != 1 or kwargs:
+            raise ValueError("Workers run protocol.certificate_fast.check_chunk(chunk) only")
+        if self._stopped:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if not self._threads:
+            for n in range(self._jobs):
+                thread = threading.Thread(target=self._run, name=f"signatures-{n}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        future: Future[list[int]] = Future()
+        self._queue.put((future, args[0]))
+        return future
+
+    def _run(self) -> None:
+        """One worker: hand it chunks as they come, one ahead of the one it checks (so that it
+        never waits for this process), while :meth:`_answers` reads what it says."""
+        root = str(Path(__file__).resolve().parent.parent)      # where verifier/ and protocol/ are
+        path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+        proc: subprocess.Popen[bytes] | None
+        try:
+            proc = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
+        except OSError as exc:
+            log.debug("no worker process: %s", exc)
+            proc = None
+        sent: queue.SimpleQueue[Future[list[int]] | None] = queue.SimpleQueue()
+        answers = None if proc is None else threading.Thread(target=self._answers, args=(proc, sent),
+                                                             daemon=True)
+        if answers is not None:
+            answers.start()
+        broken = proc is None
+        try:
+            while (job := self._queue.get()) is not None:
+                future, chunk = job
+                if not future.set_running_or_notify_cancel():
+                    continue
+                if broken or proc is None or proc.stdin is None:
+                    future.set_exception(BrokenExecutor("no worker process"))
+                    continue
+                sent.put(future)
+                try:
+                    _write_frame(proc.stdin, pickle.dumps(chunk))
+                except (OSError, ValueError):       # it stopped: _answers fails what was sent
+                    broken = True
+                    proc.kill()
+        finally:
+            sent.put(None)
+            if proc is not None:
+                if proc.stdin is not None:
+                    try:
+                        proc.stdin.close()              # the worker stops when it has answered
+                    except OSError:
+                        pass
+                if answers is not None:
+                    answers.join()
+                if proc.stdout is not None:
+                    proc.stdout.close()
+                proc.wait()
+
+    @staticmethod
+    def _answers(proc: subprocess.Popen[bytes], sent: queue.SimpleQueue[Future[list[int]] | None]) -> None:
+        """Set each chunk's answer, in the order the chunks were sent."""
+        failure = ""
+        while (future := sent.get()) is not None:
+            if not failure:
+                try:
+                    assert proc.stdout is not None
+                    body = _read_frame(proc.stdout)
+                    if body is None:
+                        raise EOFError("it stopped")
+                    future.set_result(pickle.loads(body))
+                    continue
+                except (OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+                    failure = f"the worker failed: {exc}"
+                    proc.kill()
+            future.set_exception(BrokenExecutor(failure))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the workers once they have checked what they were given (``cancel_futures``:
+        only what they have begun); ``wait``: until they have stopped."""
+        if cancel_futures:
+            ends = 0                        # the end marks of an earlier shutdown stay in the queue
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    ends += 1
+                else:
+                    job[0].cancel()
+            for _ in range(ends):
+                self._queue.put(None)
+        if not self._stopped:
+            self._stopped = True
+            for _ in self._threads:
+                self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
 
 
 def _read(path: str, what: str, limit: int) -> bytes:
@@ -211,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log", metavar="URL", help="the log's public URL (…/log): check the certificate "
                         "against the log as it is now")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
+                        help="processes checking the records' signatures, this one included (default: "
+                             "one a CPU); the result is the same with any number")
     return parser
 
 
@@ -227,14 +399,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 0 <= quorum <= len(witnesses):
             raise UsageError(f"--quorum {quorum}: must be 0 to the number of --witness-key files "
                              f"({len(witnesses)})")
+        if not 1 <= args.jobs <= 256:
+            raise UsageError(f"--jobs {args.jobs}: 1 to 256")
         if args.log is not None and not args.log.startswith(("http://", "https://")):
             raise UsageError(f"--log {args.log!r}: an http:// or https:// URL")
         data = _read(args.certificate, "certificate", pc.MAX_CERTIFICATE_BYTES)
     except UsageError as exc:
         print(f"odo-verify: {exc}", file=sys.stderr)
         return 2
+    workers = Workers(args.jobs - 1) if args.jobs > 1 else None
+    collecting = gc.isenabled()
+    # What is made from here on is kept to the end, and holds no cycles to collect: looking for
+    # some among millions of objects, again and again as they are made, would cost seconds.
+    gc.disable()
     try:
-        proven = pc.verify(data, log_key, witnesses, quorum)
+        return _check(args, data, log_key, witnesses, quorum, workers)
+    finally:
+        if workers is not None:
+            workers.shutdown(cancel_futures=True)
+        if collecting:
+            gc.enable()
+
+
+def _check(args: argparse.Namespace, data: bytes, log_key: note.Verifier | VerifyKey,
+           witnesses: Sequence[note.Verifier], quorum: int, workers: Workers | None) -> int:
+    """Verify the certificate read, and print what it proves; the exit status."""
+    try:
+        proven = pc.verify(data, log_key, witnesses, quorum, executor=workers)
+        if workers is not None:
+            workers.shutdown(wait=False)        # they stop while the report is made
         if args.vin is not None and proven.vin != args.vin:
             raise pc.CertificateError(f"the certificate is for VIN {proven.vin}, not {args.vin}")
         verifier = log_key if isinstance(log_key, note.Verifier) else \

@@ -20,6 +20,7 @@ Nothing here touches a database, a clock or a socket; :mod:`backend.records.stor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -57,6 +58,11 @@ class DeviceKey:
 
     status: str                 # pending | approved | revoked | rejected
     pub: bytes
+
+    @functools.cached_property
+    def key(self) -> VerifyKey:
+        """The public key, made once for all the records of a batch."""
+        return VerifyKey(self.pub)
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ def authenticate(topic_dev: str, parsed: Parsed, device: DeviceKey | None) -> Re
     if kid != topic_dev:
         return Refusal(seq, "dev_mismatch", f"record of {kid} published on {topic_dev}'s topic")
     try:
-        return records.verify(parsed.parts, VerifyKey(device.pub), payload=parsed.payload)
+        return records.verify(parsed.parts, device.key, payload=parsed.payload)
     except BadSignature as exc:
         return Refusal(seq, "bad_signature", str(exc))
     except BadFormat as exc:
