@@ -1,7 +1,7 @@
 """Load on ``odo-backend run`` end to end, through a private mosquitto, beside the raw verify rate.
 
-    .venv/bin/python -m bench.load [--parts 1,2,3,4] [--devices 100] [--records 500] [--batch 200]
-        [--inflight 2] [--rates 500,1000,1500,2000,3000,4000] [--step-s 6] [--backlog 100000]
+    .venv/bin/python -m bench.load [--parts 1,2,3,4] [--devices 100] [--records 400] [--batch 200]
+        [--inflight 2] [--rates 500,1000,1500,2000,3000,4000] [--step-s 4] [--backlog 100000]
         [--no-pg] [--out bench-results.md]
 
 1. Ingest: ``--devices`` simulated devices, each with its own key and chain and enrolled with the
@@ -1149,14 +1149,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--parts", type=_int_list(1, 4, 4), default=[1, 2, 3, 4],
                     help="which parts (default 1,2,3,4)")
     ap.add_argument("--devices", type=_bounded(1, 10_000), default=100, help="parts 1 and 2")
-    ap.add_argument("--records", type=_bounded(1, 100_000), default=500, help="per device, parts 1 and 2")
+    ap.add_argument("--records", type=_bounded(1, 100_000), default=400, help="per device, parts 1 and 2")
     ap.add_argument("--batch", type=_bounded(1, messages.MAX_BATCH_RECORDS), default=200,
                     help="records a batch, parts 1 and 2")
     ap.add_argument("--inflight", type=_bounded(1, 64), default=2, help="batches in flight per device")
     ap.add_argument("--latency-devices", type=_bounded(1, 100_000), default=1000, help="part 3")
     ap.add_argument("--rates", type=_int_list(1, 1_000_000, 16), default=[500, 1000, 1500, 2000, 3000, 4000],
                     help="offered records per second, increasing (part 3)")
-    ap.add_argument("--step-s", type=_bounded(1, 600), default=6, help="seconds a rate is offered")
+    ap.add_argument("--step-s", type=_bounded(1, 600), default=4, help="seconds a rate is offered")
     ap.add_argument("--max-per-message", type=_bounded(1, messages.MAX_BATCH_RECORDS), default=10,
                     help="a message holds 1 to this many records (part 3)")
     ap.add_argument("--latency-db", choices=("sqlite", "pg"), default="sqlite", help="part 3's database")
