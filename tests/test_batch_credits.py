@@ -130,3 +130,43 @@ def test_the_window_reads_what_each_trip_would_read(db_url: str, monkeypatch: py
         monkeypatch.setattr(store, "WINDOW_ROWS", 10)
         assert _Window.read(tx, vin, 0, 10**9) is None
     db.close()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)    # SQLite: one process, in turn
+def test_a_batch_that_overtook_its_predecessor_waits_for_its_commit(db_url: str, tmp_path: Path) -> None:
+    """Round robin gives a device's next batch to another process while one stores the batch
+    before it: the second waits for that commit instead of answering a gap."""
+    import threading
+    import time
+
+    db, other = Database.open(db_url), Database.open(db_url)
+    db.migrate()
+    rules = load_test_rules(tmp_path)
+    d = Dongle()
+    enroll(db, d)
+    first, second, third = ([d.odometer(1) for _ in range(5)] for _ in range(3))
+    now = 1_790_100_000_000
+    assert store.process_batch(db, rules, d.dev, batch(*first), now).ack.through == 5
+    late: list[int] = []
+
+    def predecessor() -> None:           # another process, a little behind
+        time.sleep(0.1)
+        late.append(store.process_batch(other, rules, d.dev, batch(*second), now + 50).ack.through)
+        other.close()                    # this thread's connection
+
+    t = threading.Thread(target=predecessor)
+    t.start()
+    started = time.monotonic()
+    ack = store.process_batch(db, rules, d.dev, batch(*third), now + 60).ack
+    waited = time.monotonic() - started
+    t.join(10)
+    assert late == [10] and ack.through == 15 and not ack.rejected
+    assert 0.08 < waited < store.PREDECESSOR_WAIT_S + 0.5
+    # a real gap (the batch before never comes): answered once the wait is over, the gap kept
+    gap = [d.odometer(1) for _ in range(10)][5:]
+    started = time.monotonic()
+    assert store.process_batch(db, rules, d.dev, batch(*gap), now + 70).ack.through == 15
+    assert time.monotonic() - started < store.PREDECESSOR_WAIT_S + 0.5
+    # from a device not heard from for a while: at once
+    assert not store.await_predecessor(db, d.dev, 99, now + 3_600_000)
+    db.close()

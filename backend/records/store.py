@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,37 @@ def _device_key(row: Row | None) -> DeviceKey | None:
     return None if row is None else DeviceKey(row["status"], bytes(row["pub"]))
 
 
+#: How long a batch that starts past its device's ``through`` waits, at most, for another process
+#: to commit the batch before it; how often it looks; how recently the device must have been
+#: heard from for that to be likely.
+PREDECESSOR_WAIT_S = 0.25
+PREDECESSOR_POLL_S = 0.01
+PREDECESSOR_RECENT_MS = 10_000
+
+
+def await_predecessor(db: Database, dev: str, first: int, now_ms: int, row: Row | None = None) -> bool:
+    """On PostgreSQL, where several backend processes share the devices' messages (a shared
+    subscription that deals them round robin), a batch that starts past its device's ``through``
+    + 1, from a device heard from moments ago, most likely follows one that another process is
+    storing right now: wait for that commit (at most :data:`PREDECESSOR_WAIT_S`), rather than
+    answer with a gap that the agent would send again. Whether the batch now starts at or before
+    ``through`` + 1. ``row``: the device's ``through`` and ``last_seen`` as just read, if at hand."""
+    if db.dialect != "postgresql":
+        return False                 # one process: a device's batches are handled in turn already
+    deadline = time.monotonic() + PREDECESSOR_WAIT_S
+    while True:
+        if row is None:
+            row = db.one("SELECT through, last_seen FROM devices WHERE dev = ?", (dev,))
+        if row is None or first <= int(row["through"]) + 1:
+            return row is not None
+        if row["last_seen"] is None or now_ms - int(row["last_seen"]) > PREDECESSOR_RECENT_MS:
+            return False             # not heard from lately: a real gap, answered at once
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(PREDECESSOR_POLL_S)
+        row = None
+
+
 def _key_of(db: Database, dev: str) -> DeviceKey | None:
     return _device_key(db.one("SELECT status, pub FROM devices WHERE dev = ?", (dev,)))
 
@@ -132,7 +164,8 @@ def process_batch(db: Database, rules: Source, dev: str, body: bytes, now_ms: in
     texts = list(sent.records)
     # Each record parsed, then its signature checked (outside the lock), one after the other: the
     # checks let go of the GIL, so that the thread in its transaction is never kept waiting long.
-    snapshot = {dev: _key_of(db, dev)}
+    own = db.one("SELECT status, pub, through, last_seen FROM devices WHERE dev = ?", (dev,))
+    snapshot = {dev: _device_key(own)}
     items: list[Parsed | Refusal] = []
     checked: list[Record | Refusal] = []
     for text in texts:
@@ -144,6 +177,9 @@ def process_batch(db: Database, rules: Source, dev: str, body: bytes, now_ms: in
         if item.kid not in snapshot:
             snapshot[item.kid] = _key_of(db, item.kid)
         checked.append(authenticate(dev, item, snapshot[item.kid]))
+    first = min((c.seq for c in checked if isinstance(c, Record)), default=None)
+    if first is not None:
+        await_predecessor(db, dev, first, now_ms, own)
 
     def store(tx: Tx) -> BatchResult:
         lock_device(db, tx, dev)
