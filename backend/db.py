@@ -74,6 +74,19 @@ class Tx:
         return self.execute(sql, tuple(values.values())) == 1
 
 
+@contextmanager
+def _integrity_errors() -> Iterator[None]:
+    """Either driver's constraint violations, as :class:`IntegrityError`."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise IntegrityError(str(exc)) from exc
+    except Exception as exc:
+        if type(exc).__name__ in ("UniqueViolation", "ForeignKeyViolation", "IntegrityError"):
+            raise IntegrityError(str(exc)) from exc
+        raise
+
+
 def insert_many(tx: Tx, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
                 conflict: str | None = None) -> int:
     """Insert ``rows``; with ``conflict``, rows that clash on that column are skipped. Returns the
@@ -185,16 +198,10 @@ class Database:
         return sql
 
     def _run(self, conn: Any, sql: str, params: Params) -> Any:
-        try:
+        with _integrity_errors():
             if self.dialect == "sqlite":
                 return conn.execute(sql, tuple(params))
             return conn.execute(self._sql(sql), tuple(params))
-        except sqlite3.IntegrityError as exc:
-            raise IntegrityError(str(exc)) from exc
-        except Exception as exc:
-            if type(exc).__name__ in ("UniqueViolation", "ForeignKeyViolation", "IntegrityError"):
-                raise IntegrityError(str(exc)) from exc
-            raise
 
     def _insert_many(self, conn: Any, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
                      conflict: str | None) -> int:
@@ -210,7 +217,7 @@ class Database:
                                             f"{', '.join(marks for _ in chunk)}{tail}",
                                       [v for row in chunk for v in row]).rowcount)
             return done
-        try:
+        with _integrity_errors():
             cur = conn.cursor()
             if conflict is None:
                 with cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
@@ -220,10 +227,6 @@ class Database:
             marks = ", ".join("%s" for _ in columns)
             cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}){tail}", rows)
             return int(cur.rowcount)
-        except Exception as exc:
-            if type(exc).__name__ in ("UniqueViolation", "ForeignKeyViolation", "IntegrityError"):
-                raise IntegrityError(str(exc)) from exc
-            raise
 
     def _rows(self, cur: Any) -> list[Row]:
         if cur.description is None:

@@ -143,25 +143,31 @@ class Issue:
     rules_sha256: str | None = None
 
 
+def _insert(tx: Tx, rows: Sequence[tuple[Any, ...]]) -> dict[str, int]:
+    """Insert transfers (values in :data:`_TRANSFER_COLUMNS` order), skipping a key used before;
+    the id of each one inserted, by key."""
+    ids: dict[str, int] = {}
+    per = max(1, 900 // len(_TRANSFER_COLUMNS))
+    marks = "(" + ", ".join("?" for _ in _TRANSFER_COLUMNS) + ")"
+    for n in range(0, len(rows), per):
+        chunk = rows[n:n + per]
+        ids.update((str(r["key"]), int(r["id"])) for r in tx.query(
+            f"INSERT INTO transfers ({', '.join(_TRANSFER_COLUMNS)}) "
+            f"VALUES {', '.join(marks for _ in chunk)} ON CONFLICT (key) DO NOTHING RETURNING id, key",
+            [v for row in chunk for v in row]))
+    return ids
+
+
 def issue_many(tx: Tx, issues: Sequence[Issue], now_ms: int) -> list[Transfer]:
     """:func:`transfer` from ``issuer`` of many at once, in a few statements, each appended to
     the log; those whose key was used before are skipped. Returns the transfers made, in the
     order given. Raises ValueError on a malformed account, amount or key (before writing any)."""
     for i in issues:
         _check(i.key, ISSUER, i.to_account, i.amount)
-    made: list[Transfer] = []
-    per = max(1, 900 // len(_TRANSFER_COLUMNS))
-    marks = "(" + ", ".join("?" for _ in _TRANSFER_COLUMNS) + ")"
-    for n in range(0, len(issues), per):
-        chunk = issues[n:n + per]
-        rows = tx.query(
-            f"INSERT INTO transfers ({', '.join(_TRANSFER_COLUMNS)}) "
-            f"VALUES {', '.join(marks for _ in chunk)} ON CONFLICT (key) DO NOTHING RETURNING id, key",
-            [v for i in chunk for v in (i.key, ISSUER, i.to_account, i.amount, i.rule_id, i.rules_version,
-                                        i.dev, i.record_id, i.week, i.memo, now_ms, i.rules_sha256)])
-        ids = {str(r["key"]): int(r["id"]) for r in rows}
-        made.extend(Transfer(ids[i.key], i.key, ISSUER, i.to_account, i.amount, i.rule_id, i.rules_version,
-                             i.dev, i.record_id, i.week, i.memo, now_ms) for i in chunk if i.key in ids)
+    ids = _insert(tx, [(i.key, ISSUER, i.to_account, i.amount, i.rule_id, i.rules_version, i.dev, i.record_id,
+                        i.week, i.memo, now_ms, i.rules_sha256) for i in issues])
+    made = [Transfer(ids[i.key], i.key, ISSUER, i.to_account, i.amount, i.rule_id, i.rules_version, i.dev,
+                     i.record_id, i.week, i.memo, now_ms) for i in issues if i.key in ids]
     # Keys just made unique by the table: no entry was logged under them before.
     translog.append_many(tx, "transfer", [(t.key, t.entry()) for t in made], now_ms)
     return made
@@ -185,14 +191,11 @@ def transfer(tx: Tx, *, key: str, from_account: str, to_account: str, amount: in
         have = balance(tx, from_account)
         if have < amount:
             raise InsufficientFunds(f"{from_account} has {have} milli-tokens, {amount} needed")
-    row = tx.one(f"INSERT INTO transfers ({', '.join(_TRANSFER_COLUMNS)}) "
-                 f"VALUES ({', '.join('?' for _ in _TRANSFER_COLUMNS)}) "
-                 "ON CONFLICT (key) DO NOTHING RETURNING id",
-                 (key, from_account, to_account, amount, rule_id, rules_version, dev, record_id, week, memo,
-                  now_ms, rules_sha256))
-    if row is None:                          # the key was used before
+    ids = _insert(tx, [(key, from_account, to_account, amount, rule_id, rules_version, dev, record_id, week,
+                        memo, now_ms, rules_sha256)])
+    if key not in ids:                       # the key was used before
         return None
-    made = Transfer(int(row["id"]), key, from_account, to_account, amount, rule_id, rules_version, dev,
+    made = Transfer(ids[key], key, from_account, to_account, amount, rule_id, rules_version, dev,
                     record_id, week, memo, now_ms)
     translog.append(tx, "transfer", key, made.entry())
     log.debug("transfer %s: %d from %s to %s", key, amount, from_account, to_account)
@@ -211,7 +214,11 @@ def assigned_driver(tx: Tx, vin: str | None, at_ms: int) -> str | None:
 
 def reward_account(tx: Tx, dev: str, vin: str | None, at_ms: int) -> str:
     """Where a reward for a reading of ``vin`` by ``dev`` taken at ``at_ms`` goes."""
-    driver = assigned_driver(tx, vin, at_ms)
+    return account_of(dev, assigned_driver(tx, vin, at_ms))
+
+
+def account_of(dev: str, driver: str | None) -> str:
+    """Where a reward earned by ``dev`` goes: its driver's account, else the device's own."""
     return driver_account(driver) if driver is not None else unassigned_account(dev)
 
 

@@ -247,14 +247,13 @@ class Pending:
     def account(self, dev: str, vin: str | None, at_ms: int) -> str:
         """:func:`accounts.reward_account`, from the VIN's assignments read once."""
         if vin is None:
-            return accounts.unassigned_account(dev)
+            return accounts.account_of(dev, None)
         if vin not in self._assignments:
             self._assignments[vin] = [Assignment(str(r["driver_id"]), vin, int(r["valid_from"]),
                                                  None if r["valid_to"] is None else int(r["valid_to"]))
                                       for r in self.tx.query("SELECT driver_id, valid_from, valid_to "
                                                              "FROM assignments WHERE vin = ?", (vin,))]
-        driver = driver_at(self._assignments[vin], vin, at_ms)
-        return accounts.unassigned_account(dev) if driver is None else accounts.driver_account(driver)
+        return accounts.account_of(dev, driver_at(self._assignments[vin], vin, at_ms))
 
     def flush(self, now_ms: int) -> list[accounts.Transfer]:
         """Write what was planned; the transfers made."""
@@ -351,20 +350,15 @@ def credit(tx: Tx, rules: Rules | RuleBook, record: Record, device: Mapping[str,
                                c.memo, version.sha256)
         if pending is not None:
             pending.add(issue)
-            amount = c.amount
         else:
-            t = accounts.transfer(tx, key=c.key, from_account=accounts.ISSUER, to_account=account,
-                                  amount=c.amount, now_ms=now_ms, rule_id=c.rule_id,
-                                  rules_version=version.name, dev=c.dev, record_id=c.record_id, week=c.week,
-                                  memo=c.memo, rules_sha256=version.sha256)
-            if t is None:
+            written = accounts.issue_many(tx, [issue], now_ms)
+            if not written:                  # credited before
                 continue
-            made.append(t)
-            amount = t.amount
-            log.info("credited %d milli-tokens to %s: %s", t.amount, account, t.key)
+            made.extend(written)
+            log.info("credited %d milli-tokens to %s: %s", c.amount, account, c.key)
         week_key = (c.rule_id, c.scope, c.week)
         if week_key in credited.totals:
-            credited.totals[week_key] += amount
+            credited.totals[week_key] += c.amount
     return made
 
 

@@ -399,9 +399,8 @@ class _Batch:
         clock (whose times need no estimate), read once: a trip within them needs no query of its
         own. None when the batch has no such trip or too many readings fall in between."""
         if vin not in self._windows:
-            assert self.device is not None
             spans = [_trip_span(r, r.t) for r in self._records
-                     if r.kind == "trip" and _is_anchor(r) and (r.vin or self.device["vin"]) == vin]
+                     if r.kind == "trip" and _is_anchor(r) and self._vin_scope(r) == vin]
             self._windows[vin] = _Window.read(self.tx, vin, min(s for s, _ in spans),
                                               max(e for _, e in spans)) if spans else None
         return self._windows[vin]
