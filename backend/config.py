@@ -58,6 +58,7 @@ EVIDENCE_KEYS = {"evidence_per_device": "per_device", "evidence_per_device_bytes
 KEYS = frozenset({
     "db", "broker", "http", "rules", "fleet_token", "api_token", "tls_ca", "tls_cert", "tls_key",
     "client_id", "session_expiry", "log_level", "secure_cookies", "log_origin", "witness", "workers",
+    "worker_processes",
     "display_unit", "webhook", "silent_hours", "confirmation_grace_hours",
     "api_token_file", "fleet_token_file", "metrics_token", "metrics_token_file", "metrics_listen",
     "allowed_origin",
@@ -66,7 +67,7 @@ KEYS = frozenset({
 _INT_KEYS = frozenset({"session_expiry", "workers", "silent_hours", "confirmation_grace_hours",
                        *EVIDENCE_KEYS})
 _TABLE_KEYS = frozenset({"webhook"})      # an array of TOML tables, in the config file only
-_BOOL_KEYS = frozenset({"secure_cookies"})
+_BOOL_KEYS = frozenset({"secure_cookies", "worker_processes"})
 _LIST_KEYS = frozenset({"witness", "allowed_origin"})   # a list of strings (a flag again, or a TOML array)
 #: At most this many witnesses, each an http(s) URL of at most 500 characters.
 MAX_WITNESSES = 16
@@ -83,6 +84,8 @@ SECRET_FILES = {"api_token": "api_token_file", "fleet_token": "fleet_token_file"
                 "metrics_token": "metrics_token_file"}
 _BEARER_SECRETS = frozenset({"api_token", "metrics_token"})
 MAX_ALLOWED_ORIGINS = 16
+#: How the backend's processes write their log (to stderr: the journal, under systemd).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: At most this many ingest workers (``workers``); the default is two to four, after the CPU count.
 MAX_WORKERS = 32
 
@@ -289,6 +292,7 @@ class RunConfig:
     witnesses: tuple[str, ...] = ()
     log_origin: str | None = None
     workers: int | None = None          # ingest worker threads; None: after the CPU count
+    worker_processes: bool = True       # each worker's batches verified and stored in a process of its own
     display_unit: str = "km"            # the fleet's default unit of distance: km | mi
     notify: NotifyConfig = NotifyConfig()   # the webhooks, and when an event is raised
     insecure_no_auth: bool = False      # serve the API open when it has no credential, on purpose
@@ -444,6 +448,7 @@ def run_config(s: Settings) -> RunConfig:
         witnesses=witness_urls(s),
         log_origin=_log_origin(s),
         workers=_workers(s),
+        worker_processes=s.get("worker_processes") is not False,
         display_unit=display_unit(s),
         notify=notify_config(s),
         insecure_no_auth=_insecure_no_auth(s),

@@ -41,6 +41,16 @@ class LockTimeout(DatabaseError):
     transaction is rolled back, and what it was for is done again later."""
 
 
+class StorageUnavailable(DatabaseError):
+    """The database could not store at all (a full disk, an I/O error, a lost connection), as
+    :func:`backend.storage.failure` names it: raised again where the write was asked for when it
+    failed in another process (:mod:`backend.records.processes`)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
 class RulesError(BackendError):
     """The rules file is unreadable or wrong; the message names the file and the key."""
 

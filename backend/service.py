@@ -168,7 +168,7 @@ def run(cfg: RunConfig) -> int:
     # stopped; before and after, these stop the server.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     ingest = Ingest(cfg.db, rules, cfg.broker, cfg.fleet_token, on_fatal=stop, evidence=cfg.evidence,
-                    workers=cfg.workers)
+                    workers=cfg.workers, processes=cfg.worker_processes)
     sequencer = Sequencer(cfg.db, ctx.clock)
     pusher = Pusher(cfg.db, cfg.witnesses, ctx.clock)
     notifier = Notifier(cfg.db, cfg.notify, ctx.clock)

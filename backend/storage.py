@@ -9,7 +9,7 @@ message, they stop every write until they pass, and the backend reports them on 
 
 from __future__ import annotations
 
-from backend.errors import DatabaseError
+from backend.errors import DatabaseError, StorageUnavailable
 
 #: SQLite's primary result codes (https://www.sqlite.org/rescode.html) that mean the file cannot
 #: be written, by what they mean. Read off the exception: :mod:`backend.db` alone imports sqlite3.
@@ -35,6 +35,8 @@ _POSTGRES = {
 
 def failure(exc: BaseException) -> str | None:
     """Why ``exc`` means the database cannot store now, or None when it does not."""
+    if isinstance(exc, StorageUnavailable):            # said by an ingest process
+        return exc.reason
     if type(exc) is DatabaseError:                      # raised by a connection that cannot be made
         return "cannot connect to the database"
     if type(exc).__module__ == "sqlite3":

@@ -24,10 +24,11 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import BrokenExecutor, Executor, Future
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from protocol import BadFormat, certificate_fast, note
 from protocol import certificate as pc
+from protocol.frames import read_frame, write_frame
 from protocol.identity import VIN_RE, VerifyKey
 from protocol.records import Record
 from verifier import online
@@ -178,23 +179,6 @@ class UsageError(Exception):
 
 #: What a worker runs: :func:`serve_signatures`, on this same Python.
 _WORKER = "from verifier.cli import serve_signatures; serve_signatures()"
-_FRAME = 8                      # bytes of a frame's length
-
-
-def _read_frame(stream: IO[bytes]) -> bytes | None:
-    head = stream.read(_FRAME)
-    if len(head) < _FRAME:
-        return None
-    size = int.from_bytes(head, "big")
-    body = stream.read(size)
-    if len(body) != size:
-        raise EOFError("a frame cut short")
-    return body
-
-
-def _write_frame(stream: IO[bytes], body: bytes) -> None:
-    stream.write(len(body).to_bytes(_FRAME, "big") + body)
-    stream.flush()
 
 
 def serve_signatures() -> None:
@@ -208,8 +192,8 @@ def serve_signatures() -> None:
             os.nice(10)
         except OSError:
             pass
-    while (body := _read_frame(inp)) is not None:
-        _write_frame(out, pickle.dumps(certificate_fast.check_chunk(pickle.loads(body))))
+    while (body := read_frame(inp)) is not None:
+        write_frame(out, pickle.dumps(certificate_fast.check_chunk(pickle.loads(body))))
 
 
 class Workers(Executor):
@@ -266,7 +250,7 @@ class Workers(Executor):
                     continue
                 sent.put(future)
                 try:
-                    _write_frame(proc.stdin, pickle.dumps(chunk))
+                    write_frame(proc.stdin, pickle.dumps(chunk))
                 except (OSError, ValueError):       # it stopped: _answers fails what was sent
                     broken = True
                     proc.kill()
@@ -292,7 +276,7 @@ class Workers(Executor):
             if not failure:
                 try:
                     assert proc.stdout is not None
-                    body = _read_frame(proc.stdout)
+                    body = read_frame(proc.stdout)
                     if body is None:
                         raise EOFError("it stopped")
                     future.set_result(pickle.loads(body))

@@ -40,7 +40,7 @@ from backend.cli import (
     vehicles,
 )
 from backend.cli.common import Command
-from backend.config import settings
+from backend.config import LOG_FORMAT, settings
 from backend.errors import EX_USAGE, ConfigError, DatabaseError, UsageError
 
 #: The command groups, in the order ``odo-backend --help`` lists them.
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Command = args.func
     try:
-        logging.basicConfig(level=_log_level(args), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=_log_level(args), format=LOG_FORMAT)
         return func(args)
     except ConfigError as exc:
         print(f"odo-backend: {exc}", file=sys.stderr)

@@ -262,8 +262,9 @@ class Pending:
         made = accounts.issue_many(self.tx, self._issues, now_ms)
         if len(made) < len(self._issues):            # under the vehicles' locks: not expected
             log.warning("%d planned credits were already written", len(self._issues) - len(made))
-        for t in made:
-            log.info("credited %d milli-tokens to %s: %s", t.amount, t.to_account, t.key)
+        if log.isEnabledFor(logging.DEBUG):       # one line a record is too many at INFO: the ledger has them
+            for t in made:
+                log.debug("credited %d milli-tokens to %s: %s", t.amount, t.to_account, t.key)
         self._issues = []
         return made
 

@@ -8,11 +8,13 @@ The pipeline: paho's network thread only queues each message after its device's 
 (:mod:`backend.records.dispatch`); a few worker threads (``workers``, by default two to four
 after the CPU count) take them, one message of a device at a time, so that a device's messages
 are handled in the order they came, and any idle worker takes the next device that has one. A
-worker verifies and stores the message (a batch in one transaction), publishes the device's ack
+worker verifies and stores the message (a batch in one transaction; with ``processes``, as
+``odo-backend run`` has it, a batch of records is verified and stored by the worker's own
+process, :mod:`backend.records.processes`, so that batches are checked on every core, not one
+thread at a time under the GIL), publishes the device's ack
 after the commit, and only then sends the message's PUBACK (paho's ``manual_ack``): a message
 the backend received but did not commit is sent again by the broker when the session resumes.
-While one worker checks signatures (the libraries release the GIL), another can be in its
-transaction. At most ``QUEUE_PER_WORKER`` messages a worker wait besides those in hand;
+At most ``QUEUE_PER_WORKER`` messages a worker wait besides those in hand;
 the CONNECT's Receive Maximum is what the workers hold and what waits, so the broker stops
 sending when that is full (and the network thread would wait if it did not): a slow database
 slows the ingest down, it never fills the memory. A message whose handler fails is logged with
@@ -85,11 +87,12 @@ from backend import storage
 from backend.config import MAX_WORKERS
 from backend.db import Database
 from backend.errors import LockTimeout
-from backend.ledger.contracts import Source
+from backend.ledger.contracts import LiveBook, Source
 from backend.metrics import REGISTRY, Registry
 from backend.records import claims_mqtt, devices, enrollment, store
 from backend.records.dispatch import Dispatcher
 from backend.records.evidence import DEFAULT_LIMITS, EvidenceLimits
+from backend.records.processes import BatchProcess, Setup
 from common.clock import now_ms
 from common.transport import BrokerConfig
 from protocol import messages, topics
@@ -125,8 +128,8 @@ STOP_WAIT_S = 30.0
 
 
 def default_workers() -> int:
-    """Two to four workers, after the CPU count: signature checks run in parallel (the
-    libraries release the GIL), and one worker's checks overlap another's transaction."""
+    """Two to four workers, after the CPU count: each worker's process checks signatures on a
+    core of its own, and one worker's checks overlap another's transaction."""
     return max(2, min(4, os.cpu_count() or 1))
 
 
@@ -171,7 +174,8 @@ class Ingest:
     def __init__(self, db: Database, rules: Source, broker: BrokerConfig, fleet_token: str | None = None, *,
                  registry: Registry = REGISTRY, clock: Callable[[], int] = now_ms,
                  on_fatal: Callable[[str], None] | None = None,
-                 evidence: EvidenceLimits = DEFAULT_LIMITS, workers: int | None = None) -> None:
+                 evidence: EvidenceLimits = DEFAULT_LIMITS, workers: int | None = None,
+                 processes: bool = False) -> None:
         workers = default_workers() if workers is None else workers
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers: {workers}, must be 1 to {MAX_WORKERS}")
@@ -189,6 +193,10 @@ class Ingest:
         self._short_lived = 0
         self._retries = 0                     # takeovers and refusals in a row: the backoff's exponent
         self.workers = workers
+        # Each worker thread's ingest process (processes=True with the database's rule book), set
+        # by _work in its thread.
+        self._setup = Setup.of(db, rules, evidence) if processes and isinstance(rules, LiveBook) else None
+        self._local = threading.local()
         self._dispatch = Dispatcher[Received](workers * QUEUE_PER_WORKER)
         self._threads: list[threading.Thread] = []
         # Counts connections and disconnections: a PUBACK goes only on the connection its
@@ -385,6 +393,9 @@ class Ingest:
         return self._dispatch.queued()
 
     def _work(self) -> None:
+        child = None
+        if self._setup is not None:
+            child = self._local.child = BatchProcess(self._setup, threading.current_thread().name)
         try:
             while (taken := self._dispatch.take()) is not None:
                 dev, item = taken
@@ -398,6 +409,8 @@ class Ingest:
                 finally:
                     self._dispatch.done(dev)
         finally:
+            if child is not None:
+                child.close()
             self.db.close()                          # this thread's connection
 
     def handle(self, item: Received) -> None:
@@ -462,7 +475,11 @@ class Ingest:
 
     def handle_records(self, dev: str, body: bytes) -> store.BatchResult:
         started = time.perf_counter()
-        result = store.process_batch(self.db, self.rules, dev, body, self.clock(), self.evidence)
+        child: BatchProcess | None = getattr(self._local, "child", None)
+        if child is not None:
+            result = child.process(dev, body, self.clock())
+        else:
+            result = store.process_batch(self.db, self.rules, dev, body, self.clock(), self.evidence)
         self.client.publish(topics.ack(dev), messages.encode_ack(result.ack), qos=1)
         self.registry.observe_batch(time.perf_counter() - started)
         self.registry.count_records(result.outcomes)
