@@ -69,7 +69,7 @@ from protocol.records import Record
 from sim.cars import Car, CarSpec, init_agent
 from sim.devices import FLEET_TOKEN, Dongle, batch, fresh_vin, write_rules
 from sim.mqtt_device import MqttFleet
-from sim.processes import ROOT, Proc, free_port
+from sim.processes import ROOT, Proc, descendants, free_port
 from sim.stack import Stack
 
 PG_URL = os.environ.get("ODO_TEST_PG", "postgresql://127.0.0.1:5432/test")
@@ -564,22 +564,9 @@ def _counts_text(counts: Sequence[dict[str, float]]) -> str:
     return "; ".join(parts)
 
 
-def children(pid: int) -> list[int]:
-    """The processes that ``pid`` started, and theirs."""
-    out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            kids = [int(k) for k in (task / "children").read_text().split()]
-        except (OSError, ValueError):
-            continue
-        for kid in kids:
-            out += [kid, *children(kid)]
-    return out
-
-
 def _pid_of(proc: Proc) -> list[int]:
     """A backend's process and those it started: its CPU is theirs too."""
-    return [proc.pid, *children(proc.pid)]
+    return [proc.pid, *descendants(proc.pid)]
 
 
 def _meter(stack: Stack, pg: Postgres | None, app: str | None, extra: dict[str, Callable[[], list[int]]]

@@ -180,3 +180,16 @@ def holds_lock(pid: int, path: Path) -> bool:
                 and fields[5].rsplit(":", 1)[-1] == str(inode):
             return True
     return False
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes that ``pid`` started, and theirs (from ``/proc``)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = [int(k) for k in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+        for kid in kids:
+            out += [kid, *descendants(kid)]
+    return out

@@ -6,7 +6,8 @@ and check the outcome.
   process in the middle of a device's batch (it holds the device's lock and has written), and
   holds a queued log entry's row so that a sequencer integrating it waits inside its transaction,
   so that a SIGKILL lands mid-batch or mid-integration, not between them. A PostgreSQL session is
-  tied to an ``odo-backend`` process by its client port (:func:`pg_client_ports`, from ``/proc``).
+  tied to an ``odo-backend`` process (or one of its ingest processes) by its client port
+  (:func:`pg_client_ports`, from ``/proc``).
 - :func:`outbox_progress` and :func:`outbox_records` read an agent's outbox (agent/buffer.py).
 - :class:`HttpLog` reads the transparency log as any client does: ``/log/checkpoint`` and the
   tiles (c2sp.org/tlog-tiles), for the consistency and inclusion proofs.
@@ -34,6 +35,7 @@ from agent.buffer import Outbox, Stored
 from backend.locks import device_lock_key
 from backend.transparency import translog
 from protocol import tiles
+from sim.processes import descendants
 from sim.stack import Car, Proc, Stack, free_port
 
 PG_PORT = 5432
@@ -176,13 +178,21 @@ class PgWatch:
 
     @staticmethod
     def _mine(rows: list[tuple[Any, ...]], pids: list[int]) -> tuple[int, str] | None:
+        """The first row whose session is held by one of ``pids`` or a process under it (a
+        backend's ingest processes hold its batches' sessions), as (that one of ``pids``, statement)."""
         if not rows:
             return None
-        ports = pg_client_ports(pids)
+        family = family_of(pids)
+        ports = pg_client_ports(list(family))
         for port, query in rows:
             if int(port) in ports:
-                return ports[int(port)], " ".join(str(query).split()[:3])
+                return family[ports[int(port)]], " ".join(str(query).split()[:3])
         return None
+
+
+def family_of(pids: list[int]) -> dict[int, int]:
+    """Each of ``pids`` and every process under it, to the one of ``pids`` it is under."""
+    return {kid: pid for pid in pids for kid in (pid, *descendants(pid))}
 
 
 # -- the agents' outboxes -----------------------------------------------------------------------
