@@ -17,9 +17,12 @@ named, ordered migrations.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import sqlite3
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -116,6 +119,66 @@ class _Job(Generic[T]):
         self.error: BaseException | None = None
 
 
+#: How long a SQLite writer looks for the writers' lock of the file (then it leaves it to
+#: SQLite's own wait, which gives up after its timeout), and how often.
+WRITER_WAIT_S = 30.0
+WRITER_POLL_S = 0.0005
+
+
+class _Writers:
+    """SQLite's writers, one at a time: the threads of this process by a lock, and the processes
+    that write the same file (``odo-backend run`` and its ingest processes, the CLI) by an
+    ``flock`` on ``<file>-writer`` beside it, looked for every half millisecond. SQLite's own
+    wait (its busy handler) sleeps ever longer between tries, up to 100 ms, so that under load
+    a process could wait on while others take the lock again and again. A file that cannot be
+    made (a read-only directory) leaves it to SQLite's wait alone."""
+
+    def __init__(self, path: str) -> None:
+        self._lock = threading.RLock()
+        self._path = None if path == ":memory:" else f"{path}-writer"
+        self._fd: int | None = None
+        self._depth = 0                        # writes of the thread that holds the lock, nested
+        self._locked = False                   # the flock is held
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        try:
+            if self._depth == 0 and self._path is not None:
+                if self._fd is None:
+                    try:
+                        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                    except OSError:
+                        self._path = None       # SQLite's own locking alone
+                if self._fd is not None:
+                    self._locked = _flock(self._fd)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._locked:
+            assert self._fd is not None
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._locked = False
+        self._lock.release()
+
+
+def _flock(fd: int) -> bool:
+    """Take the writers' lock of a file: True, or False if another process kept it for
+    :data:`WRITER_WAIT_S` (a writer stopped in its transaction: SQLite's wait decides then)."""
+    deadline = time.monotonic() + WRITER_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(WRITER_POLL_S)
+
+
 class Database:
     """A SQLite file or a PostgreSQL database, opened from a URL."""
 
@@ -125,9 +188,10 @@ class Database:
         self._target = target
         self._schema = schema
         self._local = threading.local()
-        # SQLite only: its writers take turns in the process. PostgreSQL's run at once.
+        # SQLite only: its writers take turns, in the process and across processes. PostgreSQL's
+        # run at once.
         self._write_lock: AbstractContextManager[Any] = (
-            threading.RLock() if dialect == "sqlite" else nullcontext())
+            _Writers(target) if dialect == "sqlite" else nullcontext())
         self._waiting: list[_Job[Any]] = []          # SQLite: writes for the next holder of the lock
         self._waiting_lock = threading.Lock()
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,36 @@ def test_bad_urls_are_named(url: str) -> None:
     with pytest.raises(DatabaseError, match=re.escape(repr(url))) as err:
         Database.open(url)
     assert "--db" not in str(err.value)  # the CLI says where the URL came from, not the database
+
+
+def test_sqlite_writers_of_one_file_take_turns_and_are_woken_when_it_is_free(tmp_path: Path) -> None:
+    """Two handles on one SQLite file (as two processes have): a writer waits for the other's
+    commit through the writers' lock beside the file, and goes on at once after it."""
+    import threading
+    import time
+
+    url = f"sqlite:///{tmp_path}/turns.db"
+    first, second = Database.open(url), Database.open(url)
+    first.migrate()
+    held, released, done = threading.Event(), [0.0], [0.0]
+
+    def hold() -> None:
+        with first.write() as tx:
+            tx.execute("INSERT INTO settings (name, value) VALUES ('a', '1')")
+            held.set()
+            time.sleep(0.3)
+            released[0] = time.monotonic()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert held.wait(5)
+    assert (tmp_path / "turns.db-writer").exists()
+    with second.write() as tx:
+        done[0] = time.monotonic()
+        assert tx.scalar("SELECT value FROM settings WHERE name = 'a'") == "1"    # after its commit
+        tx.execute("INSERT INTO settings (name, value) VALUES ('b', '2')")
+    t.join(5)
+    assert 0 <= done[0] - released[0] < 0.1
+    assert {r["name"] for r in first.query("SELECT name FROM settings")} >= {"a", "b"}
+    first.close()
+    second.close()
