@@ -340,6 +340,31 @@ class Database:
             raise job.error
         return job.result  # type: ignore[return-value]
 
+    def write_each(self, fns: Sequence[Callable[[Tx], T]]) -> list[T | Exception]:
+        """Each of ``fns`` in a savepoint of its own, what it returned or the exception it raised:
+        on SQLite in one transaction of one commit (by :data:`MAX_TOGETHER` at most), so that
+        one that raises is rolled back alone; if a commit fails, every write with it has that
+        exception. On PostgreSQL, each in its own transaction."""
+        if self.dialect != "sqlite":
+            out: list[T | Exception] = []
+            for fn in fns:
+                try:
+                    with self.write() as tx:
+                        out.append(fn(tx))
+                except Exception as exc:  # noqa: BLE001 - handed to the caller, one per write
+                    out.append(exc)
+            return out
+        jobs = [_Job(fn) for fn in fns]
+        with self._write_lock:
+            for n in range(0, len(jobs), MAX_TOGETHER):
+                self._run_together(jobs[n:n + MAX_TOGETHER])
+        answers: list[T | Exception] = []
+        for job in jobs:
+            if job.error is not None and not isinstance(job.error, Exception):
+                raise job.error                  # KeyboardInterrupt and the like
+            answers.append(job.error if job.error is not None else job.result)  # type: ignore[arg-type]
+        return answers
+
     def _run_together(self, jobs: list[_Job[Any]]) -> None:
         conn = self._conn()
         try:

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from backend.db import Database
+from backend.db import Database, Tx
 from backend.errors import DatabaseError, IntegrityError
 
 
@@ -68,3 +69,23 @@ def test_sqlite_writers_of_one_file_take_turns_and_are_woken_when_it_is_free(tmp
     assert {r["name"] for r in first.query("SELECT name FROM settings")} >= {"a", "b"}
     first.close()
     second.close()
+
+
+def test_write_each_rolls_back_a_write_that_raises_alone(db_url: str) -> None:
+    db = Database.open(db_url)
+    db.migrate()
+
+    def put(name: str) -> Callable[[Tx], str]:
+        def fn(tx: Tx) -> str:
+            tx.execute("INSERT INTO settings (name, value) VALUES (?, ?)", (name, "v"))
+            if name == "bad":
+                raise ValueError("refused")
+            return name
+        return fn
+
+    answers = db.write_each([put("one"), put("bad"), put("two")])
+    assert answers[0] == "one" and answers[2] == "two"
+    assert isinstance(answers[1], ValueError)
+    names = {r["name"] for r in db.query("SELECT name FROM settings")}
+    assert {"one", "two"} <= names and "bad" not in names
+    db.close()

@@ -110,3 +110,17 @@ def test_put_waits_for_room_and_gives_up_when_told_to_stop() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError, match="capacity"):
         Dispatcher[int](0)
+
+
+def test_take_many_takes_devices_in_line_within_the_count_and_the_budget() -> None:
+    d = Dispatcher[int](capacity=100)
+    for key, size in [("a", 10), ("a", 10), ("b", 30), ("c", 50), ("d", 5)]:
+        d.put(key, size, lambda: False)
+    first = d.take_many(8, lambda n: n, 45)
+    assert first == [("a", 10), ("b", 30)]            # c would pass the budget; a's second waits for a
+    assert d.take_many(8, lambda n: n, 45) == [("c", 50)]     # the first is taken whatever it weighs
+    assert d.take_many(1, lambda n: n, 1000) == [("d", 5)]
+    d.done("a")
+    assert d.take_many(8, lambda n: n, 45) == [("a", 10)]
+    d.close()
+    assert d.take_many(8, lambda n: n, 45) == []

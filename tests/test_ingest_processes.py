@@ -186,3 +186,33 @@ def test_a_batch_that_fails_in_the_process_is_answered_and_the_process_goes_on(
         assert child.process(d.dev, batch(*chain[3:]), NOW).ack.through == len(chain)
     finally:
         child.close()
+
+
+def test_batches_of_several_devices_stored_together_as_each_alone(twin: Any, tmp_path: Path) -> None:
+    """``process_many``: on SQLite one transaction for all; each batch comes out as it would
+    alone, and one that fails (a clock no column can hold) fails alone."""
+    d, (here, there) = twin
+    others = [Dongle() for _ in range(3)]
+    for o in others:
+        enroll(here, o)
+        enroll(there, o)
+    rules, theirs_rules = _live(here, tmp_path), _live(there, tmp_path)
+    chains = {x.dev: _chain(x, 12) for x in (d, *others)}
+    rounds = [[(dev, batch(*recs[i:i + 4]), NOW) for dev, recs in chains.items()] for i in range(0, 13, 4)]
+    rounds[1][2] = (rounds[1][2][0], rounds[1][2][1], 2**70)
+    child = BatchProcess(Setup.of(there, theirs_rules, DEFAULT_LIMITS), "test-ingest")
+    try:
+        for group in rounds:
+            theirs = child.process_many(group)
+            assert len(theirs) == len(group)
+            for (dev, body, now), answer in zip(group, theirs, strict=True):
+                if now == 2**70:
+                    assert isinstance(answer, BatchFailed)
+                    with pytest.raises(Exception):              # noqa: B017 - whichever the database raises
+                        store.process_batch(here, rules, dev, body, now)
+                    continue
+                assert answer == store.process_batch(here, rules, dev, body, now)
+    finally:
+        child.close()
+    assert _state(there) == _state(here)
+    assert len(_state(here)["records"]) > 40

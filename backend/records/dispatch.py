@@ -59,20 +59,34 @@ class Dispatcher(Generic[T]):
     def take(self) -> tuple[str, T] | None:
         """The next message of the first device in line (it is then in hand until :meth:`done`);
         None once the dispatcher is closed."""
+        taken = self.take_many(1, lambda _: 0, 0)
+        return taken[0] if taken else None
+
+    def take_many(self, most: int, weigh: Callable[[T], int], budget: int) -> list[tuple[str, T]]:
+        """The next message of the first device in line, and of the devices after it while there
+        are at most ``most`` and their ``weigh`` adds up to at most ``budget`` (each device then
+        in hand until :meth:`done`); [] once the dispatcher is closed."""
         with self._changed:
             while not self._line and not self._closed:
                 self._changed.wait()
             if self._closed:
-                return None
-            key = self._line.popleft()
-            waiting = self._waiting[key]
-            item = waiting.popleft()
-            if not waiting:
-                del self._waiting[key]
-            self._in_hand.add(key)
-            self._queued -= 1
+                return []
+            out: list[tuple[str, T]] = []
+            weight = 0
+            while self._line and len(out) < most:
+                key = self._line[0]
+                waiting = self._waiting[key]
+                weight += weigh(waiting[0])
+                if out and weight > budget:
+                    break
+                self._line.popleft()
+                out.append((key, waiting.popleft()))
+                if not waiting:
+                    del self._waiting[key]
+                self._in_hand.add(key)
+                self._queued -= 1
             self._changed.notify_all()
-            return key, item
+            return out
 
     def done(self, key: str) -> None:
         """``key``'s message in hand is handled: its next one, if any, goes to the back of the line."""

@@ -11,7 +11,9 @@ are handled in the order they came, and any idle worker takes the next device th
 worker verifies and stores the message (a batch in one transaction; with ``processes``, as
 ``odo-backend run`` has it, a batch of records is verified and stored by the worker's own
 process, :mod:`backend.records.processes`, so that batches are checked on every core, not one
-thread at a time under the GIL), publishes the device's ack
+thread at a time under the GIL; on SQLite, whose commits take turns, a worker takes the small
+messages of up to ``GROUP_MOST`` devices in line at once, and its process stores them in one
+transaction of one commit), publishes the device's ack
 after the commit, and only then sends the message's PUBACK (paho's ``manual_ack``): a message
 the backend received but did not commit is sent again by the broker when the session resumes.
 At most ``QUEUE_PER_WORKER`` messages a worker wait besides those in hand;
@@ -112,6 +114,10 @@ SHORT_LIVED_S = 2.0
 SHORT_LIVED_ALARM = 3
 DECISION_POLL_S = 1.0
 DECISION_SKEW_MS = 10 * 60 * 1000
+#: Small messages stored together by a worker's process on SQLite: at most this many, of at most
+#: this many bytes in all (a message past that is stored alone).
+GROUP_MOST = 16
+GROUP_BYTES = 64 * 1024
 #: Messages waiting for each worker besides the one it handles.
 QUEUE_PER_WORKER = 4
 #: How often the network thread, waiting for room in a full queue, looks whether the ingest stops.
@@ -396,27 +402,45 @@ class Ingest:
         child = None
         if self._setup is not None:
             child = self._local.child = BatchProcess(self._setup, threading.current_thread().name)
+        # On SQLite, whose commits take turns, small messages of several devices are stored
+        # together by the worker's process: one commit for all of them.
+        most = GROUP_MOST if child is not None and self.db.dialect == "sqlite" else 1
         try:
-            while (taken := self._dispatch.take()) is not None:
-                dev, item = taken
-                try:
-                    if self._stop.is_set():
-                        self._count_dropped()        # stopping: not PUBACKed, the broker keeps it
-                        continue
-                    self.handle(item)
-                except Exception:  # noqa: BLE001 - the worker must outlive any one message
-                    log.exception("%s: could not PUBACK a %s message", item.dev, item.channel)
-                finally:
-                    self._dispatch.done(dev)
+            while group := self._dispatch.take_many(most, lambda item: len(item.body), GROUP_BYTES):
+                answers = self._store_together(child, [item for _, item in group])
+                for n, (dev, item) in enumerate(group):
+                    try:
+                        if self._stop.is_set() and n not in answers:
+                            self._count_dropped()    # stopping: not PUBACKed, the broker keeps it
+                            continue
+                        self.handle(item, answers.get(n))
+                    except Exception:  # noqa: BLE001 - the worker must outlive any one message
+                        log.exception("%s: could not PUBACK a %s message", item.dev, item.channel)
+                    finally:
+                        self._dispatch.done(dev)
         finally:
             if child is not None:
                 child.close()
             self.db.close()                          # this thread's connection
 
-    def handle(self, item: Received) -> None:
+    def _store_together(self, child: BatchProcess | None,
+                        items: list[Received]) -> dict[int, store.BatchResult | Exception]:
+        """The ``records`` messages among ``items``, when there are several, stored together by
+        ``child``: what came of each, by its place in ``items``."""
+        places = [n for n, item in enumerate(items) if item.channel == "records"]
+        if child is None or len(places) < 2 or self._stop.is_set():
+            return {}
+        started, now = time.perf_counter(), self.clock()
+        done = child.process_many([(items[n].dev, items[n].body, now) for n in places])
+        for _ in places:                          # each waited for the whole group
+            self.registry.observe_batch(time.perf_counter() - started)
+        return dict(zip(places, done, strict=True))
+
+    def handle(self, item: Received, stored: store.BatchResult | Exception | None = None) -> None:
         """Handle one message (commit, then the device's ack), then PUBACK it. A handler that
         fails is logged; its message is PUBACKed too, as sending it again would fail again (the
-        device sends again what it has no ack for)."""
+        device sends again what it has no ack for). ``stored``: what came of a batch of records
+        already stored together with others (:meth:`_store_together`)."""
         held_until = self._held.get(item.dev)
         if held_until is not None and time.monotonic() >= held_until:
             del self._held[item.dev]          # a device is in one worker's hands at a time
@@ -427,7 +451,7 @@ class Ingest:
             return
         try:
             if item.channel == "records":
-                if self.handle_records(item.dev, item.body).stored and self.registry.storage_works():
+                if self.handle_records(item.dev, item.body, stored).stored and self.registry.storage_works():
                     log.warning("the database stores again: acknowledging messages again")
             elif item.channel == "enroll":
                 self.handle_enroll(item.dev, item.body)
@@ -473,15 +497,21 @@ class Ingest:
                 return
             self.client.ack(item.mid, item.qos)
 
-    def handle_records(self, dev: str, body: bytes) -> store.BatchResult:
+    def handle_records(self, dev: str, body: bytes,
+                       stored: store.BatchResult | Exception | None = None) -> store.BatchResult:
         started = time.perf_counter()
         child: BatchProcess | None = getattr(self._local, "child", None)
-        if child is not None:
+        if isinstance(stored, Exception):
+            raise stored
+        if stored is not None:
+            result = stored
+        elif child is not None:
             result = child.process(dev, body, self.clock())
         else:
             result = store.process_batch(self.db, self.rules, dev, body, self.clock(), self.evidence)
         self.client.publish(topics.ack(dev), messages.encode_ack(result.ack), qos=1)
-        self.registry.observe_batch(time.perf_counter() - started)
+        if stored is None:
+            self.registry.observe_batch(time.perf_counter() - started)
         self.registry.count_records(result.outcomes)
         if result.refused is not None:
             self.registry.count_refused("records", result.refused)

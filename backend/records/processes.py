@@ -13,11 +13,13 @@ integrates the log.
     child.close()
 
 The process (``python -c "from backend.records.processes import main; main()"``) reads
-frames (:mod:`protocol.frames`) on its stdin: a :class:`Setup`, then ``(dev, body, now_ms)``
-for each batch; it writes a
-:class:`~backend.records.store.BatchResult` or a :class:`Failure` for each on its stdout, and
-stops when its stdin closes. It ignores SIGINT and SIGTERM (a terminal's Ctrl-C and systemd send
-them to every process of the service): its parent stops it once the batch in hand is answered.
+frames (:mod:`protocol.frames`) on its stdin: a :class:`Setup`, then lists of batches, each
+``(dev, body, now_ms)``; it verifies the batches of a list, stores them together (on SQLite in
+one transaction of one commit, each in a savepoint of its own: :func:`store_all`) and writes a
+list of the same length, a :class:`~backend.records.store.BatchResult` or a :class:`Failure` for
+each, on its stdout. It stops when its stdin closes. It ignores SIGINT and SIGTERM (a
+terminal's Ctrl-C and systemd send them to every process of the service): its parent stops it
+once the batch in hand is answered.
 A failure there is raised here as it would have been in the thread: :class:`LockTimeout`,
 :class:`StorageUnavailable` for a database that cannot store, :class:`BatchFailed` for anything
 else (logged with its traceback by the process, on the same stderr). A process that dies or
@@ -35,7 +37,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Literal
 
@@ -58,6 +62,10 @@ RESTART_S = 1.0
 _CHILD = "from backend.records.processes import main; main()"
 #: How long :meth:`BatchProcess.close` waits for the process to stop once its stdin is closed.
 STOP_WAIT_S = 10.0
+
+
+#: A batch as handed to a process: the device whose topic it came on, the message, its receipt.
+Batch = tuple[str, bytes, int]
 
 
 class BatchFailed(BackendError):
@@ -113,32 +121,38 @@ class BatchProcess:
     def process(self, dev: str, body: bytes, now_ms: int) -> store.BatchResult:
         """What :func:`store.process_batch` returns for this batch, from the process (or from this
         thread when no process can run it now)."""
+        answer = self.process_many([(dev, body, now_ms)])[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def process_many(self, batches: Sequence[Batch]) -> list[store.BatchResult | Exception]:
+        """Each ``(dev, body, now_ms)`` of ``batches`` verified, then all of them stored together
+        (on SQLite, in one transaction of one commit, each in a savepoint of its own): what
+        :func:`store.process_batch` returns for each, or the exception it raises."""
         proc = self._proc if self._proc is not None else self._start()
         if proc is None:
-            return self._here(dev, body, now_ms)
+            if self._db is None:
+                self._db = Database.open(self.setup.db_url)
+            return [a.exception() if isinstance(a, Failure) else a
+                    for a in store_all(self._db, _rules(self.setup, self._db), self.setup.evidence, batches)]
         assert proc.stdin is not None and proc.stdout is not None
         try:
-            write_frame(proc.stdin, pickle.dumps((dev, body, now_ms), pickle.HIGHEST_PROTOCOL))
-            answer = read_frame(proc.stdout, MAX_ANSWER)
-            if answer is None:
+            write_frame(proc.stdin, pickle.dumps(list(batches), pickle.HIGHEST_PROTOCOL))
+            frame = read_frame(proc.stdout, MAX_ANSWER)
+            if frame is None:
                 raise FrameError("it stopped")
-            result = pickle.loads(answer)
+            answers = pickle.loads(frame)
         except (OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
             self._lost(f"{exc}")
-            raise BatchFailed(f"{self.name}: the ingest process failed with this batch ({exc})") from None
-        if isinstance(result, Failure):
-            raise result.exception()
-        if not isinstance(result, store.BatchResult):
-            self._lost(f"answered a {type(result).__name__}")
-            raise BatchFailed(f"{self.name}: the ingest process answered a {type(result).__name__}")
-        return result
-
-    def _here(self, dev: str, body: bytes, now_ms: int) -> store.BatchResult:
-        """The batch stored by this thread (no process runs now)."""
-        if self._db is None:
-            self._db = Database.open(self.setup.db_url)
-        db = self._db
-        return store.process_batch(db, _rules(self.setup, db), dev, body, now_ms, self.setup.evidence)
+            failed = BatchFailed(f"{self.name}: the ingest process failed with this batch ({exc})")
+            return [failed for _ in batches]
+        if not isinstance(answers, list) or len(answers) != len(batches) or not all(
+                isinstance(a, store.BatchResult | Failure) for a in answers):
+            self._lost(f"answered a {type(answers).__name__}")
+            wrong = BatchFailed(f"{self.name}: the ingest process answered a {type(answers).__name__}")
+            return [wrong for _ in batches]
+        return [a.exception() if isinstance(a, Failure) else a for a in answers]
 
     def _start(self) -> subprocess.Popen[bytes] | None:
         if time.monotonic() - self._started_at < RESTART_S:
@@ -204,8 +218,41 @@ def _rules(setup: Setup, db: Database) -> LiveBook:
     return LiveBook(db, reload_s=setup.reload_s)
 
 
+def store_all(db: Database, rules: LiveBook, evidence: EvidenceLimits,
+              batches: Sequence[Batch]) -> list[store.BatchResult | Failure]:
+    """Each batch prepared (parsed, its signatures checked), then those prepared stored together
+    (:meth:`Database.write_each`); what came of each."""
+    prepared: list[store.Prepared | Failure] = []
+    for dev, body, now_ms in batches:
+        try:
+            prepared.append(store.prepare(db, dev, body, now_ms))
+        except Exception as exc:  # noqa: BLE001 - answered, and raised again in the thread that asked
+            prepared.append(_failure(db, dev, exc))
+    ready = [p for p in prepared if isinstance(p, store.Prepared)]
+    stored = iter(db.write_each([partial(p.store_in, db, rules=rules, limits=evidence) for p in ready]))
+    out: list[store.BatchResult | Failure] = []
+    for p in prepared:
+        if isinstance(p, Failure):
+            out.append(p)
+            continue
+        answer = next(stored)
+        out.append(_failure(db, p.dev, answer) if isinstance(answer, Exception) else answer)
+    return out
+
+
+def _failure(db: Database, dev: str, exc: Exception) -> Failure:
+    if isinstance(exc, LockTimeout):
+        return Failure("lock_timeout", str(exc))
+    reason = storage.failure(exc)
+    if reason is None:
+        log.error("%s: failed to store a batch", dev, exc_info=exc)
+        return Failure("error", f"{type(exc).__name__}: {exc}")
+    db.close()                              # a failed commit may have left it in its transaction
+    return Failure("storage", str(exc), reason)
+
+
 def serve(inp: IO[bytes], out: IO[bytes]) -> None:
-    """The process: the setup, then a batch at a time until ``inp`` ends."""
+    """The process: the setup, then batches (a list at a time) until ``inp`` ends."""
     frame = read_frame(inp)
     if frame is None:
         return
@@ -217,21 +264,8 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
     rules = _rules(setup, db)
     try:
         while (frame := read_frame(inp)) is not None:
-            dev, body, now_ms = pickle.loads(frame)
-            answer: store.BatchResult | Failure
-            try:
-                answer = store.process_batch(db, rules, dev, body, now_ms, setup.evidence)
-            except LockTimeout as exc:
-                answer = Failure("lock_timeout", str(exc))
-            except Exception as exc:  # noqa: BLE001 - answered, and raised again in the thread that asked
-                reason = storage.failure(exc)
-                if reason is None:
-                    log.exception("%s: failed to store a batch", dev)
-                    answer = Failure("error", f"{type(exc).__name__}: {exc}")
-                else:
-                    answer = Failure("storage", str(exc), reason)
-                    db.close()                  # a failed commit may have left it in its transaction
-            write_frame(out, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
+            answers = store_all(db, rules, setup.evidence, pickle.loads(frame))
+            write_frame(out, pickle.dumps(answers, pickle.HIGHEST_PROTOCOL))
     finally:
         db.close()
 

@@ -154,6 +154,58 @@ def _later_anchors(checked: list[Record | Refusal]) -> list[Anchor | None]:
 def process_batch(db: Database, rules: Source, dev: str, body: bytes, now_ms: int,
                   limits: EvidenceLimits = DEFAULT_LIMITS) -> BatchResult:
     """Verify and store one ``records`` message published on ``dev``'s topic."""
+    return prepare(db, dev, body, now_ms).store(db, rules, limits)
+
+
+@dataclass
+class Prepared:
+    """A ``records`` message parsed and its signatures checked (:func:`prepare`), not yet
+    stored: :meth:`store` decides and stores it."""
+
+    dev: str
+    body: bytes
+    now_ms: int
+    sent: messages.Batch
+    texts: list[Any]
+    items: list[Parsed | Refusal]
+    checked: list[Record | Refusal]
+    snapshot: dict[str, DeviceKey | None]
+    refused_batch: Refusal | None
+    refused: str | None
+
+    def store(self, db: Database, rules: Source, limits: EvidenceLimits = DEFAULT_LIMITS) -> BatchResult:
+        """Decide each record and store the batch in one transaction (on SQLite, together with the
+        batches that other workers have ready: one commit for all)."""
+        return db.write_together(lambda tx: self.store_in(db, tx, rules, limits))
+
+    def store_in(self, db: Database, tx: Tx, rules: Source, limits: EvidenceLimits) -> BatchResult:
+        """:meth:`store` in the write transaction ``tx`` (:meth:`Database.write_each` writes
+        several batches in one)."""
+        dev = self.dev
+        lock_device(db, tx, dev)
+        device = tx.one("SELECT * FROM devices WHERE dev = ?", (dev,))
+        fresh = _device_key(device)
+        verdicts = self.checked
+        if fresh != self.snapshot[dev]:                     # approved or revoked meanwhile
+            verdicts = _authenticate_all(dev, self.items, {**self.snapshot, dev: fresh})
+        signed = [c for c in verdicts if isinstance(c, Record)]
+        if device is not None:
+            lock_vehicles(db, tx, [v for v in (*(r.vin for r in signed), device["vin"]) if v is not None])
+        batch = _Batch(tx, book_for(tx, rules), dev, device, self.now_ms, self.sent, limits, signed)
+        if self.refused_batch is not None:
+            batch.refuse(self.refused_batch, self.body[:MAX_LOGGED_BODY].decode("utf-8", "replace"))
+        for text, item, later in zip(self.texts, verdicts, _later_anchors(verdicts), strict=True):
+            if isinstance(item, Refusal):
+                batch.refuse(item, text if isinstance(text, str) else json.dumps(text)[:MAX_LOGGED_BODY])
+            else:
+                batch.take(item, later)
+        ack = batch.finish()
+        return BatchResult(dev, ack, tuple(batch.outcomes), self.refused, stored=device is not None)
+
+
+def prepare(db: Database, dev: str, body: bytes, now_ms: int) -> Prepared:
+    """Parse a ``records`` message published on ``dev``'s topic and check its signatures, outside
+    any transaction (the costly part)."""
     refused_batch: Refusal | None = None
     refused: str | None = None
     try:
@@ -162,8 +214,7 @@ def process_batch(db: Database, rules: Source, dev: str, body: bytes, now_ms: in
         refused = "too_large" if isinstance(exc, messages.TooLarge) else "bad_format"
         sent, refused_batch = messages.Batch(()), Refusal(None, "bad_format", str(exc))
     texts = list(sent.records)
-    # Each record parsed, then its signature checked (outside the lock), one after the other: the
-    # checks let go of the GIL, so that the thread in its transaction is never kept waiting long.
+    # Each record parsed, then its signature checked, one after the other.
     own = db.one("SELECT status, pub, through, last_seen FROM devices WHERE dev = ?", (dev,))
     snapshot = {dev: _device_key(own)}
     items: list[Parsed | Refusal] = []
@@ -180,30 +231,7 @@ def process_batch(db: Database, rules: Source, dev: str, body: bytes, now_ms: in
     first = min((c.seq for c in checked if isinstance(c, Record)), default=None)
     if first is not None:
         await_predecessor(db, dev, first, now_ms, own)
-
-    def store(tx: Tx) -> BatchResult:
-        lock_device(db, tx, dev)
-        device = tx.one("SELECT * FROM devices WHERE dev = ?", (dev,))
-        fresh = _device_key(device)
-        verdicts = checked
-        if fresh != snapshot[dev]:                          # approved or revoked meanwhile
-            verdicts = _authenticate_all(dev, items, {**snapshot, dev: fresh})
-        signed = [c for c in verdicts if isinstance(c, Record)]
-        if device is not None:
-            lock_vehicles(db, tx, [v for v in (*(r.vin for r in signed), device["vin"]) if v is not None])
-        batch = _Batch(tx, book_for(tx, rules), dev, device, now_ms, sent, limits, signed)
-        if refused_batch is not None:
-            batch.refuse(refused_batch, body[:MAX_LOGGED_BODY].decode("utf-8", "replace"))
-        for text, item, later in zip(texts, verdicts, _later_anchors(verdicts), strict=True):
-            if isinstance(item, Refusal):
-                batch.refuse(item, text if isinstance(text, str) else json.dumps(text)[:MAX_LOGGED_BODY])
-            else:
-                batch.take(item, later)
-        ack = batch.finish()
-        return BatchResult(dev, ack, tuple(batch.outcomes), refused, stored=device is not None)
-
-    # On SQLite, together with the batches that other workers have ready: one commit for all.
-    return db.write_together(store)
+    return Prepared(dev, body, now_ms, sent, texts, items, checked, snapshot, refused_batch, refused)
 
 
 def _trip_span(record: Record, signed: int) -> tuple[int, int]:
