@@ -407,7 +407,11 @@ class Ingest:
         most = GROUP_MOST if child is not None and self.db.dialect == "sqlite" else 1
         try:
             while group := self._dispatch.take_many(most, lambda item: len(item.body), GROUP_BYTES):
-                answers = self._store_together(child, [item for _, item in group])
+                try:
+                    answers = self._store_together(child, [item for _, item in group])
+                except Exception:  # noqa: BLE001 - then each is handled alone (storing again finds duplicates)
+                    log.exception("could not store %d messages together; handling each alone", len(group))
+                    answers = {}
                 for n, (dev, item) in enumerate(group):
                     try:
                         if self._stop.is_set() and n not in answers:

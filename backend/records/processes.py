@@ -113,6 +113,7 @@ class BatchProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._started_at = -RESTART_S
         self._db: Database | None = None          # this thread's, while no process runs
+        self._book: LiveBook | None = None
 
     @property
     def pid(self) -> int | None:
@@ -132,10 +133,11 @@ class BatchProcess:
         :func:`store.process_batch` returns for each, or the exception it raises."""
         proc = self._proc if self._proc is not None else self._start()
         if proc is None:
-            if self._db is None:
+            if self._db is None or self._book is None:
                 self._db = Database.open(self.setup.db_url)
+                self._book = _rules(self.setup, self._db)
             return [a.exception() if isinstance(a, Failure) else a
-                    for a in store_all(self._db, _rules(self.setup, self._db), self.setup.evidence, batches)]
+                    for a in store_all(self._db, self._book, self.setup.evidence, batches)]
         assert proc.stdin is not None and proc.stdout is not None
         try:
             write_frame(proc.stdin, pickle.dumps(list(batches), pickle.HIGHEST_PROTOCOL))
