@@ -417,7 +417,10 @@ class Ingest:
                         if self._stop.is_set() and n not in answers:
                             self._count_dropped()    # stopping: not PUBACKed, the broker keeps it
                             continue
-                        self.handle(item, answers.get(n))
+                        if n in answers:
+                            self.handle(item, answers[n])
+                        else:
+                            self.handle(item)
                     except Exception:  # noqa: BLE001 - the worker must outlive any one message
                         log.exception("%s: could not PUBACK a %s message", item.dev, item.channel)
                     finally:
@@ -455,7 +458,9 @@ class Ingest:
             return
         try:
             if item.channel == "records":
-                if self.handle_records(item.dev, item.body, stored).stored and self.registry.storage_works():
+                result = (self.handle_records(item.dev, item.body) if stored is None
+                          else self.handle_records(item.dev, item.body, stored))
+                if result.stored and self.registry.storage_works():
                     log.warning("the database stores again: acknowledging messages again")
             elif item.channel == "enroll":
                 self.handle_enroll(item.dev, item.body)
